@@ -1,0 +1,222 @@
+"""The ``autoseg`` command line: a thin layer over the Python API.
+
+Each sub-command parses its flags, builds a :class:`~AutoSegLib.events.Reporter` and calls
+one API function; heavy modules (torch, SimpleITK, scipy) are imported inside the command so
+``autoseg --help`` is instant. Exit status: 0 on success, 1 on a reported failure, 2 on a
+usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from AutoSegLib import __version__
+from AutoSegLib.events import Reporter
+
+
+class CommandFailed(Exception):
+    """A command ran but its result is a failure (e.g. verification found errors)."""
+
+
+def default_work_dir(dataset: Path) -> Path:
+    """``<dataset folder name>.autoseg`` beside the dataset folder (DESIGN.md)."""
+    dataset = Path(dataset).resolve()
+    return dataset.parent / f"{dataset.name}.autoseg"
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_make_phantoms(args, reporter: Reporter) -> None:
+    from AutoSegLib.synthetic import make_phantom_dataset
+
+    out = make_phantom_dataset(args.out, kind=args.kind, cases=args.cases, seed=args.seed,
+                               channels=args.channels, test_cases=args.test_cases, reporter=reporter)
+    reporter.log("make-phantoms", f"Wrote {args.cases} {args.kind.upper()} phantom case(s) to {out}")
+    reporter.done("make-phantoms", dataset=str(out))
+
+
+def cmd_verify(args, reporter: Reporter) -> None:
+    from AutoSegLib.verify import verify_dataset
+
+    report = verify_dataset(args.dataset, num_processes=args.num_processes, reporter=reporter)
+    for problem in report.warnings:
+        reporter.emit("warning", "verify", message=problem.message, file=_str(problem.file), case=problem.case)
+    for problem in report.errors:
+        reporter.emit("error", "verify", message=problem.message, file=_str(problem.file), case=problem.case)
+    sys.stderr.write(report.format() + "\n")
+    if not report.ok:
+        raise CommandFailed(f"{args.dataset}: verification found {len(report.errors)} error(s)")
+    reporter.done("verify", errors=0, warnings=len(report.warnings))
+
+
+def gpu_memory_gb(value: str, reporter: Reporter) -> float:
+    """``--gpu-memory``: a number of GB, or ``auto`` for the local GPU (8 GB reference if none)."""
+    if value != "auto":
+        return float(value)
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 1024**3
+        reporter.log("plan", f"Planning for {torch.cuda.get_device_name(0)} with {total:.1f} GB")
+        return round(total, 1)
+    reporter.warning("plan", "--gpu-memory auto: no CUDA GPU found; planning for the 8 GB reference budget")
+    return 8.0
+
+
+def _labels_for(num_labels: int) -> dict[str, int]:
+    return {"background": 0, **{f"label_{i}": i for i in range(1, num_labels + 1)}}
+
+
+def cmd_plan(args, reporter: Reporter) -> None:
+    from AutoSegLib.fileutil import write_json
+
+    budget = gpu_memory_gb(args.gpu_memory, reporter)
+    if args.fingerprint is not None:
+        plans = _plan_from_fingerprint(args, budget)
+        out = args.output
+        write_json(out, plans.to_dict())
+    else:
+        from AutoSegLib.plan_dataset import PLANS_FILE, plan_dataset
+
+        if args.dataset is None:
+            raise ValueError("give a DATASET folder, or --fingerprint FP.json to plan without images")
+        work = args.work or default_work_dir(args.dataset)
+        plans = plan_dataset(args.dataset, work, gpu_memory_gb=budget, num_processes=args.num_processes,
+                             reporter=reporter, force_fingerprint=args.refresh_fingerprint)
+        out = Path(work) / PLANS_FILE
+    text = plans.explain() if args.explain else plans.summary()
+    (sys.stderr if args.events else sys.stdout).write(text + "\n")
+    reporter.done("plan", plans=str(out), configurations=list(plans.to_dict()["configurations"]))
+
+
+def _plan_from_fingerprint(args, budget: float):
+    from AutoSegLib.dataset import DatasetSpec
+    from AutoSegLib.fileutil import read_json
+    from AutoSegLib.fingerprint import load_fingerprint
+    from AutoSegLib.planning import plan
+
+    if args.output is None:
+        raise ValueError("--fingerprint needs -o/--output for the plans file")
+    fingerprint = load_fingerprint(args.fingerprint)
+    if args.dataset_json is not None:
+        spec = DatasetSpec.from_dict(read_json(args.dataset_json), source=str(args.dataset_json))
+        channels, labels = spec.channel_names, spec.labels
+    elif args.channels and args.num_labels:
+        channels = dict(enumerate(c.strip() for c in args.channels.split(",")))
+        labels = _labels_for(args.num_labels)
+    else:
+        raise ValueError("--fingerprint needs the channels and labels: --channels CT[,T2...] --num-labels K, "
+                         "or --dataset-json PATH/dataset.json")
+    n_intensity = len(fingerprint["foreground_intensity_properties_per_channel"])
+    if n_intensity != len(channels):
+        raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
+                         f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
+    return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem)
+
+
+def cmd_demo(args, reporter: Reporter) -> None:
+    from AutoSegLib.demo import run_demo
+
+    run_demo(args.work, reporter=reporter, cases=args.cases, seed=args.seed)
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+# -- parser --------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", action="store_true",
+                   help="print progress as JSON lines on stdout (for the Slicer module and scripts)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="AutoSeg: self-configuring medical image segmentation (the nnU-Net method).",
+    )
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("make-phantoms", help="generate a synthetic CT or MR dataset (nnU-Net v2 layout)")
+    p.add_argument("out", type=Path, help="output dataset folder (must not exist or be empty)")
+    p.add_argument("--kind", choices=["ct", "mr"], default="ct")
+    p.add_argument("--cases", type=_positive_int, default=20, help="training cases (default 20)")
+    p.add_argument("--test-cases", type=int, default=0, help="extra cases in imagesTs/labelsTs (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels", type=_positive_int, default=None, help="MR channels (default 1; CT has 1)")
+    _add_common(p)
+    p.set_defaults(func=cmd_make_phantoms, stage="make-phantoms")
+
+    p = sub.add_parser("verify", help="check a dataset folder and report every problem at once")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    _add_common(p)
+    p.set_defaults(func=cmd_verify, stage="verify")
+
+    p = sub.add_parser("plan", help="fingerprint a dataset and plan its pipeline by the method's rules",
+                       description="Extract the dataset fingerprint (reused when the dataset is unchanged) and "
+                                   "write plans.json to the work folder. With --fingerprint, plan from a "
+                                   "fingerprint file alone (ours or nnU-Net v2's), without images.")
+    p.add_argument("dataset", type=Path, nargs="?", help="dataset folder (nnU-Net v2 raw layout)")
+    p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
+    p.add_argument("--explain", action="store_true", help="explain every planning decision in plain language")
+    p.add_argument("--gpu-memory", default="8", metavar="GB|auto",
+                   help="GPU memory to plan for (default 8, the method's reference; 'auto' = local GPU)")
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
+    p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
+    p.add_argument("--channels", default=None, help="with --fingerprint: channel names in order, e.g. CT or T1,T2")
+    p.add_argument("--num-labels", type=_positive_int, default=None,
+                   help="with --fingerprint: number of foreground labels (background not counted)")
+    p.add_argument("--dataset-json", type=Path, default=None,
+                   help="with --fingerprint: take channels and labels from this dataset.json instead")
+    p.add_argument("-o", "--output", type=Path, default=None, help="with --fingerprint: plans file to write")
+    _add_common(p)
+    p.set_defaults(func=cmd_plan, stage="plan")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on embedded phantom data")
+    p.add_argument("-w", "--work", type=Path, default=Path("autoseg_demo"),
+                   help="work folder (default ./autoseg_demo)")
+    p.add_argument("--cases", type=_positive_int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+    p.set_defaults(func=cmd_demo, stage="demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reporter = Reporter(events=args.events)
+    try:
+        args.func(args, reporter)
+    except KeyboardInterrupt:
+        reporter.error(args.stage, "interrupted")
+        return 130
+    except CommandFailed as exc:
+        reporter.error(args.stage, str(exc))
+        return 1
+    except (OSError, ValueError) as exc:
+        # Expected failures (bad input, missing files): the message names the file; no traceback.
+        reporter.error(args.stage, str(exc))
+        return 1
+    except Exception as exc:  # an engine bug: keep the traceback for the report
+        traceback.print_exc(file=sys.stderr)
+        reporter.error(args.stage, f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Dataset fingerprint: the measurements of a dataset that the planner's rules work from.
+
+Per case: spacing and shape before and after cropping to the nonzero region of all channels,
+class voxel counts, and a bounded random sample of foreground intensities per channel.
+Aggregated: per-channel foreground intensity statistics, the median relative size after
+cropping, class voxel ratios.
+
+The file is a superset of nnU-Net v2's ``dataset_fingerprint.json`` (same key names and
+meanings: ``spacings``, ``shapes_after_crop``, ``foreground_intensity_properties_per_channel``,
+``median_relative_size_after_cropping``), so an nnU-Net v2 fingerprint plans as is.
+Axis order is numpy's (z, y, x) throughout.
+
+Pure functions (``crop_bbox``, ``case_measurements``, ``aggregate``) do the work; only
+``extract_fingerprint`` reads files and runs a process pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from AutoSegLib.dataset import Case, Dataset, open_dataset
+from AutoSegLib.events import Reporter
+from AutoSegLib.fileutil import read_json
+from AutoSegLib.imageio import read_image
+from AutoSegLib.preprocessing.cropping import crop_bbox, nonzero_mask
+
+FINGERPRINT_VERSION = 1
+# The intensity statistics are estimated from at most this many foreground voxels in total,
+# spread evenly over the cases: enough for stable 0.5/99.5 percentiles, and memory stays
+# bounded however large the dataset (nnU-Net v2 uses the same budget of 1e8).
+TOTAL_INTENSITY_SAMPLES = 100_000_000
+_SAMPLING_SEED = 1234
+V2_REQUIRED_KEYS = ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
+                    "median_relative_size_after_cropping")
+
+
+class FingerprintError(ValueError):
+    """A case or a fingerprint file cannot be used; the message names it."""
+
+
+def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tuple[float, ...],
+                      label_values: list[int], foreground_values: list[int], samples_per_case: int,
+                      seed: int) -> dict:
+    """Everything the fingerprint needs from one case (pure; arrays in, JSON-able dict out).
+
+    ``foreground_values`` are the class labels whose voxels feed the intensity statistics
+    (every label but background and ``ignore``: unannotated voxels say nothing about tissue).
+    """
+    bbox = crop_bbox(nonzero_mask(channels))
+    crop = tuple(slice(a, b) for a, b in bbox)
+    label_c = label[crop]
+    counts = np.bincount(label_c.ravel().astype(np.int64), minlength=max(label_values) + 1)
+    foreground = np.isin(label_c, foreground_values)
+    rng = np.random.default_rng(seed)
+    n_fg = int(foreground.sum())
+    pick = rng.choice(n_fg, size=min(samples_per_case, n_fg), replace=False) if n_fg else np.empty(0, int)
+    intensities = []
+    for channel in channels:
+        values = channel[crop][foreground]
+        intensities.append(values[pick].astype(np.float32))
+    shape_before = tuple(int(s) for s in label.shape)
+    shape_after = tuple(int(s) for s in label_c.shape)
+    return {
+        "spacing": [float(s) for s in spacing],
+        "shape_before_crop": list(shape_before),
+        "shape_after_crop": list(shape_after),
+        "crop_bbox": [list(b) for b in bbox],
+        "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape_before)),
+        "class_voxels": {str(v): int(counts[v]) if v < len(counts) else 0 for v in label_values},
+        "intensities": intensities,
+    }
+
+
+def intensity_statistics(values: np.ndarray) -> dict:
+    """The per-channel statistics CT normalization needs, in nnU-Net v2's key names."""
+    if values.size == 0:
+        nan = float("nan")
+        return {k: nan for k in ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")}
+    values = values.astype(np.float64)
+    p005, p995 = np.percentile(values, [0.5, 99.5])
+    return {"mean": float(values.mean()), "median": float(np.median(values)), "std": float(values.std()),
+            "min": float(values.min()), "max": float(values.max()),
+            "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
+
+
+def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int, str],
+              labels: dict[str, int]) -> dict:
+    """Combine per-case measurements into the fingerprint dict (JSON-able)."""
+    n_channels = len(channel_names)
+    intensity = {str(c): intensity_statistics(np.concatenate([m["intensities"][c] for m in per_case]))
+                 for c in range(n_channels)}
+    class_totals = {name: sum(m["class_voxels"].get(str(v), 0) for m in per_case) for name, v in labels.items()}
+    all_voxels = sum(int(np.prod(m["shape_after_crop"])) for m in per_case)
+    return {
+        "version": FINGERPRINT_VERSION,
+        "num_cases": len(per_case),
+        "channel_names": {str(k): v for k, v in sorted(channel_names.items())},
+        "labels": dict(labels),
+        "case_ids": list(case_ids),
+        "spacings": [m["spacing"] for m in per_case],
+        "shapes_before_crop": [m["shape_before_crop"] for m in per_case],
+        "shapes_after_crop": [m["shape_after_crop"] for m in per_case],
+        "crop_bboxes": [m["crop_bbox"] for m in per_case],
+        "foreground_intensity_properties_per_channel": intensity,
+        "median_relative_size_after_cropping": float(np.median([m["relative_size_after_crop"] for m in per_case])),
+        "class_voxel_ratios": {n: (c / all_voxels if all_voxels else 0.0) for n, c in class_totals.items()},
+    }
+
+
+def _measure_case(case: Case, label_values: list[int], foreground_values: list[int], samples_per_case: int,
+                  seed: int) -> dict:
+    channels, geometries = [], []
+    for path in case.images:
+        array, geometry = read_image(path)
+        channels.append(array)
+        geometries.append(geometry)
+    label, _ = read_image(case.label)
+    if any(c.shape != label.shape for c in channels):
+        raise FingerprintError(f"case '{case.case_id}': image shapes {[c.shape for c in channels]} "
+                               f"differ from label shape {label.shape} (run `autoseg verify`)")
+    return case_measurements(channels, label, geometries[0].spacing, label_values, foreground_values,
+                             samples_per_case, seed)
+
+
+def _case_seed(case_id: str) -> int:
+    # Stable across runs and platforms (Python's hash() is salted per process).
+    return int.from_bytes(hashlib.sha256(f"{_SAMPLING_SEED}:{case_id}".encode()).digest()[:4], "little")
+
+
+def extract_fingerprint(dataset: Dataset | str | Path, num_processes: int = 2,
+                        reporter: Reporter | None = None) -> dict:
+    """Measure every training case (in parallel) and return the fingerprint dict.
+
+    Raises:
+        FingerprintError: one or more cases failed; the message names each case and cause.
+    """
+    if not isinstance(dataset, Dataset):
+        dataset = open_dataset(dataset)
+    reporter = reporter or Reporter(quiet=True)
+    cases = list(dataset.cases)
+    label_values = sorted(dataset.spec.labels.values())
+    foreground_values = sorted(dataset.spec.foreground_labels.values())
+    samples = max(1, TOTAL_INTENSITY_SAMPLES // len(cases))
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    with reporter.task("fingerprint", len(cases), desc="Fingerprint") as step:
+        if num_processes <= 1:
+            for case in cases:
+                try:
+                    results[case.case_id] = _measure_case(case, label_values, foreground_values, samples,
+                                                         _case_seed(case.case_id))
+                except (OSError, ValueError) as exc:
+                    failures[case.case_id] = str(exc)
+                step()
+        else:
+            _run_pool(cases, (label_values, foreground_values), samples, num_processes, results, failures, step)
+    if failures:
+        detail = "; ".join(f"case '{cid}': {msg}" for cid, msg in sorted(failures.items()))
+        raise FingerprintError(f"fingerprint failed for {len(failures)} of {len(cases)} case(s): {detail}")
+    ordered = [c.case_id for c in cases]
+    fingerprint = aggregate(ordered, [results[c] for c in ordered], dataset.spec.channel_names, dataset.spec.labels)
+    fingerprint["dataset_signature"] = dataset_signature(dataset)
+    return fingerprint
+
+
+def _run_pool(cases, values, samples, num_processes, results, failures, step) -> None:
+    with ProcessPoolExecutor(max_workers=min(num_processes, len(cases))) as pool:
+        futures = {pool.submit(_measure_case, c, *values, samples, _case_seed(c.case_id)): c for c in cases}
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                results[case.case_id] = future.result()
+            except BrokenProcessPool:
+                # A killed worker (often the out-of-memory killer) takes the pool down; name
+                # what was running rather than hanging or blaming the wrong case.
+                pending = sorted(c.case_id for f, c in futures.items() if c.case_id not in results
+                                 and c.case_id not in failures)
+                for cid in pending:
+                    failures[cid] = ("a worker process died while these cases were being measured "
+                                     "(out of memory?); rerun with -np 1 to find the culprit")
+                return
+            except Exception as exc:  # a bad case must not stop the others
+                failures[case.case_id] = f"{type(exc).__name__}: {exc}"
+            step()
+
+
+def dataset_signature(dataset: Dataset) -> str:
+    """Changes when any training file or dataset.json changes (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    files = [dataset.folder / "dataset.json"]
+    for case in dataset.cases:
+        files += [*case.images, case.label]
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(dataset.folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_fingerprint(path: str | Path) -> dict:
+    """Read a fingerprint file (ours or nnU-Net v2's) and check it has what planning needs."""
+    data = read_json(path)
+    missing = [k for k in V2_REQUIRED_KEYS if k not in data]
+    if missing:
+        raise FingerprintError(f"{path}: not a dataset fingerprint, missing key(s) {', '.join(missing)}")
+    n = len(data["spacings"])
+    if n == 0 or len(data["shapes_after_crop"]) != n:
+        raise FingerprintError(f"{path}: 'spacings' ({n}) and 'shapes_after_crop' "
+                               f"({len(data['shapes_after_crop'])}) must list the same, non-zero number of cases")
+    dims = {len(s) for s in data["spacings"]} | {len(s) for s in data["shapes_after_crop"]}
+    if dims != {3}:
+        raise FingerprintError(f"{path}: spacings and shapes must have 3 entries (z, y, x) per case, found {sorted(dims)}")
+    return data

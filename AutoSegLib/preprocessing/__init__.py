@@ -1,0 +1,1 @@
+"""Preprocessing: crop, normalize, resample (pure array functions) and their inverses."""
