@@ -79,8 +79,9 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
 def intensity_statistics(values: np.ndarray) -> dict:
     """The per-channel statistics CT normalization needs, in nnU-Net v2's key names."""
     if values.size == 0:
-        nan = float("nan")
-        return {k: nan for k in ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")}
+        # No foreground anywhere: nothing to measure. None (JSON null), not NaN, which is not
+        # valid JSON; the planner refuses CT normalization without these numbers.
+        return {k: None for k in ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")}
     values = values.astype(np.float64)
     p005, p995 = np.percentile(values, [0.5, 99.5])
     return {"mean": float(values.mean()), "median": float(np.median(values)), "std": float(values.std()),

@@ -63,3 +63,77 @@ def test_default_work_dir_sits_beside_the_dataset(tmp_path):
 
 def test_main_returns_status_instead_of_exiting(tiny_dataset, capsys):
     assert main(["verify", str(tiny_dataset), "-np", "1"]) == 0
+
+
+@pytest.fixture(scope="module")
+def phantom_ct(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "Dataset002_CT"
+    result = run("make-phantoms", out, "--kind", "ct", "--cases", 4, "--seed", 3, "--events")
+    assert result.returncode == 0, result.stderr
+    assert events_of(result)[-1] == {**events_of(result)[-1], "event": "done", "dataset": str(out)}
+    return out
+
+
+def test_plan_writes_fingerprint_and_plans_and_reuses_the_fingerprint(phantom_ct):
+    work = phantom_ct.parent / "work"
+    first = run("plan", phantom_ct, "-w", work, "--events")
+    assert first.returncode == 0, first.stderr
+    assert events_of(first)[-1]["event"] == "done"
+    plans = json.loads((work / "plans.json").read_text())
+    fingerprint = json.loads((work / "dataset_fingerprint.json").read_text())
+    assert fingerprint["num_cases"] == 4 and len(fingerprint["spacings"]) == 4
+    assert {"2d", "3d_fullres"} <= set(plans["configurations"])
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
+    stamp = (work / "dataset_fingerprint.json").stat().st_mtime_ns
+    again = run("plan", phantom_ct, "-w", work, "--gpu-memory", "24")
+    assert again.returncode == 0 and "reusing" in again.stderr
+    assert (work / "dataset_fingerprint.json").stat().st_mtime_ns == stamp
+
+
+def test_plan_explain_reads_as_an_explanation(phantom_ct):
+    result = run("plan", phantom_ct, "-w", phantom_ct.parent / "work_explain", "--explain")
+    assert result.returncode == 0, result.stderr
+    for phrase in ("Configuration 3d_fullres", "Configuration 2d", "CT normalization", "Batch size",
+                   "no low-resolution cascade", "mm"):
+        assert phrase in result.stdout
+
+
+def test_plan_from_a_fingerprint_file_alone(phantom_ct, tmp_path):
+    fingerprint = json.loads((phantom_ct.parent / "work" / "dataset_fingerprint.json").read_text())
+    v2 = {k: fingerprint[k] for k in ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
+                                      "median_relative_size_after_cropping")}  # what nnU-Net v2 writes
+    (tmp_path / "fp.json").write_text(json.dumps(v2))
+    result = run("plan", "--fingerprint", tmp_path / "fp.json", "--channels", "CT", "--num-labels", 5,
+                 "-o", tmp_path / "plans.json")
+    assert result.returncode == 0, result.stderr
+    from_fp = json.loads((tmp_path / "plans.json").read_text())["configurations"]
+    from_ds = json.loads((phantom_ct.parent / "work" / "plans.json").read_text())["configurations"]
+    assert from_fp["3d_fullres"]["patch_size"] == from_ds["3d_fullres"]["patch_size"]
+    via_json = run("plan", "--fingerprint", tmp_path / "fp.json", "--dataset-json", phantom_ct / "dataset.json",
+                   "-o", tmp_path / "plans2.json")
+    assert via_json.returncode == 0, via_json.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--channels", "T1,T2", "--num-labels", "2"], "intensity statistics for 1 channel(s) but 2"),
+    ([], "--channels"),
+])
+def test_plan_from_fingerprint_errors_are_clear(phantom_ct, tmp_path, extra, message):
+    fp = phantom_ct.parent / "work" / "dataset_fingerprint.json"
+    result = run("plan", "--fingerprint", fp, "-o", tmp_path / "p.json", *extra)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_make_phantoms_refuses_to_overwrite(phantom_ct):
+    result = run("make-phantoms", phantom_ct, "--cases", 1)
+    assert result.returncode == 1 and str(phantom_ct) in result.stderr
+
+
+def test_demo_runs_every_existing_stage_and_says_what_is_missing(tmp_path):
+    result = run("demo", "-w", tmp_path / "demo", "--cases", 4, "--events")
+    assert result.returncode == 0, result.stderr
+    done = events_of(result)[-1]
+    assert done["event"] == "done" and done["stages"]["plan"] == "done"
+    assert done["stages"]["train"] == "not yet available"
+    assert "AutoSeg demo results" in result.stderr

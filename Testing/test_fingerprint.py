@@ -54,6 +54,10 @@ def test_intensity_statistics_match_numpy():
     assert s["percentile_00_5"] == pytest.approx(5.0) and s["percentile_99_5"] == pytest.approx(995.0)
 
 
+def test_no_foreground_gives_null_statistics_not_nan():
+    assert set(intensity_statistics(np.empty(0, np.float32)).values()) == {None}
+
+
 def test_fingerprint_has_the_nnunet_v2_keys_and_is_json(tiny_dataset):
     fp = extract_fingerprint(tiny_dataset, num_processes=1)
     for key in ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",

@@ -1,0 +1,56 @@
+"""The plan stage's I/O: fingerprint a dataset folder, plan, write both files to the work folder.
+
+The rules themselves live in the pure :mod:`AutoSegLib.planning`; this module only decides
+what to read and write. A fingerprint is reused when the dataset's files are unchanged
+(same names, sizes and modification times), so replanning for other hardware is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from AutoSegLib.dataset import open_dataset
+from AutoSegLib.events import Reporter
+from AutoSegLib.fileutil import read_json, write_json
+from AutoSegLib.fingerprint import FINGERPRINT_VERSION, dataset_signature, extract_fingerprint
+
+FINGERPRINT_FILE = "dataset_fingerprint.json"
+PLANS_FILE = "plans.json"
+
+
+def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_processes: int = 2,
+                        reporter: Reporter | None = None, force: bool = False) -> dict:
+    """Return the dataset's fingerprint, extracting it unless a current one is in ``work_dir``."""
+    reporter = reporter or Reporter(quiet=True)
+    dataset = open_dataset(dataset_folder)
+    path = Path(work_dir) / FINGERPRINT_FILE
+    if path.is_file() and not force:
+        try:
+            existing = read_json(path)
+        except ValueError:
+            existing = {}
+        if (existing.get("version") == FINGERPRINT_VERSION
+                and existing.get("dataset_signature") == dataset_signature(dataset)):
+            reporter.log("fingerprint", f"Dataset unchanged; reusing {path}")
+            return existing
+    fingerprint = extract_fingerprint(dataset, num_processes=num_processes, reporter=reporter)
+    write_json(path, fingerprint)
+    reporter.log("fingerprint", f"Wrote {path}")
+    return fingerprint
+
+
+def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb: float = 8.0,
+                 num_processes: int = 2, reporter: Reporter | None = None, force_fingerprint: bool = False):
+    """Fingerprint (or reuse), plan, and write ``plans.json``; returns the Plans."""
+    from AutoSegLib.planning import plan
+
+    reporter = reporter or Reporter(quiet=True)
+    dataset_folder = Path(dataset_folder)
+    fingerprint = fingerprint_dataset(dataset_folder, work_dir, num_processes, reporter, force_fingerprint)
+    spec = open_dataset(dataset_folder).spec
+    plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
+                 dataset_name=dataset_folder.resolve().name)
+    path = Path(work_dir) / PLANS_FILE
+    write_json(path, plans.to_dict())
+    reporter.log("plan", f"Wrote {path}")
+    return plans

@@ -1,0 +1,164 @@
+"""The plans: what the planner decided, as plain JSON-ready dataclasses (plans.json).
+
+Sizes and spacings of every configuration are in planning axis order: the image axes
+permuted by ``transpose_forward`` (out-of-plane axis first). For most datasets this is the
+identity and everything is simply (z, y, x). Preprocessing transposes arrays with
+``transpose_forward`` after cropping; predictions go back with ``transpose_backward``.
+
+A plans file names its network and normalization from fixed registries; ``from_dict``
+rejects anything else, so a plans file can never select arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+
+PLANS_VERSION = 1
+ARCHITECTURES = ("PlainConvUNet",)
+NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+class PlanningError(ValueError):
+    """Planning input or a plans file cannot be used; the message names the offending value."""
+
+
+@dataclass
+class Configuration:
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``)."""
+
+    spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    median_image_size_in_voxels: list[int]
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    features_per_stage: list[int]
+    n_conv_per_stage_encoder: list[int]
+    n_conv_per_stage_decoder: list[int]
+    normalization_schemes: list[str]
+    use_mask_for_norm: list[bool]
+    resampling: dict
+    network: dict
+    dummy_2d_augmentation: bool = False
+    memory: dict = field(default_factory=dict)
+    next_stage: str | None = None
+    previous_stage: str | None = None
+    explanation: list[dict] = field(default_factory=list)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.patch_size)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for link in ("next_stage", "previous_stage"):
+            if out[link] is None:
+                del out[link]
+        return json.loads(json.dumps(out))  # deep, plain copy
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> "Configuration":
+        known = {f.name for f in fields(cls)}
+        try:
+            config = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise PlanningError(f"configuration '{name}': {exc}") from None
+        config.validate(name)
+        return config
+
+    def validate(self, name: str) -> None:
+        """Check the registries and that the per-stage lists agree with each other."""
+        arch = self.network.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise PlanningError(f"configuration '{name}': unknown network architecture {arch!r}; "
+                                f"allowed: {', '.join(ARCHITECTURES)}")
+        bad = [s for s in self.normalization_schemes if s not in NORMALIZATION_SCHEMES]
+        if bad:
+            raise PlanningError(f"configuration '{name}': unknown normalization scheme(s) {bad}; "
+                                f"allowed: {', '.join(NORMALIZATION_SCHEMES)}")
+        n, dims = len(self.strides), len(self.patch_size)
+        if dims not in (2, 3) or len(self.spacing) != dims:
+            raise PlanningError(f"configuration '{name}': patch_size {self.patch_size} and spacing "
+                                f"{self.spacing} must both have 2 or 3 entries")
+        if n == 0 or any(s != 1 for s in self.strides[0]):
+            raise PlanningError(f"configuration '{name}': the first stride must be all ones, got {self.strides[:1]}")
+        lengths = {"kernel_sizes": len(self.kernel_sizes), "features_per_stage": len(self.features_per_stage),
+                   "n_conv_per_stage_encoder": len(self.n_conv_per_stage_encoder),
+                   "n_conv_per_stage_decoder": len(self.n_conv_per_stage_decoder) + 1}
+        wrong = {k: v for k, v in lengths.items() if v != n}
+        if wrong:
+            raise PlanningError(f"configuration '{name}': {n} strides but {wrong} (decoder counted +1)")
+        if self.batch_size < 1 or any(p < 1 for p in self.patch_size):
+            raise PlanningError(f"configuration '{name}': batch_size {self.batch_size} and patch_size "
+                                f"{self.patch_size} must be positive")
+
+
+@dataclass
+class Plans:
+    """Everything ``autoseg plan`` decided for one dataset, with its explanation."""
+
+    dataset_name: str
+    gpu_memory_gb: float
+    transpose_forward: list[int]
+    transpose_backward: list[int]
+    num_training_cases: int
+    channel_names: dict[str, str]
+    labels: dict
+    num_classes: int
+    original_median_spacing: list[float]
+    original_median_shape: list[float]
+    foreground_intensity_properties_per_channel: dict
+    configurations: dict[str, Configuration]
+    explanation: list[dict] = field(default_factory=list)
+    planner: str = "AutoSegLib.planning: nnU-Net paper rules (v1 procedure and memory model)"
+    version: int = PLANS_VERSION
+
+    def to_dict(self) -> dict:
+        """The plans.json content (plain JSON types only)."""
+        out = {"version": self.version}
+        for f in fields(self):
+            if f.name not in ("version", "configurations"):
+                out[f.name] = getattr(self, f.name)
+        out["configurations"] = {k: c.to_dict() for k, c in self.configurations.items()}
+        return json.loads(json.dumps(out))
+
+    def to_json(self) -> str:
+        """Indented JSON, for people as much as for programs."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plans":
+        """Read a plans dict back, checking version, configuration names and registries."""
+        if data.get("version") != PLANS_VERSION:
+            raise PlanningError(f"plans version {data.get('version')!r} is not supported (expected {PLANS_VERSION})")
+        unknown = [k for k in data.get("configurations", {}) if k not in CONFIGURATION_NAMES]
+        if unknown:
+            raise PlanningError(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGURATION_NAMES)}")
+        configurations = {k: Configuration.from_dict(k, v) for k, v in data.get("configurations", {}).items()}
+        known = {f.name for f in fields(cls)} - {"configurations"}
+        try:
+            return cls(configurations=configurations, **{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise PlanningError(f"plans: {exc}") from None
+
+    def summary(self) -> str:
+        """One line per configuration: spacing, patch, batch, network depth, cascade links."""
+        from AutoSegLib.planning.explain import mm, vox
+
+        title = f"Plan for {self.dataset_name}" if self.dataset_name else "Plan"
+        lines = [f"{title} ({self.num_training_cases} cases, GPU memory {self.gpu_memory_gb:g} GB)"]
+        for name, c in self.configurations.items():
+            link = f", after {c.previous_stage}" if c.previous_stage else ""
+            lines.append(f"  {name:19s} spacing {mm(c.spacing):24s} patch {vox(c.patch_size):15s} "
+                         f"batch {c.batch_size:<4d} {len(c.strides)} stages{link}")
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        """The ``--explain`` report: why each decision was taken, in plain language."""
+        from AutoSegLib.planning.explain import render
+
+        title = f"Plan for {self.dataset_name}" if self.dataset_name else "Plan"
+        header = f"{title} (GPU memory {self.gpu_memory_gb:g} GB; {self.planner})"
+        return render(self.explanation, {k: c.explanation for k, c in self.configurations.items()}, header)
