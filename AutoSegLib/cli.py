@@ -14,10 +14,11 @@ import traceback
 from pathlib import Path
 
 from AutoSegLib import __version__
+from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 
 
-class CommandFailed(Exception):
+class CommandFailed(ReportedFailure):
     """A command ran but its result is a failure (e.g. verification found errors)."""
 
 
@@ -69,7 +70,7 @@ def _labels_for(num_labels: int) -> dict[str, int]:
     return {"background": 0, **{f"label_{i}": i for i in range(1, num_labels + 1)}}
 
 
-def cmd_plan(args, reporter: Reporter) -> None:
+def cmd_plan(args, reporter: Reporter, finish: bool = True) -> None:
     from AutoSegLib.fileutil import write_json
 
     budget = gpu_memory_gb(args.gpu_memory, reporter)
@@ -88,7 +89,8 @@ def cmd_plan(args, reporter: Reporter) -> None:
         out = Path(work) / PLANS_FILE
     text = plans.explain() if args.explain else plans.summary()
     (sys.stderr if args.events else sys.stdout).write(text + "\n")
-    reporter.done("plan", plans=str(out), configurations=list(plans.to_dict()["configurations"]))
+    if finish:
+        reporter.done("plan", plans=str(out), configurations=list(plans.to_dict()["configurations"]))
 
 
 def _plan_from_fingerprint(args, budget: float):
@@ -114,6 +116,45 @@ def _plan_from_fingerprint(args, budget: float):
         raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
                          f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
     return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem)
+
+
+def cmd_preprocess(args, reporter: Reporter) -> None:
+    from AutoSegLib.preprocessing.runner import preprocess_dataset
+
+    work = args.work or default_work_dir(args.dataset)
+    summary = preprocess_dataset(args.dataset, work, configurations=args.configurations,
+                                 num_processes=args.num_processes, reporter=reporter)
+    for name, counts in summary.items():
+        if "shared_with" in counts:
+            reporter.log("preprocess", f"{name}: uses the {counts['shared_with']} data")
+        else:
+            reporter.log("preprocess", f"{name}: {counts['processed']} case(s) preprocessed, "
+                                       f"{counts['skipped']} already current -> {counts['folder']}")
+    reporter.done("preprocess", configurations=summary)
+
+
+def cmd_plan_and_preprocess(args, reporter: Reporter) -> None:
+    args.fingerprint = None
+    args.explain = getattr(args, "explain", False)
+    cmd_plan(args, reporter, finish=False)
+    cmd_preprocess(args, reporter)
+
+
+def cmd_train(args, reporter: Reporter) -> None:
+    from AutoSegLib.training.setup import TrainOptions, setup_run
+    from AutoSegLib.training.trainer import Trainer
+
+    work = args.work or default_work_dir(args.dataset)
+    options = TrainOptions(configuration=args.configuration, fold=args.fold, preset=args.preset, epochs=args.epochs,
+                           iterations_per_epoch=args.iterations_per_epoch, time_budget_min=args.time_budget,
+                           resume=args.resume, overwrite=args.overwrite, device=args.device,
+                           num_workers=args.num_workers, seed=args.seed)
+    run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
+    reporter.log("train", f"Training {args.configuration} fold {args.fold}: {len(run.train_cases)} training, "
+                          f"{len(run.val_cases)} validation case(s); {run.schedule.epochs} epochs x "
+                          f"{run.schedule.iterations_per_epoch} iterations -> {run.run_folder}")
+    result = Trainer(run, reporter).fit()
+    reporter.done("train", **result)
 
 
 def cmd_demo(args, reporter: Reporter) -> None:
@@ -185,6 +226,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_plan, stage="plan")
 
+    def add_preprocess_flags(p):
+        p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIG",
+                       help="configurations to preprocess (default: every planned one)")
+
+    p = sub.add_parser("preprocess", help="crop, normalize and resample every case for the planned configurations")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
+    add_preprocess_flags(p)
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2,
+                   help="worker processes (default 2; 1 runs in this process, for debugging)")
+    _add_common(p)
+    p.set_defaults(func=cmd_preprocess, stage="preprocess")
+
+    p = sub.add_parser("plan-and-preprocess", help="plan, then preprocess (same flags as both)")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("-w", "--work", type=Path, default=None)
+    p.add_argument("--explain", action="store_true")
+    p.add_argument("--gpu-memory", default="8", metavar="GB|auto")
+    p.add_argument("--refresh-fingerprint", action="store_true")
+    add_preprocess_flags(p)
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    _add_common(p)
+    p.set_defaults(func=cmd_plan_and_preprocess, stage="plan-and-preprocess")
+
+    p = sub.add_parser("train", help="train one fold of one configuration (resumable, observable)")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("configuration", help="2d, 3d_fullres or 3d_lowres (as planned)")
+    p.add_argument("fold", help="0-4, or 'all' to train on every case")
+    p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
+    p.add_argument("--preset", default="paper", choices=["paper", "quick"],
+                   help="schedule: paper = 1000 epochs x 250 iterations (default); quick = minutes, for trying")
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="end training cleanly within this many minutes (fewer epochs, same decay to ~0)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run of this fold and start over")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--num-workers", type=int, default=None, help="data-augmentation processes (default: by machine)")
+    p.add_argument("--seed", type=int, default=12345)
+    _add_common(p)
+    p.set_defaults(func=cmd_train, stage="train")
+
     p = sub.add_parser("demo", help="run the whole pipeline on embedded phantom data")
     p.add_argument("-w", "--work", type=Path, default=Path("autoseg_demo"),
                    help="work folder (default ./autoseg_demo)")
@@ -204,14 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         reporter.error(args.stage, "interrupted")
         return 130
-    except CommandFailed as exc:
+    except ReportedFailure as exc:
         reporter.error(args.stage, str(exc))
         return 1
     except (OSError, ValueError) as exc:
         # Expected failures (bad input, missing files): the message names the file; no traceback.
         reporter.error(args.stage, str(exc))
         return 1
-    except Exception as exc:  # an engine bug: keep the traceback for the report
+    except Exception as exc:
+        if hasattr(exc, "exit_status"):  # a clean stop on a signal, e.g. training after saving a checkpoint
+            reporter.error(args.stage, str(exc))
+            return exc.exit_status
+        # an engine bug: keep the traceback for the report
         traceback.print_exc(file=sys.stderr)
         reporter.error(args.stage, f"internal error: {type(exc).__name__}: {exc}")
         return 1

@@ -15,7 +15,7 @@ from typing import Callable
 from AutoSegLib.events import Reporter
 
 DATASET_NAME = "Dataset001_PhantomCT"
-NOT_YET = ("preprocess", "train", "predict", "evaluate")
+NOT_YET = ("train", "predict", "evaluate")
 
 
 @dataclass
@@ -66,10 +66,24 @@ def stage_plan(state: DemoState) -> str:
     return "; ".join(parts)
 
 
+def stage_preprocess(state: DemoState) -> str:
+    from AutoSegLib.preprocessing.runner import preprocess_dataset
+
+    summary = preprocess_dataset(state.dataset, state.work_dir, num_processes=2, reporter=state.reporter)
+    parts = []
+    for name, counts in summary.items():
+        if "shared_with" in counts:
+            parts.append(f"{name} shares {counts['shared_with']}")
+        else:
+            parts.append(f"{name}: {counts['processed']} new, {counts['skipped']} current")
+    return "; ".join(parts)
+
+
 STAGES: list[tuple[str, Callable[[DemoState], str]]] = [
     ("make-phantoms", stage_make_phantoms),
     ("verify", stage_verify),
     ("plan", stage_plan),
+    ("preprocess", stage_preprocess),
 ]
 
 

@@ -100,10 +100,13 @@ class Reporter:
 
     # -- counted work -------------------------------------------------------------------
     @contextlib.contextmanager
-    def task(self, stage: str, total: int, desc: str | None = None) -> Iterator["_Step"]:
-        """Count ``total`` units of work; the yielded callable advances the count by one (or n)."""
+    def task(self, stage: str, total: int, desc: str | None = None, **fields: Any) -> Iterator["_Step"]:
+        """Count ``total`` units of work; the yielded callable advances the count by one (or n).
+
+        ``fields`` go into the ``start`` event (e.g. which configuration this count is for).
+        """
         step = _Step(self, stage, total, desc or stage)
-        self.start(stage, of=total)
+        self.start(stage, of=total, **fields)
         try:
             yield step
         finally:

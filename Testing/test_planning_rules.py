@@ -271,3 +271,11 @@ def test_separate_z_resampling_flag(spacing, separate):
 def test_anisotropic_patch_flags_in_plane_augmentation():
     assert rules.anisotropic_patch((20, 256, 224)) is True
     assert rules.anisotropic_patch((80, 192, 160)) is False
+
+
+def test_batch_dice_for_2d_and_cascade_fullres_only():
+    from AutoSegLib.planning.rules import use_batch_dice
+
+    assert use_batch_dice(2, False) is True
+    assert use_batch_dice(3, True) is True
+    assert use_batch_dice(3, False) is False

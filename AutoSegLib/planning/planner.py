@@ -144,11 +144,13 @@ def three_d_configurations(target, median_full, args: tuple, shared: dict) -> di
     full = configure_3d(target, median_full, *args, source="the full-resolution target spacing")
     decision = plan_cascade(full, target, median_full, *args)
     configurations = {"3d_fullres": to_configuration(full, shared, [decision.note])}
+    configurations["3d_fullres"].batch_dice = rules.use_batch_dice(3, decision.lowres is not None)
     if decision.lowres is not None:
         link = note([], "remark", message="Its segmentation, upsampled, is an extra input of 3d_cascade_fullres.")
         configurations["3d_lowres"] = to_configuration(decision.lowres, shared, [link],
                                                        next_stage="3d_cascade_fullres")
         cascade = to_configuration(full, shared, previous_stage="3d_lowres")
+        cascade.batch_dice = rules.use_batch_dice(3, True)
         cascade.explanation = [note([], "remark", message=(
             "Same network, spacing, patch and batch as 3d_fullres; it also receives the upsampled 3d_lowres "
             "segmentation (one channel per class) as input."))]
@@ -197,6 +199,7 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     stage_2d = configure_2d(median_spacing[forward], median_2d, *args,
                             source="the median in-plane spacing of the training cases; no resampling across slices")
     configurations = {"2d": to_configuration(stage_2d, shared)}
+    configurations["2d"].batch_dice = rules.use_batch_dice(2, False)
 
     median_full = rules.median_shape_at(fp.spacings, fp.shapes, target)[forward]
     if rules.is_2d_data(median_full):

@@ -42,6 +42,7 @@ class Configuration:
     resampling: dict
     network: dict
     dummy_2d_augmentation: bool = False
+    batch_dice: bool = False
     memory: dict = field(default_factory=dict)
     next_stage: str | None = None
     previous_stage: str | None = None

@@ -157,6 +157,17 @@ def anisotropic_patch(patch_size: tuple[int, ...]) -> bool:
     return max(patch_size) / patch_size[0] > ANISOTROPY_THRESHOLD
 
 
+def use_batch_dice(spatial_dims: int, part_of_cascade_fullres: bool) -> bool:
+    """Whether the Dice loss pools the whole batch (True) or averages per sample.
+
+    2D batches hold many slices, most without a given structure; a per-sample Dice on a slice
+    without it is undefined noise, so 2D pools the batch. A full-resolution 3D stage whose
+    patch covers a small part of large images (the cascade case) pools too for the same
+    reason; 3D patches that cover most of an image score each sample on its own (nnU-Net v2).
+    """
+    return spatial_dims == 2 or part_of_cascade_fullres
+
+
 def normalization_scheme(channel_name: str) -> str:
     """CT intensities are physical (Hounsfield units): normalize with dataset-wide foreground
     statistics. Other modalities (MRI, ...) have arbitrary scales per scan: z-score per image."""
