@@ -1,0 +1,170 @@
+"""Everything a training run needs before its first iteration, resolved from files and flags.
+
+Kept apart from the loop so each decision (device, folds, schedule, folders) is a small
+function that can be tested without training anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from AutoSegLib.dataset import DatasetSpec, open_dataset
+from AutoSegLib.fileutil import write_json
+from AutoSegLib.planning import Plans
+from AutoSegLib.preprocessing import storage
+from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
+from AutoSegLib.training.schedule import Schedule, resolve_schedule
+from AutoSegLib.training import splits as splitting
+
+MODEL_DIR = "model"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+class TrainingSetupError(ValueError):
+    """The run cannot start; the message says what is missing and how to get it."""
+
+
+@dataclass
+class TrainOptions:
+    """What the user asked for (``autoseg train`` flags)."""
+
+    configuration: str
+    fold: str  # "0".."4" or "all"
+    preset: str = "paper"
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    time_budget_min: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    num_workers: int | None = None
+    seed: int = 12345
+    checkpoint_every_epochs: int = 5
+    checkpoint_every_s: float = 600.0  # at most 10 minutes of work lost to a crash
+
+
+@dataclass
+class RunSetup:
+    """Resolved inputs of one fold's training run."""
+
+    options: TrainOptions
+    spec: DatasetSpec
+    plans: Plans
+    config: dict
+    data_folder: Path
+    run_folder: Path
+    model_folder: Path
+    train_cases: list[str]
+    val_cases: list[str]
+    schedule: Schedule
+    n_input_channels: int
+    n_classes: int
+    ignore_label: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(requested: str):
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable choice is an error."""
+    import torch
+
+    if requested not in DEVICES:
+        raise TrainingSetupError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TrainingSetupError("--device cuda: no usable CUDA GPU found (is the NVIDIA driver installed, "
+                                 "and is this PyTorch a CUDA build?); use --device cpu to train on the CPU")
+    if requested == "mps" and not has_mps:
+        raise TrainingSetupError("--device mps: Apple's Metal backend is not available on this machine")
+    return torch.device(requested)
+
+
+def fold_cases(work_dir: Path, case_ids: list[str], fold: str, spec: DatasetSpec,
+               log=None) -> tuple[list[str], list[str]]:
+    """Training and validation case ids of a fold; fold ``all`` validates on its training cases.
+
+    ``splits_final.json`` is made once and reused, so retraining never reshuffles the folds.
+    """
+    fold = splitting.parse_fold(fold)
+    if fold == splitting.ALL_FOLDS:
+        return splitting.fold_cases(None, fold, case_ids)
+    splits = splitting.load_or_create_splits(work_dir, case_ids, groups=splitting.groups_from_spec(spec.extra),
+                                             log=log)
+    return splitting.fold_cases(splits, fold, case_ids)
+
+
+def check_preprocessed(folder: Path, case_ids: list[str], configuration: str, dataset: Path) -> None:
+    missing = [c for c in case_ids if not storage.paths(folder, c)["properties"].is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TrainingSetupError(f"{folder}: {len(missing)} case(s) not preprocessed for {configuration} "
+                                 f"({shown}); run `autoseg preprocess {dataset} -c {configuration}` first")
+
+
+def prepare_model_folder(work_dir: Path, dataset_folder: Path, plans: Plans, spec: DatasetSpec) -> Path:
+    """The self-contained model folder: plans.json and dataset.json travel with the weights."""
+    model = Path(work_dir) / MODEL_DIR
+    model.mkdir(parents=True, exist_ok=True)
+    write_json(model / "plans.json", plans.to_dict())
+    write_json(model / "dataset.json", spec.to_dict())
+    return model
+
+
+def check_run_folder(run_folder: Path, options: TrainOptions) -> None:
+    """Never overwrite a trained model by accident, never start fresh when asked to resume."""
+    existing = sorted(p.name for p in run_folder.glob("checkpoint_*.pt")) if run_folder.is_dir() else []
+    if options.resume:
+        if not existing:
+            raise TrainingSetupError(f"{run_folder}: nothing to resume (no checkpoint); run without --resume "
+                                     "to start training")
+        return
+    if existing and not options.overwrite:
+        raise TrainingSetupError(f"{run_folder} already holds a training run ({', '.join(existing)}); continue it "
+                                 "with --resume, or start over with --overwrite (deletes it)")
+    if run_folder.exists():
+        remove_run(run_folder)
+
+
+def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions, log=None) -> RunSetup:
+    """Resolve plans, folds, schedule and folders; nothing is trained or written but the model files."""
+    dataset_folder, work_dir = Path(dataset_folder), Path(work_dir)
+    dataset = open_dataset(dataset_folder)
+    plans = load_plans(work_dir)
+    if options.configuration not in plans.configurations:
+        raise TrainingSetupError(f"configuration {options.configuration!r} is not in the plans; planned: "
+                                 f"{', '.join(plans.configurations)}")
+    if options.configuration == "3d_cascade_fullres":
+        raise TrainingSetupError("3d_cascade_fullres training needs the 3d_lowres predictions as input, which "
+                                 "arrives with the inference stage; train 3d_fullres or 3d_lowres for now")
+    config = plans.configurations[options.configuration].to_dict()
+    train_cases, val_cases = fold_cases(work_dir, dataset.case_ids, options.fold, dataset.spec, log)
+    data_folder = preprocessed_folder(work_dir, options.configuration, plans)
+    check_preprocessed(data_folder, sorted(set(train_cases) | set(val_cases)), options.configuration, dataset_folder)
+    model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
+    run_folder = model / options.configuration / f"fold_{options.fold}"
+    check_run_folder(run_folder, options)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    schedule = resolve_schedule(options.preset, options.epochs, options.iterations_per_epoch)
+    n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
+    return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
+                    schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value)
+
+
+def configure_cpu_threads() -> int:
+    """Use every core for the network on the CPU (data workers sleep while the network runs)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores))
+    return cores
+
+
+def remove_run(run_folder: Path) -> None:
+    """Start a fold over: only ever called for a fresh (not resumed) run."""
+    if run_folder.exists():
+        shutil.rmtree(run_folder)
+    run_folder.mkdir(parents=True)

@@ -1,0 +1,242 @@
+"""The training loop of one fold: the paper's recipe, never losing work, always saying where it is.
+
+Recipe: SGD (Nesterov, momentum 0.99, weight decay 3e-5), learning rate 0.01 with poly
+decay, Dice + cross-entropy over the deep-supervision outputs, gradient norm clipped at 12,
+mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
+validation cases, whose per-class pseudo-Dice (and its moving average) picks the best
+checkpoint and shows progress.
+
+Checkpoints (see :mod:`.checkpoint`): ``latest`` every few epochs and at least every
+``checkpoint_every_s`` seconds, ``best`` on a new best moving-average pseudo-Dice, ``final``
+at the end. SIGTERM/SIGINT finish the current iteration, save ``latest`` and raise
+:class:`TrainingInterrupted`, which the CLI turns into exit status 128 + signal number.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import replace
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from AutoSegLib.events import Reporter
+from AutoSegLib.network import build_network
+from AutoSegLib.training import checkpoint as ckpt
+from AutoSegLib.training.loader import BatchLoader
+from AutoSegLib.training.augmentation import validation_pipeline
+from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
+                                      pseudo_dice)
+from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
+from AutoSegLib.training.schedule import epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget
+from AutoSegLib.training.setup import RunSetup, configure_cpu_threads, resolve_device
+
+INITIAL_LR = 0.01
+MOMENTUM = 0.99
+WEIGHT_DECAY = 3e-5
+GRAD_CLIP = 12.0
+EMA_WEIGHT = 0.9  # pseudo-Dice moving average: new = 0.9 * old + 0.1 * epoch value (nnU-Net)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint_path):
+        self.signum, self.checkpoint_path = signum, checkpoint_path
+        self.exit_status = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; progress saved to {checkpoint_path}; continue with --resume")
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn SIGTERM/SIGINT into a flag checked between iterations (restored afterwards)."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, run: RunSetup, reporter: Reporter | None = None):
+        self.run, self.reporter = run, reporter or Reporter(quiet=True)
+        self.device = resolve_device(run.options.device)
+        if self.device.type == "cpu":
+            configure_cpu_threads()
+        self.network = build_network(run.config, run.n_input_channels, run.n_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=INITIAL_LR, momentum=MOMENTUM,
+                                         nesterov=True, weight_decay=WEIGHT_DECAY)
+        self.amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        n_outputs = len(run.config["strides"]) - 1
+        self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label),
+                                        deep_supervision_weights(n_outputs))
+        self.schedule = run.schedule
+        self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
+        self.signals: list[int] = []
+        self.last_save = time.monotonic()
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"network_weights": self.network.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+                "grad_scaler_state": self.scaler.state_dict() if self.scaler else {},
+                "epoch": self.epoch, "ema_pseudo_dice": self.ema, "best_ema_pseudo_dice": self.best_ema,
+                "schedule": self.schedule.to_dict(), "configuration": self.run.options.configuration,
+                "fold": self.run.options.fold}
+
+    def restore(self) -> None:
+        path, state, skipped = ckpt.find_resume_checkpoint(self.run.run_folder)
+        for bad, reason in skipped:
+            self.reporter.warning("train", f"skipping damaged checkpoint {bad}: {reason}")
+        self.network.load_state_dict(state["network_weights"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.scaler and state.get("grad_scaler_state"):
+            self.scaler.load_state_dict(state["grad_scaler_state"])
+        self.epoch, self.ema, self.best_ema = state["epoch"], state["ema_pseudo_dice"], state["best_ema_pseudo_dice"]
+        self.schedule = type(self.schedule).from_dict(state["schedule"])
+        self.records = truncate_log(self.run.run_folder, self.epoch)
+        self.reporter.log("train", f"Resuming from {path} at epoch {self.epoch} of {self.schedule.epochs}")
+
+    def save(self, name: str) -> object:
+        path = self.run.run_folder / f"checkpoint_{name}.pt"
+        ckpt.save_checkpoint(path, self.state())
+        if name == "latest":
+            self.last_save = time.monotonic()
+        return path
+
+    # -- loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        opts = self.run.options
+        if opts.resume:
+            self.restore()
+        seed = opts.seed + 1000 * self.epoch
+        first = self.epoch * self.schedule.iterations_per_epoch
+        with BatchLoader(self.run.train_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
+                         seed=seed, ignore_label=self.run.ignore_label, first_batch=first) as train_loader, \
+             BatchLoader(self.run.val_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
+                         seed=seed + 1, transforms=validation_pipeline(self.run.config),
+                         ignore_label=self.run.ignore_label) as val_loader, stop_on_signals() as signals:
+            self.reporter.start("train", of=self.schedule.epochs, epoch=self.epoch)
+            started = time.monotonic()
+            self.signals = signals
+            while self.epoch < self.schedule.epochs:
+                record = self.run_epoch(train_loader, val_loader)
+                self.finish_epoch(record, started)
+        path = self.save("final")
+        return {"epochs": self.epoch, "ema_pseudo_dice": self.ema, "best_ema_pseudo_dice": self.best_ema,
+                "checkpoint": str(path), "run_folder": str(self.run.run_folder)}
+
+    def lr(self) -> float:
+        return poly_lr(self.epoch, self.schedule.epochs, INITIAL_LR)
+
+    def check_stop(self) -> None:
+        """Between steps: on SIGTERM/SIGINT save ``latest`` and stop (weights of this moment)."""
+        if self.signals:
+            raise TrainingInterrupted(self.signals[0], self.save("latest"))
+
+    def run_epoch(self, train_loader, val_loader) -> dict:
+        started = time.monotonic()
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.network.train()
+        losses = []
+        for iteration in range(self.schedule.iterations_per_epoch):
+            losses.append(self.train_step(next(train_loader)))
+            self.check_stop()
+            self.reporter.emit("progress", "train", epoch=self.epoch, iteration=iteration + 1,
+                               of=self.schedule.iterations_per_epoch, loss=losses[-1])
+        val_loss, dice = self.validate(val_loader)
+        return {"epoch": self.epoch, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
+                "pseudo_dice": dice, "learning_rate": lr, "epoch_time_s": round(time.monotonic() - started, 3)}
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+    def train_step(self, batch: dict) -> float:
+        data = batch["data"].to(self.device, non_blocking=True)
+        targets = [t.to(self.device, non_blocking=True).long() for t in batch["target"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss(self.network(data), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch} (cases {batch['keys']}); "
+                                     "check the images for extreme values")
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
+            self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self, loader) -> tuple[float, dict]:
+        self.network.eval()
+        losses, totals = [], None
+        for _ in range(self.schedule.val_iterations):
+            self.check_stop()
+            batch = next(loader)
+            data = batch["data"].to(self.device)
+            targets = [t.to(self.device).long() for t in batch["target"]]
+            with self._autocast():
+                outputs = self.network(data)
+                losses.append(float(self.loss(outputs, targets)))
+            counts = pseudo_dice(outputs[0].float(), targets[0], self.run.ignore_label, self.run.n_classes)
+            totals = counts if totals is None else [a + b for a, b in zip(totals, counts)]
+        names = [n for n, v in sorted(self.run.spec.labels.items(), key=lambda kv: kv[1])
+                 if v != 0 and v != self.run.ignore_label]
+        dice = {n: (None if math.isnan(d) else float(d)) for n, d in zip(names, dice_from_counts(*totals))}
+        return sum(losses) / len(losses), dice
+
+    def finish_epoch(self, record: dict, started: float) -> None:
+        values = [v for v in record["pseudo_dice"].values() if v is not None]
+        mean = sum(values) / len(values) if values else 0.0
+        self.ema = mean if self.ema is None else EMA_WEIGHT * self.ema + (1 - EMA_WEIGHT) * mean
+        record.update(mean_pseudo_dice=mean, ema_pseudo_dice=self.ema)
+        self.epoch += 1
+        self.records.append(record)
+        append_epoch(self.run.run_folder, record)
+        plot_progress(self.run.run_folder, self.records)
+        self.maybe_rescale_for_budget(started)
+        eta = estimate_eta([r["epoch_time_s"] for r in self.records], self.schedule.epochs - self.epoch)
+        self.reporter.emit("epoch", "train", **record, done=self.epoch, of=self.schedule.epochs, eta_s=eta)
+        self.reporter.log("train", f"epoch {self.epoch}/{self.schedule.epochs}: loss {record['train_loss']:.3f}, "
+                                   f"pseudo-Dice {mean:.3f} (EMA {self.ema:.3f}), {record['epoch_time_s']:.0f} s")
+        if self.ema > self.best_ema:
+            self.best_ema = self.ema
+            self.save("best")
+        due = self.epoch % self.run.options.checkpoint_every_epochs == 0
+        if due or time.monotonic() - self.last_save >= self.run.options.checkpoint_every_s:
+            self.save("latest")
+
+    def maybe_rescale_for_budget(self, started: float) -> None:
+        """With --time-budget: fit the epoch count to the budget after every epoch.
+
+        The learning rate follows the new total, so it still decays to ~0 by the end.
+        """
+        budget = self.run.options.time_budget_min
+        if budget is None:
+            return
+        times = [r["epoch_time_s"] for r in self.records]
+        if self.epoch == 1:
+            per_iteration = times[-1] / self.schedule.iterations_per_epoch
+            self.schedule = scale_to_time_budget(self.schedule, per_iteration, budget * 60.0)
+        epochs = epochs_within_budget(self.schedule.epochs, self.epoch, time.monotonic() - started, times,
+                                      budget * 60.0)
+        if epochs != self.schedule.epochs:
+            self.schedule = replace(self.schedule, epochs=epochs)
+            self.reporter.log("train", f"time budget {budget:g} min: training for {epochs} epochs in total")

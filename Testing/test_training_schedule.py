@@ -1,0 +1,99 @@
+import dataclasses
+
+import pytest
+
+from AutoSegLib.training.schedule import (
+    PAPER,
+    PRESETS,
+    QUICK,
+    Schedule,
+    epochs_within_budget,
+    estimate_eta,
+    get_preset,
+    poly_lr,
+    recent_epoch_seconds,
+    resolve_schedule,
+    scale_to_time_budget,
+    seconds_per_epoch,
+)
+
+
+def test_poly_lr_values():
+    assert poly_lr(0, 1000) == 0.01
+    assert poly_lr(500, 1000) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(999, 1000) == pytest.approx(0.01 * 0.001 ** 0.9)  # ~2e-5: near zero, positive
+    assert poly_lr(1000, 1000) == 0.0
+    assert poly_lr(1200, 1000) == 0.0
+    assert poly_lr(1, 2, initial_lr=1.0, exponent=1.0) == 0.5
+    with pytest.raises(ValueError):
+        poly_lr(0, 0)
+
+
+def test_presets():
+    assert PRESETS == {"paper": PAPER, "quick": QUICK}
+    assert PAPER == Schedule(1000, 250, 50)
+    assert QUICK.total_iterations < PAPER.total_iterations / 100
+    assert get_preset("quick") is QUICK
+    with pytest.raises(ValueError, match="unknown schedule preset 'fast'; choose one of: paper, quick"):
+        get_preset("fast")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QUICK.epochs = 5
+
+
+def test_resolve_schedule_overrides_only_what_is_given():
+    assert resolve_schedule("paper", epochs=50) == Schedule(50, 250, 50)
+    assert resolve_schedule("quick", iterations_per_epoch=7, val_iterations=0) == Schedule(QUICK.epochs, 7, 0)
+
+
+def test_schedule_rejects_bad_values_and_round_trips():
+    for bad in ({"epochs": 0}, {"iterations_per_epoch": 2.5}, {"val_iterations": -1}, {"epochs": True}):
+        with pytest.raises(ValueError):
+            dataclasses.replace(QUICK, **bad)
+    assert Schedule.from_dict(QUICK.to_dict()) == QUICK
+
+
+def test_seconds_per_epoch():
+    assert seconds_per_epoch(Schedule(10, 100, 20), 0.5) == pytest.approx(0.5 * (100 + 10))
+    assert seconds_per_epoch(Schedule(10, 100, 0), 0.5, overhead_s=2) == pytest.approx(52)
+
+
+def test_scale_to_time_budget_drops_epochs_and_lr_still_reaches_zero():
+    paper = Schedule(1000, 250, 50)
+    scaled = scale_to_time_budget(paper, seconds_per_iteration=0.2, budget_s=3600)  # 55 s per epoch
+    assert scaled == Schedule(65, 250, 50)
+    assert 65 * seconds_per_epoch(paper, 0.2) <= 3600 < 66 * seconds_per_epoch(paper, 0.2)
+    assert poly_lr(scaled.epochs - 1, scaled.epochs) < 0.01 * 0.03
+
+
+def test_scale_to_time_budget_never_lengthens():
+    assert scale_to_time_budget(QUICK, seconds_per_iteration=0.001, budget_s=10 ** 6) == QUICK
+
+
+def test_scale_to_time_budget_less_than_one_epoch_cuts_iterations():
+    scaled = scale_to_time_budget(Schedule(10, 250, 50), seconds_per_iteration=1.0, budget_s=100)
+    assert scaled == Schedule(1, 75, 50)  # 75 training + 50 * 0.5 validation = 100 s
+    assert scale_to_time_budget(Schedule(10, 250, 50), 1.0, budget_s=1) == Schedule(1, 1, 50)
+    with pytest.raises(ValueError):
+        scale_to_time_budget(QUICK, 0, 100)
+
+
+def test_recent_epoch_seconds_skips_warm_up_epoch():
+    assert recent_epoch_seconds([30.0]) == 30.0
+    assert recent_epoch_seconds([30.0, 10.0, 12.0]) == 11.0
+    assert recent_epoch_seconds([30.0, 1, 1, 1, 1, 1, 10, 10], window=2) == 10.0
+    with pytest.raises(ValueError):
+        recent_epoch_seconds([])
+
+
+def test_estimate_eta():
+    assert estimate_eta([], 10) is None
+    assert estimate_eta([30.0, 10.0, 12.0], 10) == pytest.approx(7 * 11.0)
+    assert estimate_eta([5.0] * 10, 10) == 0.0
+
+
+def test_epochs_within_budget_replans_total():
+    times = [20.0, 10.0, 10.0]
+    assert epochs_within_budget(100, 3, elapsed_s=40, epoch_times=times, budget_s=100) == 9  # 60 s left: 6 more
+    assert epochs_within_budget(5, 3, elapsed_s=40, epoch_times=times, budget_s=100) == 5  # never above request
+    assert epochs_within_budget(100, 3, elapsed_s=95, epoch_times=times, budget_s=100) == 3  # stop now
+    assert epochs_within_budget(100, 3, elapsed_s=130, epoch_times=times, budget_s=100) == 3
