@@ -177,7 +177,8 @@ def main() -> int:
     parser.add_argument("--write-fixtures", type=Path, help="folder for dna_reference_<plan>.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"DNA {version('dynamic_network_architectures')}, nnunetv2 {version('nnunetv2')}, torch {torch.__version__}")
+    print(f"DNA {version('dynamic_network_architectures')}, nnunetv2 {version('nnunetv2')}, "
+          f"torch {torch.__version__}")
     ok = all([check_plan(name, *spec[:4]) for name, spec in PLANS.items()])
     if args.write_fixtures:
         write_fixtures(args.write_fixtures)

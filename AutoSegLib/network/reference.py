@@ -54,9 +54,8 @@ def tile_into(flat: torch.Tensor, period: torch.Tensor) -> None:
 
 def reference_input(shape: list[int], dtype=torch.float32) -> torch.Tensor:
     """A smooth, non-symmetric input of ``shape`` (batch, channels, *spatial)."""
-    n = math.prod(shape)
-    x = torch.sin(torch.arange(n, dtype=torch.float64) * 0.0137) + torch.cos(torch.arange(n, dtype=torch.float64) * 0.291)
-    return x.reshape(shape).to(dtype)
+    i = torch.arange(math.prod(shape), dtype=torch.float64)
+    return (torch.sin(i * 0.0137) + torch.cos(i * 0.291)).reshape(shape).to(dtype)
 
 
 def output_summary(outputs: torch.Tensor | list[torch.Tensor]) -> list[dict]:

@@ -79,7 +79,8 @@ def spec_from_config(config: dict, n_input_channels: int, n_classes: int, deep_s
         raise NetworkConfigError(f"{n} strides but lengths {wrong} (the decoder has one entry fewer)")
     check_stage_shapes(config, dims)
     if n_input_channels < 1 or n_classes < 1:
-        raise NetworkConfigError(f"need at least one input channel and one class, got {n_input_channels}, {n_classes}")
+        raise NetworkConfigError(f"need at least one input channel and one class, "
+                                 f"got {n_input_channels} and {n_classes}")
     return UNetSpec(dims=dims, n_input_channels=int(n_input_channels), n_classes=int(n_classes),
                     features=tuple(int(f) for f in config["features_per_stage"]),
                     kernel_sizes=tuple(tuple(int(k) for k in ks) for ks in config["kernel_sizes"]),

@@ -115,9 +115,8 @@ class UNetDecoder(nn.Module):
         self.seg_layers = nn.ModuleList(seg_layers)
         self.skip_convs = None
         if conv_skip:
-            self.skip_convs = nn.ModuleList(
-                ConvNormAct(spec.dims, spec.features[-(s + 1)], spec.features[-(s + 1)], spec.kernel_sizes[-(s + 1)])
-                for s in range(1, spec.n_stages))
+            self.skip_convs = nn.ModuleList(ConvNormAct(spec.dims, width, width, kernel) for width, kernel
+                                            in zip(spec.features[-2::-1], spec.kernel_sizes[-2::-1]))
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x, outputs, last = skips[-1], [], len(self.stages) - 1

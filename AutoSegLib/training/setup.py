@@ -134,19 +134,23 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     dataset_folder, work_dir = Path(dataset_folder), Path(work_dir)
     dataset = open_dataset(dataset_folder)
     plans = load_plans(work_dir)
-    if options.configuration not in plans.configurations:
-        raise TrainingSetupError(f"configuration {options.configuration!r} is not in the plans; planned: "
-                                 f"{', '.join(plans.configurations)}")
+    # Checked before "is it planned": the phantom plans have no cascade, and the reason matters more.
     if options.configuration == "3d_cascade_fullres":
         raise TrainingSetupError("3d_cascade_fullres training needs the 3d_lowres predictions as input, which "
                                  "arrives with the inference stage; train 3d_fullres or 3d_lowres for now")
+    if options.configuration not in plans.configurations:
+        raise TrainingSetupError(f"configuration {options.configuration!r} is not in the plans; planned: "
+                                 f"{', '.join(plans.configurations)}")
     config = plans.configurations[options.configuration].to_dict()
+    fold = splitting.parse_fold(options.fold)
     train_cases, val_cases = fold_cases(work_dir, dataset.case_ids, options.fold, dataset.spec, log)
     data_folder = preprocessed_folder(work_dir, options.configuration, plans)
     check_preprocessed(data_folder, sorted(set(train_cases) | set(val_cases)), options.configuration, dataset_folder)
-    model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
-    run_folder = model / options.configuration / f"fold_{options.fold}"
+    # The run folder is judged before anything is written: a refused run (a trained fold without
+    # --resume/--overwrite) must leave the model folder exactly as it was, plans.json included.
+    run_folder = Path(work_dir) / MODEL_DIR / options.configuration / f"fold_{fold}"
     check_run_folder(run_folder, options)
+    model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
     run_folder.mkdir(parents=True, exist_ok=True)
     schedule = resolve_schedule(options.preset, options.epochs, options.iterations_per_epoch)
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
@@ -155,9 +159,19 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
 
 
 def configure_cpu_threads() -> int:
-    """Use every core for the network on the CPU (data workers sleep while the network runs)."""
+    """Use every core for the network on the CPU (data workers sleep while the network runs).
+
+    An explicit ``OMP_NUM_THREADS`` wins: people set it to share a machine (a cluster job, the
+    Slicer GUI beside training), and on a loaded machine fewer threads are much faster
+    (benchmarks/bench_training.py: OpenMP threads spin waiting for a core another job holds).
+    Returns the number of threads the network uses.
+    """
     import torch
 
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) >= 1:
+        torch.set_num_threads(int(explicit))
+        return int(explicit)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores))
     return cores

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import replace
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,7 @@ from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supe
                                       pseudo_dice)
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
 from AutoSegLib.training.schedule import epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget
-from AutoSegLib.training.setup import RunSetup, configure_cpu_threads, resolve_device
+from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads, resolve_device
 
 INITIAL_LR = 0.01
 MOMENTUM = 0.99
@@ -84,6 +85,8 @@ class Trainer:
         self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
         self.signals: list[int] = []
         self.last_save = time.monotonic()
+        self.epoch_walls: list[float] = []  # wall-clock seconds per epoch in this process (time budget)
+        self._last_epoch_end: float | None = None
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -93,18 +96,42 @@ class Trainer:
                 "schedule": self.schedule.to_dict(), "configuration": self.run.options.configuration,
                 "fold": self.run.options.fold}
 
-    def restore(self) -> None:
-        path, state, skipped = ckpt.find_resume_checkpoint(self.run.run_folder)
+    def restore(self) -> Path:
+        """Load the newest valid checkpoint of the run folder; returns its path.
+
+        Every problem is a :class:`TrainingSetupError` naming the file (exit status 1 without a
+        traceback on the command line): no valid checkpoint, or one made for another network.
+        """
+        try:
+            path, state, skipped = ckpt.find_resume_checkpoint(self.run.run_folder)
+        except ckpt.CheckpointError as exc:
+            raise TrainingSetupError(str(exc)) from None
         for bad, reason in skipped:
             self.reporter.warning("train", f"skipping damaged checkpoint {bad}: {reason}")
-        self.network.load_state_dict(state["network_weights"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
+        try:
+            self.network.load_state_dict(state["network_weights"])
+            self.optimizer.load_state_dict(state["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            raise TrainingSetupError(f"{path}: does not fit the network of the current plans ({first}); was the "
+                                     "dataset planned again since this run started? Resume with the plans it "
+                                     "was trained with, or start over with --overwrite") from None
         if self.scaler and state.get("grad_scaler_state"):
             self.scaler.load_state_dict(state["grad_scaler_state"])
-        self.epoch, self.ema, self.best_ema = state["epoch"], state["ema_pseudo_dice"], state["best_ema_pseudo_dice"]
-        self.schedule = type(self.schedule).from_dict(state["schedule"])
+        self.epoch = state["epoch"]
+        self.ema = state.get("ema_pseudo_dice")
+        self.best_ema = state.get("best_ema_pseudo_dice", -1.0)
+        if state.get("schedule"):
+            self.schedule = type(self.schedule).from_dict(state["schedule"])
+        asked = self.run.options
+        if (asked.epochs not in (None, self.schedule.epochs)
+                or asked.iterations_per_epoch not in (None, self.schedule.iterations_per_epoch)):
+            self.reporter.warning("train", f"--resume continues the run's own schedule ({self.schedule.epochs} "
+                                           f"epochs x {self.schedule.iterations_per_epoch} iterations); "
+                                           "--epochs and --iterations-per-epoch apply to new runs only")
         self.records = truncate_log(self.run.run_folder, self.epoch)
         self.reporter.log("train", f"Resuming from {path} at epoch {self.epoch} of {self.schedule.epochs}")
+        return path
 
     def save(self, name: str) -> object:
         path = self.run.run_folder / f"checkpoint_{name}.pt"
@@ -226,17 +253,25 @@ class Trainer:
     def maybe_rescale_for_budget(self, started: float) -> None:
         """With --time-budget: fit the epoch count to the budget after every epoch.
 
-        The learning rate follows the new total, so it still decays to ~0 by the end.
+        The learning rate follows the new total, so it still decays to ~0 by the end. Epochs
+        are timed by the wall clock from one call to the next, so the work around the
+        iterations (progress.png, the log, checkpoints) counts too: timing only the iterations
+        underestimated an epoch (3x for a small network), the total was cut again and again,
+        and training stopped with the learning rate at half its initial value.
         """
         budget = self.run.options.time_budget_min
         if budget is None:
             return
-        times = [r["epoch_time_s"] for r in self.records]
+        now, budget_s = time.monotonic(), budget * 60.0
+        self.epoch_walls.append(now - (self._last_epoch_end or started))
+        self._last_epoch_end = now
+        if len(self.epoch_walls) == 1 and budget_s - (now - started) > 2 * self.epoch_walls[0]:
+            return  # time enough: plan by a warm epoch; the first pays for start-up and would cap the total low
         if self.epoch == 1:
-            per_iteration = times[-1] / self.schedule.iterations_per_epoch
-            self.schedule = scale_to_time_budget(self.schedule, per_iteration, budget * 60.0)
-        epochs = epochs_within_budget(self.schedule.epochs, self.epoch, time.monotonic() - started, times,
-                                      budget * 60.0)
+            # scale_to_time_budget prices an epoch as iterations + half-cost validation iterations
+            units = self.schedule.iterations_per_epoch + 0.5 * self.schedule.val_iterations
+            self.schedule = scale_to_time_budget(self.schedule, self.epoch_walls[-1] / units, budget_s)
+        epochs = epochs_within_budget(self.schedule.epochs, self.epoch, now - started, self.epoch_walls, budget_s)
         if epochs != self.schedule.epochs:
             self.schedule = replace(self.schedule, epochs=epochs)
             self.reporter.log("train", f"time budget {budget:g} min: training for {epochs} epochs in total")
