@@ -13,9 +13,10 @@ from scipy import ndimage
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.planning.rules import resampling_settings
 from AutoSegLib.preprocessing.case import OUTSIDE_MASK_LABEL, preprocess_case, restore_label, restore_probabilities
-from AutoSegLib.preprocessing.cropping import crop, crop_bbox, nonzero_mask, paste
+from AutoSegLib.preprocessing import cropping
+from AutoSegLib.preprocessing.cropping import crop, crop_bbox, cropped_nonzero_mask, nonzero_mask, paste
 from AutoSegLib.preprocessing.normalization import normalize, normalize_ct, normalize_zscore
-from AutoSegLib.preprocessing.resampling import resample_image
+from AutoSegLib.preprocessing.resampling import resample_image, resample_label
 from AutoSegLib.preprocessing.sampling import sample_foreground_locations
 from AutoSegLib.synthetic import make_case
 from AutoSegLib.synthetic.grid import Grid
@@ -59,6 +60,33 @@ def test_nonzero_mask_fills_holes_and_bbox_is_tight():
     assert np.array_equal(mask, body)  # the zero voxel inside is filled
     assert crop_bbox(mask) == ((1, 10), (2, 13), (2, 15))
     assert crop_bbox(np.zeros((2, 3, 4), bool)) == ((0, 2), (0, 3), (0, 4))
+
+
+def test_mask_filled_inside_its_box_equals_the_mask_filled_whole():
+    rng = np.random.default_rng(4)
+    for seed in range(20):
+        shape = tuple(rng.integers(4, 12, 3))
+        image = np.zeros(shape, np.int16)
+        box = tuple(slice(int(rng.integers(0, n // 2)), int(rng.integers(n // 2 + 1, n + 1))) for n in shape)
+        image[box] = rng.random(image[box].shape) < 0.7  # shells, holes and gaps on the box border
+        second = np.zeros(shape, np.float32)
+        second[tuple(int(rng.integers(0, n)) for n in shape)] = -2.5
+        for channels in ([image], [image, second]):
+            raw = np.any([c != 0 for c in channels], axis=0)
+            filled = ndimage.binary_fill_holes(raw)
+            inside, bbox = cropped_nonzero_mask(channels)
+            assert bbox == crop_bbox(filled)
+            assert np.array_equal(inside, crop(filled, bbox))
+            assert np.array_equal(nonzero_mask(channels), filled)
+
+
+def test_holes_are_not_filled_when_every_voxel_is_nonzero(monkeypatch):
+    def fail(mask):
+        raise AssertionError("binary_fill_holes called on an all-nonzero image")
+
+    monkeypatch.setattr(cropping.ndimage, "binary_fill_holes", fail)
+    inside, bbox = cropped_nonzero_mask([np.full((3, 4, 5), -1000, np.int16)])
+    assert inside.all() and bbox == ((0, 3), (0, 4), (0, 5))
 
 
 def test_paste_inverts_crop_and_refuses_a_wrong_shape():
@@ -124,6 +152,31 @@ def test_constant_image_normalizes_without_nan():
     assert np.isfinite(out).all() and (out == 0).all()
     ct = normalize_ct(np.full((2, 2, 2), 7.0), {**CT_STATS, "std": 0.0})
     assert np.isfinite(ct).all()
+
+
+def test_normalizing_into_a_given_array_gives_the_same_result():
+    image, _, body = mr_like()
+    for scheme, stats, mask in (("CTNormalization", CT_STATS, None), ("ZScoreNormalization", None, body),
+                                ("ZScoreNormalization", None, None)):
+        out = np.full(image.shape, np.nan, np.float32)
+        assert normalize(image.astype(np.int16), scheme, stats, mask, out=out) is out
+        assert np.array_equal(out, normalize(image.astype(np.int16), scheme, stats, mask))
+    with pytest.raises(ValueError, match="out must be float32"):
+        normalize(image, "CTNormalization", CT_STATS, out=np.zeros(image.shape))
+
+
+def test_zscore_statistics_over_many_slabs_match_numpy():
+    rng = np.random.default_rng(2)
+    image = rng.normal(300, 40, (20, 512, 512)).astype(np.float32)  # two slabs of 16 slices
+    mask = np.zeros(image.shape, bool)
+    mask[3:18, 100:400, 50:450] = True
+    for m in (None, mask):
+        values = image[m] if m is not None else image
+        mean, std = values.mean(dtype=np.float64), values.std(dtype=np.float64)
+        expected = (image - np.float32(mean)) / np.float32(std)
+        if m is not None:
+            expected[~m] = 0
+        np.testing.assert_allclose(normalize_zscore(image, m), expected, rtol=0, atol=1e-6)
 
 
 def test_unknown_scheme_and_missing_ct_statistics_are_refused():
@@ -385,3 +438,53 @@ def test_restore_probabilities_agrees_with_restore_label_and_is_background_outsi
     # Both interpolate the one-hot channels linearly; renormalizing does not move the argmax.
     restored, _ = restore_label(prediction, props)
     assert np.array_equal(probabilities.argmax(axis=0), restored)
+
+
+def reference_forward(image, label, props, masked):
+    """Preprocessing as first written: a float32 copy per step, the label resampled as a copy."""
+    how, bbox, transpose = props["resampling"], tuple(map(tuple, props["crop_bbox"])), props["transpose_forward"]
+    new_shape = props["shape_after_resampling"]
+    mask = crop(nonzero_mask([image]), bbox).transpose(transpose)
+    normalized = normalize_zscore(crop(image, bbox).transpose(transpose), mask if masked else None)
+    data = resample_image(normalized, new_shape, how["image_order"], how["separate_axis"], how["out_of_plane_order"])
+    seg = crop(label, bbox).transpose(transpose).astype(np.int16)
+    seg[(seg == 0) & ~mask] = OUTSIDE_MASK_LABEL
+    return data, resample_label(seg, new_shape, how["label_order"], how["separate_axis"])
+
+
+def reference_restore(seg, probabilities, props):
+    """The restores as first written: resample to the crop, transpose back, paste a copy per class."""
+    how, shape = props["resampling"], props["shape_after_crop"]
+    bbox = tuple(map(tuple, props["crop_bbox"]))
+    backward = tuple(np.argsort(props["transpose_forward"]))
+    label = resample_label(seg, shape, how["label_order"], how["separate_axis"])
+    label[label == OUTSIDE_MASK_LABEL] = 0
+    label = paste(label.transpose(backward), bbox, props["original_shape"], 0)
+    out = np.stack([resample_image(p, shape, 1, how["separate_axis"]) for p in probabilities])
+    np.clip(out, 0, None, out=out)
+    out /= np.maximum(out.sum(axis=0), 1e-8)
+    pasted = [paste(o.transpose(backward), bbox, props["original_shape"], 1.0 if k == 0 else 0.0)
+              for k, o in enumerate(out)]
+    return label, np.stack(pasted)
+
+
+@pytest.mark.parametrize("spacing, target, transpose", [
+    ((1.0, 1.0, 1.0), (1.3, 0.8, 1.1), (0, 1, 2)),
+    ((3.0, 1.0, 0.5), (0.5, 2.0, 0.8), (2, 0, 1)),  # anisotropic, transposed
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1, 2, 0)),  # no resampling
+])
+def test_in_place_preprocessing_and_restores_give_what_the_copies_gave(spacing, target, transpose):
+    image, label, _ = mr_like()
+    label[2:5, 8:10, 3:6] = 2
+    for masked in (True, False):
+        cfg = config(target, ["ZScoreNormalization"], [masked])
+        data, seg, props = preprocess_case([image], label, geometry(spacing), cfg, list(transpose), {})
+        expected_data, expected_seg = reference_forward(image, label, props, masked)
+        assert np.array_equal(data[0], expected_data) and np.array_equal(seg[0], expected_seg)
+        assert data.flags.c_contiguous and seg.flags.c_contiguous  # written to disk without another copy
+    rng = np.random.default_rng(0)
+    probabilities = rng.uniform(-0.1, 1.0, (4, *seg.shape[1:])).astype(np.float32)  # negatives get clipped
+    expected_label, expected_probabilities = reference_restore(seg[0], probabilities, props)
+    assert np.array_equal(restore_label(seg, props)[0], expected_label)
+    restored = restore_probabilities(probabilities, props)[0]
+    assert restored.dtype == expected_probabilities.dtype and np.array_equal(restored, expected_probabilities)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from AutoSegLib.preprocessing.resampling import (out_of_plane_axis, resample_image, resample_label,
-                                                 separate_axis_for, target_shape)
+                                                 separate_axis_for, slice_sources, target_shape)
 
 
 def ball_label(shape, centers_radii):
@@ -76,3 +77,105 @@ def test_anisotropic_label_round_trip_dice():
 def test_constant_label_stays_constant():
     label = np.full((3, 4, 5), 2, np.uint8)
     assert np.all(resample_label(label, (6, 8, 10)) == 2)
+
+
+# -- the in-place implementation against the straightforward one -------------------------------
+def reference_zoom(image, new_shape, order, separate_axis=None):
+    """Resampling as first written: float32 copies of everything, whole-volume zooms."""
+    def zoom(a, shape, o):
+        factors = [n / s for n, s in zip(shape, a.shape)]
+        if all(f == 1 for f in factors):
+            return a.astype(np.float32)
+        if o > 1:
+            a = ndimage.spline_filter(a.astype(np.float32), order=o, output=np.float32, mode="mirror")
+            return ndimage.zoom(a, factors, order=o, output=np.float32, mode="mirror", grid_mode=True,
+                                prefilter=False)
+        return ndimage.zoom(a.astype(np.float32), factors, order=o, output=np.float32, mode="nearest",
+                            grid_mode=True)
+
+    if separate_axis is None:
+        return zoom(image, new_shape, order)
+    moved = np.moveaxis(image, separate_axis, 0)
+    plane = tuple(s for i, s in enumerate(new_shape) if i != separate_axis)
+    inplane = np.stack([zoom(m, plane, order) for m in moved])
+    return np.moveaxis(zoom(inplane, (new_shape[separate_axis], *plane), 0), 0, separate_axis)
+
+
+def reference_label(label, new_shape, order, separate_axis=None):
+    """One-hot of every label at once in float32, then argmax (the lowest label wins ties)."""
+    values = np.unique(label)
+    scores = np.stack([reference_zoom((label == v).astype(np.float32), new_shape, order, separate_axis)
+                       for v in values])
+    return values[scores.argmax(axis=0)].astype(label.dtype)
+
+
+def random_label(shape, classes, seed):
+    """Blobs of ``classes`` labels (-1 among them) with ragged, noisy borders."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(classes, *shape)), (0, 1.5, 1.5, 1.5))
+    return (smooth.argmax(axis=0) - 1).astype(np.int16)
+
+
+SHAPE_CASES = [((9, 14, 11), (13, 10, 17)), ((12, 8, 8), (5, 15, 8)), ((7, 10, 9), (21, 10, 4))]
+
+
+@pytest.mark.parametrize("old_shape, new_shape", SHAPE_CASES)
+@pytest.mark.parametrize("order, separate_axis", [(1, None), (0, None), (3, None), (1, 0), (1, 2), (3, 1)])
+def test_label_resampling_equals_the_one_hot_argmax(old_shape, new_shape, order, separate_axis):
+    for seed, classes in ((0, 2), (1, 5), (2, 7)):
+        label = random_label(old_shape, classes, seed)
+        expected = reference_label(label, new_shape, order, separate_axis)
+        assert np.array_equal(resample_label(label, new_shape, order, separate_axis), expected)
+        as_uint8 = (label + 1).astype(np.uint8)
+        assert np.array_equal(resample_label(as_uint8, new_shape, order, separate_axis), expected + 1)
+
+
+@pytest.mark.parametrize("old_shape, new_shape", SHAPE_CASES)
+@pytest.mark.parametrize("order, separate_axis", [(3, None), (1, None), (3, 0), (3, 2), (0, 1)])
+def test_image_resampling_equals_the_straightforward_zoom(old_shape, new_shape, order, separate_axis):
+    rng = np.random.default_rng(3)
+    for image in (rng.integers(-1000, 2000, old_shape).astype(np.int16), rng.normal(size=old_shape).astype(np.float32)):
+        expected = reference_zoom(image, new_shape, order, separate_axis)
+        assert np.array_equal(resample_image(image, new_shape, order, separate_axis), expected)
+
+
+def test_results_can_be_written_into_a_strided_view():
+    label = random_label((9, 14, 11), 4, 5)
+    full = np.full((3, 17, 10, 13), 99, np.int16)
+    view = full[1].transpose(2, 1, 0)  # (13, 10, 17), not contiguous
+    for axis in (None, 0):
+        assert resample_label(label, view.shape, separate_axis=axis, out=view) is view
+        assert np.array_equal(view, reference_label(label, view.shape, 1, axis))
+    assert (full[[0, 2]] == 99).all()
+    image = np.random.default_rng(6).normal(size=(9, 14, 11)).astype(np.float32)
+    out = np.zeros((17, 10, 13), np.float32).transpose(2, 1, 0)
+    assert resample_image(image, out.shape, 3, out=out) is out
+    assert np.array_equal(out, reference_zoom(image, out.shape, 3))
+
+
+def test_overwrite_input_saves_the_copy_and_gives_the_same_result():
+    image = np.random.default_rng(7).normal(size=(9, 14, 11)).astype(np.float32)
+    expected = reference_zoom(image, (13, 10, 17), 3)
+    kept = image.copy()
+    assert np.array_equal(resample_image(image, (13, 10, 17), 3), expected)
+    assert np.array_equal(image, kept)  # the input is left alone by default
+    assert np.array_equal(resample_image(image, (13, 10, 17), 3, overwrite_input=True), expected)
+    assert not np.array_equal(image, kept)  # prefiltered in place
+
+
+def test_a_wrong_output_array_is_refused():
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        resample_image(np.zeros((2, 3, 4)), (4, 6, 8), out=np.zeros((4, 6, 8)))  # float64
+    with pytest.raises(ValueError, match="out must be int16 of shape"):
+        resample_label(np.zeros((2, 3, 4), np.int16), (4, 6, 8), out=np.zeros((4, 6, 7), np.int16))
+
+
+@pytest.mark.parametrize("n_old, n_new", [(5, 12), (12, 5), (7, 7), (80, 400), (3, 1), (1, 4)])
+def test_slice_sources_is_the_mapping_of_a_nearest_neighbour_zoom(n_old, n_new):
+    ramp = np.broadcast_to(np.arange(n_old, dtype=np.float32)[:, None, None], (n_old, 2, 3))
+    zoomed = ndimage.zoom(ramp, (n_new / n_old, 1, 1), order=0, mode="nearest", grid_mode=True)
+    expected = zoomed[:, 0, 0].astype(int)
+    mapped = np.full(n_new, -1)
+    for source, targets in slice_sources(n_old, n_new):
+        mapped[targets] = source
+    assert np.array_equal(mapped, expected)

@@ -11,6 +11,20 @@ shape, transpose back, paste into the original grid; the original geometry trave
 properties, so the result lines up with the input scan exactly.
 
 Everything here is arrays in, arrays out; files are :mod:`.storage`'s job.
+
+Memory (issue 4): the nonzero mask is computed once; each channel is normalized straight into
+its place in ``data`` (or into one float32 scratch that the resampling prefilters in place and
+zooms from straight into ``data``); labels are resampled with one reused boolean mask; restores
+write into their crop region of one preallocated result. No float64 volume and no one-hot of
+all classes is made. Measured on a 400x512x512 int16 CT (200 MiB) with a 5-class label
+(``python benchmarks/bench_preprocess_memory.py --cases A B``), peak above the inputs:
+
+* ``preprocess_case``, no resampling: 708 MiB, 3.5x the int16 image (was 1300 MiB, 6.5x);
+  600 MiB of it is the result (float32 data, int16 label), the rest the nonzero mask.
+* ``preprocess_case`` to 1.5x1x1 mm (267x399x399): 916 MiB, 4.6x (was 1809 MiB, 9.0x).
+* ``restore_label`` from there: 1149 MiB, 5.7x (was 1663 MiB); see :mod:`.resampling`.
+* ``restore_probabilities``, 5 classes: 2032 MiB, 10.2x (was 6400 MiB, 32x); that is the
+  float32 result itself.
 """
 
 from __future__ import annotations
@@ -18,9 +32,10 @@ from __future__ import annotations
 import numpy as np
 
 from AutoSegLib.imageio import Geometry
-from AutoSegLib.preprocessing.cropping import crop, crop_bbox, nonzero_mask, paste
+from AutoSegLib.preprocessing.cropping import BBox, crop, cropped_nonzero_mask
 from AutoSegLib.preprocessing.normalization import normalize
 from AutoSegLib.preprocessing.resampling import resample_image, resample_label, separate_axis_for, target_shape
+from AutoSegLib.preprocessing.slabs import slabs
 
 PROPERTIES_VERSION = 1
 # Label value for background voxels outside the nonzero (body) region. Training maps it back
@@ -62,30 +77,36 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
     Returns:
         data (C, ...) float32, label (1, ...) int16 or None, and the case's properties.
     """
-    bbox = crop_bbox(nonzero_mask(channels))
+    inside, bbox = cropped_nonzero_mask(channels)
     transpose = tuple(int(a) for a in transpose_forward)
     spacing = tuple(geometry.spacing[a] for a in transpose)
-    mask = nonzero_mask([crop(c, bbox) for c in channels]).transpose(transpose)
+    mask = inside.transpose(transpose)
     shape_after_crop = mask.shape
     target_spacing = full_target_spacing(config["spacing"], spacing)
     new_shape = target_shape(shape_after_crop, spacing, target_spacing)
     how = resampling_plan(spacing, target_spacing, config["resampling"], len(config["patch_size"]))
 
+    resample = tuple(new_shape) != tuple(shape_after_crop)
     data = np.empty((len(channels), *new_shape), dtype=np.float32)
+    # One channel at a time, normalized into data[c] or, when resampling, into one float32
+    # scratch that the spline prefilter may overwrite: no other full-size float32 copy.
+    scratch = np.empty(shape_after_crop, dtype=np.float32) if resample else None
     for c, channel in enumerate(channels):
-        # One channel at a time: peak memory is a few float32 copies of one channel.
         image = crop(channel, bbox).transpose(transpose)
         use_mask = config["use_mask_for_norm"][c]
-        normalized = normalize(image, config["normalization_schemes"][c], intensity_properties.get(str(c)),
-                               mask if use_mask else None)
-        data[c] = resample_image(normalized, new_shape, how["image_order"], how["separate_axis"],
-                                 how["out_of_plane_order"])
-        del normalized
+        normalize(image, config["normalization_schemes"][c], intensity_properties.get(str(c)),
+                  mask if use_mask else None, out=scratch if resample else data[c])
+        if resample:
+            resample_image(scratch, new_shape, how["image_order"], how["separate_axis"], how["out_of_plane_order"],
+                           out=data[c], overwrite_input=True)
+    del scratch
     seg = None
     if label is not None:
-        seg = crop(label, bbox).transpose(transpose).astype(np.int16)
-        seg[(seg == 0) & ~mask] = OUTSIDE_MASK_LABEL
-        seg = resample_label(seg, new_shape, how["label_order"], how["separate_axis"], 0)[None]
+        seg = _label_in_planning_order(label, bbox, transpose, mask)
+        del mask, inside  # not needed to resample the label
+        if resample:
+            seg = resample_label(seg, new_shape, how["label_order"], how["separate_axis"], 0)
+        seg = seg[None]
     properties = {
         "version": PROPERTIES_VERSION,
         "original_shape": [int(s) for s in channels[0].shape],
@@ -101,10 +122,22 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
     return data, seg, properties
 
 
-def _to_original_grid(array: np.ndarray, properties: dict, fill) -> np.ndarray:
-    backward = tuple(int(np.argsort(properties["transpose_forward"])[a]) for a in range(array.ndim))
-    return paste(array.transpose(backward), tuple(map(tuple, properties["crop_bbox"])),
-                 properties["original_shape"], fill)
+def _label_in_planning_order(label: np.ndarray, bbox: BBox, transpose, mask: np.ndarray) -> np.ndarray:
+    """The label cropped and transposed as int16, background outside ``mask`` marked."""
+    seg = np.empty(mask.shape, dtype=np.int16)
+    seg[...] = crop(label, bbox).transpose(transpose)
+    for s in slabs(seg.shape):  # a slab at a time: no full-size boolean temporaries
+        part = seg[s]
+        part[(part == 0) & ~mask[s]] = OUTSIDE_MASK_LABEL
+    return seg
+
+
+def _crop_region(full: np.ndarray, properties: dict) -> np.ndarray:
+    """View of ``full`` (leading axes kept) on the crop box, in planning axis order."""
+    region = tuple(slice(a, b) for a, b in properties["crop_bbox"])
+    lead = full.ndim - len(region)
+    forward = tuple(range(lead)) + tuple(lead + int(a) for a in properties["transpose_forward"])
+    return full[(slice(None),) * lead + region].transpose(forward)
 
 
 def restore_label(seg: np.ndarray, properties: dict) -> tuple[np.ndarray, Geometry]:
@@ -113,24 +146,33 @@ def restore_label(seg: np.ndarray, properties: dict) -> tuple[np.ndarray, Geomet
     seg = np.asarray(seg)
     if seg.ndim == len(properties["shape_after_crop"]) + 1 and seg.shape[0] == 1:
         seg = seg[0]  # the stored (1, ...) layout
-    resampled = resample_label(seg, properties["shape_after_crop"], how["label_order"], how["separate_axis"], 0)
-    resampled[resampled == OUTSIDE_MASK_LABEL] = 0
-    return _to_original_grid(resampled, properties, 0), Geometry.from_dict(properties["original_geometry"])
+    full = np.zeros(properties["original_shape"], dtype=seg.dtype)
+    region = _crop_region(full, properties)  # resampled straight into place: no pasted copy
+    resample_label(seg, properties["shape_after_crop"], how["label_order"], how["separate_axis"], 0, out=region)
+    for s in slabs(region.shape):
+        part = region[s]
+        part[part == OUTSIDE_MASK_LABEL] = 0
+    return full, Geometry.from_dict(properties["original_geometry"])
 
 
 def restore_probabilities(probabilities: np.ndarray, properties: dict) -> tuple[np.ndarray, Geometry]:
     """Class probabilities (K, ...) back to the original grid; outside the crop it is background.
 
-    Each class is resampled linearly on its own (one float32 volume at a time) and the
-    result renormalized so the classes sum to one again.
+    Each class is resampled linearly on its own, straight into its crop region of the one
+    (K, ...) float32 result, which is then renormalized a slab at a time so the classes sum
+    to one again: the result is the only full-size array.
     """
     how = properties["resampling"]
-    shape = tuple(properties["shape_after_crop"])
-    out = np.empty((probabilities.shape[0], *shape), dtype=np.float32)
+    full = np.empty((probabilities.shape[0], *properties["original_shape"]), dtype=np.float32)
+    full[0] = 1.0
+    full[1:] = 0.0
+    region = _crop_region(full, properties)
     for k in range(probabilities.shape[0]):
-        out[k] = resample_image(probabilities[k], shape, 1, how["separate_axis"], 0)
-    np.clip(out, 0, None, out=out)
-    total = out.sum(axis=0)
-    out /= np.maximum(total, 1e-8)
-    full = np.stack([_to_original_grid(out[k], properties, 1.0 if k == 0 else 0.0) for k in range(len(out))])
+        resample_image(probabilities[k], region.shape[1:], 1, how["separate_axis"], 0, out=region[k])
+    for s in slabs(region.shape[1:]):
+        block = region[:, s]
+        np.clip(block, 0, None, out=block)
+        total = block.sum(axis=0)
+        np.maximum(total, 1e-8, out=total)
+        block /= total
     return full, Geometry.from_dict(properties["original_geometry"])

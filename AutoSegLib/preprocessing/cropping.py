@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from AutoSegLib.preprocessing.slabs import slabs
+
 BBox = tuple[tuple[int, int], ...]
 
 
@@ -19,10 +21,27 @@ def nonzero_mask(channels: list[np.ndarray]) -> np.ndarray:
     Holes are filled so dark structures inside the body (air in the bowel, fluid) stay
     inside the mask; only the empty surround is cropped away.
     """
-    mask = np.zeros(channels[0].shape, dtype=bool)
-    for channel in channels:
-        mask |= channel != 0
-    return ndimage.binary_fill_holes(mask)
+    inside, bbox = cropped_nonzero_mask(channels)
+    return paste(inside, bbox, channels[0].shape, False)
+
+
+def cropped_nonzero_mask(channels: list[np.ndarray]) -> tuple[np.ndarray, BBox]:
+    """:func:`nonzero_mask` inside its own bounding box, and that box, computed once.
+
+    The box of the raw nonzero voxels is the box of the filled mask: a background voxel on
+    the box's border touches the background outside it (or the image border), so it is never
+    a hole. Holes are therefore filled inside the box only, and not at all when every voxel
+    is nonzero (CT, where air is -1000): filling a 400x512x512 all-True mask costs ~3 s.
+    """
+    raw = channels[0] != 0
+    for channel in channels[1:]:
+        for s in slabs(raw.shape):
+            raw[s] |= channel[s] != 0
+    bbox = crop_bbox(raw)
+    inside = crop(raw, bbox)
+    if inside.all():
+        return inside, bbox
+    return ndimage.binary_fill_holes(inside), bbox
 
 
 def crop_bbox(mask: np.ndarray) -> tuple[tuple[int, int], ...]:

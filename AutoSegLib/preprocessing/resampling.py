@@ -9,6 +9,13 @@ Conventions shared by every function here:
   which is what makes :func:`AutoSegLib.preprocessing.restore` exact in geometry.
 * Images come back as float32. Spline prefiltering is done in float32 too: scipy's default
   makes a float64 copy of the whole volume, which for a 400x512x512 CT is 840 MB extra.
+* Results can be written into a caller's array (``out``), and a caller's float32 scratch can
+  be prefiltered in place (``overwrite_input``), so resampling a channel adds no full-size
+  copy beyond its result. Labels are resampled with one reused boolean mask and, across
+  distant slices, one slice at a time. Restoring a 267x399x399 label to 400x512x512 peaks at
+  1149 MiB (was 1663): the int16 result (200) and, at the new size, two float32 volumes and a
+  boolean one; across 5 mm slices (80x296x296 to 80x512x512) 46 MiB (was 461). Measured with
+  ``benchmarks/bench_preprocess_memory.py`` (cases B and C, restore_label).
 * Anisotropic data (largest/smallest spacing > 3) is resampled in-plane with the requested
   order and with nearest neighbour across slices, because contours can jump between distant
   slices and interpolating across them invents tissue that is not there.
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+from AutoSegLib.preprocessing.slabs import slabs
 
 ANISOTROPY_THRESHOLD = 3.0
 
@@ -45,67 +54,166 @@ def separate_axis_for(old_spacing, new_spacing, threshold: float = ANISOTROPY_TH
     return axis if axis is not None else out_of_plane_axis(new_spacing, threshold)
 
 
-def _zoom(array: np.ndarray, new_shape, order: int) -> np.ndarray:
-    factors = [n / o for n, o in zip(new_shape, array.shape)]
+def _zoom_input(array: np.ndarray) -> np.ndarray:
+    # scipy converts each line to float64 as it reads it, so values exact in float32 (float32,
+    # 8/16-bit integers, a 0/1 mask) are read as they are: no float32 copy of the volume.
+    if array.dtype == bool:
+        return array.view(np.uint8)
+    if array.dtype == np.float32 or (array.dtype.kind in "iu" and array.dtype.itemsize <= 2):
+        return array
+    return array.astype(np.float32)
+
+
+def _zoom_into(array: np.ndarray, out: np.ndarray, order: int, overwrite_input: bool = False) -> np.ndarray:
+    factors = [n / o for n, o in zip(out.shape, array.shape)]
     if all(f == 1 for f in factors):
-        return array.astype(np.float32, copy=True)
+        out[...] = array
+        return out
     if order > 1:
-        filtered = ndimage.spline_filter(array.astype(np.float32, copy=False), order=order,
-                                         output=np.float32, mode="mirror")
-        return ndimage.zoom(filtered, factors, order=order, output=np.float32, mode="mirror",
-                            grid_mode=True, prefilter=False)
-    return ndimage.zoom(array.astype(np.float32, copy=False), factors, order=order, output=np.float32,
-                        mode="nearest", grid_mode=True)
+        if not (overwrite_input and array.dtype == np.float32):
+            array = array.astype(np.float32)  # the prefilter needs a float32 array it may overwrite
+        ndimage.spline_filter(array, order=order, output=array, mode="mirror")
+        return ndimage.zoom(array, factors, order=order, output=out, mode="mirror", grid_mode=True,
+                            prefilter=False)
+    return ndimage.zoom(_zoom_input(array), factors, order=order, output=out, mode="nearest", grid_mode=True)
 
 
-def _zoom_separate(array: np.ndarray, new_shape, order: int, axis: int, order_axis: int) -> np.ndarray:
+def slice_sources(n_old: int, n_new: int) -> list[tuple[int, list[int]]]:
+    """``(source slice, [output slices])`` of nearest-neighbour resampling along one axis.
+
+    The mapping is scipy's own (an index ramp zoomed with the same order, mode and grid as
+    the volume), so resampling slice by slice gives exactly what a whole-volume zoom gives.
+    """
+    if n_old == n_new:
+        return [(k, [k]) for k in range(n_old)]
+    ramp = np.arange(n_old, dtype=np.float32)
+    source = ndimage.zoom(ramp, n_new / n_old, order=0, mode="nearest", grid_mode=True).astype(np.intp)
+    return [(int(k), np.flatnonzero(source == k).tolist()) for k in np.unique(source)]
+
+
+def _zoom_separate_into(array: np.ndarray, out: np.ndarray, order: int, axis: int, order_axis: int,
+                        overwrite_input: bool) -> np.ndarray:
+    moved, moved_out = np.moveaxis(array, axis, 0), np.moveaxis(out, axis, 0)
+    if order_axis == 0:
+        # Nearest across slices: every output slice is one source slice resampled in plane, so
+        # each source slice is resampled once, straight into its first output slice.
+        for k, targets in slice_sources(moved.shape[0], moved_out.shape[0]):
+            _zoom_into(moved[k], moved_out[targets[0]], order, overwrite_input)
+            for t in targets[1:]:
+                moved_out[t] = moved_out[targets[0]]
+        return out
     # In-plane first, slice by slice (2D work, small temporaries), then across slices.
-    moved = np.moveaxis(array, axis, 0)
-    plane_shape = tuple(s for i, s in enumerate(new_shape) if i != axis)
-    inplane = np.empty((moved.shape[0], *plane_shape), dtype=np.float32)
+    same_slices = moved.shape[0] == moved_out.shape[0]
+    inplane = moved_out if same_slices else np.empty((moved.shape[0], *moved_out.shape[1:]), np.float32)
     for k in range(moved.shape[0]):
-        inplane[k] = _zoom(moved[k], plane_shape, order)
-    result = _zoom(inplane, (new_shape[axis], *plane_shape), order_axis)
-    return np.moveaxis(result, 0, axis)
+        _zoom_into(moved[k], inplane[k], order, overwrite_input)
+    if not same_slices:
+        _zoom_into(inplane, moved_out, order_axis, overwrite_input=True)
+    return out
+
+
+def _output(out: np.ndarray | None, shape, dtype) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out must be {np.dtype(dtype)} of shape {tuple(shape)}, got {out.dtype} {out.shape}")
+    return out
 
 
 def resample_image(array: np.ndarray, new_shape, order: int = 3, separate_axis: int | None = None,
-                   order_separate: int = 0) -> np.ndarray:
+                   order_separate: int = 0, out: np.ndarray | None = None,
+                   overwrite_input: bool = False) -> np.ndarray:
     """Resample one image channel (z, y, x) to ``new_shape`` as float32.
 
     Args:
         order: spline order in-plane (3 for images).
         separate_axis: axis resampled on its own with ``order_separate`` (None: all together).
+        out: float32 array of ``new_shape`` to write into (any strides); a new one if None.
+        overwrite_input: ``array`` is float32 scratch the spline prefilter may overwrite,
+            which saves a float32 copy of it.
+
+    Example:
+        >>> resample_image(np.arange(4, dtype=np.int16).reshape(1, 2, 2), (1, 4, 4), order=0)[0, 0]
+        array([0., 0., 1., 1.], dtype=float32)
     """
     new_shape = tuple(int(s) for s in new_shape)
+    out = _output(out, new_shape, np.float32)
     if tuple(array.shape) == new_shape:
-        return array.astype(np.float32, copy=True)
+        out[...] = array
+        return out
     if separate_axis is None:
-        return _zoom(array, new_shape, order)
-    return _zoom_separate(array, new_shape, order, separate_axis, order_separate)
+        return _zoom_into(array, out, order, overwrite_input)
+    return _zoom_separate_into(array, out, order, separate_axis, order_separate, overwrite_input)
+
+
+def _label_values(label: np.ndarray) -> list[int]:
+    """Sorted values present in a label map, found a slab at a time (``np.unique`` on the
+    whole volume sorts a full-size copy of it)."""
+    present: set[int] = set()
+    for s in slabs(label.shape):
+        present.update(int(v) for v in np.unique(label[s]))
+    return sorted(present)
 
 
 def resample_label(label: np.ndarray, new_shape, order: int = 1, separate_axis: int | None = None,
-                   order_separate: int = 0) -> np.ndarray:
+                   order_separate: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """Resample a label map without inventing label values at boundaries.
 
     Each label's mask is interpolated on its own (one-hot, linear by default) and every voxel
-    takes the label with the highest interpolated value (argmax). Done one label at a time
-    with a running maximum, so memory is two float32 volumes at the new size, not one per
-    label; interpolating the integer map directly would create a '1.5' between labels 1 and 2.
+    takes the label with the highest interpolated value (argmax, the lowest label on ties);
+    interpolating the integer map directly would create a '1.5' between labels 1 and 2.
+    Done one label at a time with a running maximum and one reused boolean mask, so memory
+    is two float32 volumes at the new size and a boolean one at the old, for any number of
+    labels. With nearest neighbour across slices it is done slice by slice: 2D buffers only.
+
+    Args:
+        out: array of ``new_shape`` and the label's dtype to write into (any strides).
     """
     new_shape = tuple(int(s) for s in new_shape)
+    out = _output(out, new_shape, label.dtype)
     if tuple(label.shape) == new_shape:
-        return label.copy()
-    values = np.unique(label)
-    out = np.full(new_shape, values[0], dtype=label.dtype)
-    if len(values) == 1:
+        out[...] = label
         return out
+    values = _label_values(label)
+    if len(values) == 1:
+        out[...] = values[0]
+        return out
+    if separate_axis is not None and order_separate == 0:
+        return _resample_label_by_slice(label, out, values, order, separate_axis)
+    out[...] = values[0]
     best = np.full(new_shape, -np.inf, dtype=np.float32)
+    score = np.empty(new_shape, dtype=np.float32)
+    better = np.empty(new_shape, dtype=bool)
+    mask = np.empty(label.shape, dtype=bool)
     for value in values:
-        mask = (label == value).astype(np.float32)
-        score = resample_image(mask, new_shape, order, separate_axis, order_separate)
-        better = score > best
-        out[better] = value
-        best = np.maximum(best, score, out=best)
+        np.equal(label, value, out=mask)
+        resample_image(mask, new_shape, order, separate_axis, order_separate, out=score)
+        _take_better(out, value, score, best, better)
+    return out
+
+
+def _take_better(out, value, score, best, better) -> None:
+    np.greater(score, best, out=better)
+    out[better] = value
+    np.maximum(best, score, out=best)
+
+
+def _resample_label_by_slice(label, out, values, order: int, axis: int) -> np.ndarray:
+    moved, moved_out = np.moveaxis(label, axis, 0), np.moveaxis(out, axis, 0)
+    plane_shape = moved_out.shape[1:]
+    best, score = np.empty(plane_shape, np.float32), np.empty(plane_shape, np.float32)
+    better, mask = np.empty(plane_shape, bool), np.empty(moved.shape[1:], bool)
+    for k, targets in slice_sources(moved.shape[0], moved_out.shape[0]):
+        first = moved_out[targets[0]]
+        first[...] = values[0]
+        best.fill(-np.inf)
+        for value in values:
+            np.equal(moved[k], value, out=mask)
+            if mask.any():
+                _zoom_into(mask, score, order)
+            else:
+                score.fill(0)  # what the zoom of an all-zero plane gives, at no cost
+            _take_better(first, value, score, best, better)
+        for t in targets[1:]:
+            moved_out[t] = first
     return out

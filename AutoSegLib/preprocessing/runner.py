@@ -98,6 +98,10 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
 
     Returns per configuration the counts of cases processed and skipped as current.
 
+    Each of the ``num_processes`` workers holds one case at a time: its images and label as
+    read, plus up to 4.6x the int16 image while preprocessing (0.9 GiB for a 400x512x512 CT;
+    BENCHMARKS.md, Preprocessing), so RAM as well as cores bounds ``num_processes``.
+
     Raises:
         PreprocessError: one or more cases failed; all others were still processed.
     """
