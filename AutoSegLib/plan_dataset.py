@@ -40,7 +40,8 @@ def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_pr
 
 
 def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb: float = 8.0,
-                 num_processes: int = 2, reporter: Reporter | None = None, force_fingerprint: bool = False):
+                 num_processes: int = 2, reporter: Reporter | None = None, force_fingerprint: bool = False,
+                 architecture: str = "PlainConvUNet"):
     """Fingerprint (or reuse), plan, and write ``plans.json``; returns the Plans."""
     from AutoSegLib.planning import plan
 
@@ -49,7 +50,7 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     fingerprint = fingerprint_dataset(dataset_folder, work_dir, num_processes, reporter, force_fingerprint)
     spec = open_dataset(dataset_folder).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
-                 dataset_name=dataset_folder.resolve().name)
+                 dataset_name=dataset_folder.resolve().name, architecture=architecture)
     path = Path(work_dir) / PLANS_FILE
     write_json(path, plans.to_dict())
     reporter.log("plan", f"Wrote {path}")

@@ -279,3 +279,30 @@ def test_batch_dice_for_2d_and_cascade_fullres_only():
     assert use_batch_dice(2, False) is True
     assert use_batch_dice(3, True) is True
     assert use_batch_dice(3, False) is False
+
+
+# -- network variant ------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", ["ResidualEncoderUNet", "ConvSkipUNet"])
+def test_a_network_variant_changes_only_the_architecture(architecture):
+    fp = fingerprint([(1.0, 1.0, 1.0)] * 10, [(36, 50, 35)] * 10)
+    plain, variant = plan(fp, MR, TWO), plan(fp, MR, TWO, architecture=architecture)
+    for name, config in variant.configurations.items():
+        expected = plain.configurations[name].to_dict()
+        got = config.to_dict()
+        assert got.pop("network")["architecture"] == architecture
+        assert expected.pop("network")["architecture"] == "PlainConvUNet"
+        got.pop("explanation"), expected.pop("explanation")
+        assert got == expected
+    assert any(architecture in e.get("message", "") for e in variant.explanation)
+    # the plans file reads back and builds the chosen network
+    from AutoSegLib.network import build_network
+    from AutoSegLib.planning import Plans
+
+    config = Plans.from_dict(variant.to_dict()).configurations["3d_fullres"].to_dict()
+    assert type(build_network(config, 1, 2)).__name__ == "UNet"
+
+
+def test_an_unknown_network_variant_is_refused():
+    fp = fingerprint([(1.0, 1.0, 1.0)] * 10, [(36, 50, 35)] * 10)
+    with pytest.raises(ValueError, match="unknown network architecture 'TransUNet'"):
+        plan(fp, MR, TWO, architecture="TransUNet")

@@ -14,7 +14,7 @@ from AutoSegLib.planning import rules
 from AutoSegLib.planning.cascade import plan_cascade
 from AutoSegLib.planning.configure import StagePlan, configure_2d, configure_3d
 from AutoSegLib.planning.explain import note
-from AutoSegLib.planning.plans import Configuration, Plans, PlanningError
+from AutoSegLib.planning.plans import ARCHITECTURES, Configuration, Plans, PlanningError
 from AutoSegLib.planning.topology import CONVS_PER_STAGE, features_per_stage
 
 AXIS_NAMES = ("z", "y", "x")
@@ -119,6 +119,20 @@ def normalization(channels: dict[str, str], fp: _Fingerprint, notes: list) -> tu
     return schemes, masks
 
 
+def network_settings(architecture: str, notes: list[dict]) -> dict:
+    """The blueprint network, with the architecture variant the user chose.
+
+    The default stays the plain U-Net: the seed study found residual encoders and
+    convolutions on the skip path ("Conv-Skip") ahead only on average, not on every dataset.
+    """
+    if architecture not in ARCHITECTURES:
+        raise PlanningError(f"unknown network architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if architecture != NETWORK["architecture"]:
+        note(notes, "remark", message=f"Network variant {architecture} instead of the plain U-Net, as requested; "
+                                      "stages, patch and batch follow the same rules.")
+    return {**NETWORK, "architecture": architecture}
+
+
 def to_configuration(stage: StagePlan, shared: dict, extra_notes: list[dict] = (), **links) -> Configuration:
     """Turn a planned stage into the plans' configuration entry."""
     topology = stage.topology
@@ -134,7 +148,7 @@ def to_configuration(stage: StagePlan, shared: dict, extra_notes: list[dict] = (
         features_per_stage=list(features_per_stage(topology.n_stages, dims)),
         n_conv_per_stage_encoder=[CONVS_PER_STAGE] * topology.n_stages,
         n_conv_per_stage_decoder=[CONVS_PER_STAGE] * (topology.n_stages - 1),
-        network=dict(NETWORK), dummy_2d_augmentation=dummy_2d,
+        dummy_2d_augmentation=dummy_2d,
         memory={"estimate": stage.estimate, "budget": stage.budget, "model": MEMORY_MODEL},
         explanation=notes + list(extra_notes), **copy.deepcopy(shared), **links)
 
@@ -159,7 +173,7 @@ def three_d_configurations(target, median_full, args: tuple, shared: dict) -> di
 
 
 def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: float = 8.0,
-         dataset_name: str = "") -> Plans:
+         dataset_name: str = "", architecture: str = "PlainConvUNet") -> Plans:
     """Plan every configuration for a dataset from its fingerprint.
 
     Args:
@@ -168,6 +182,9 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
         labels: label name -> value, background included; ``ignore`` is not a predicted class.
         gpu_memory_gb: GPU memory to plan for; 8 reproduces the paper's plans.
         dataset_name: recorded in the plans.
+        architecture: ``PlainConvUNet`` (the blueprint, default), ``ResidualEncoderUNet`` or
+            ``ConvSkipUNet`` (the variants of the seed study's U-Net comparison); the topology,
+            patch and batch rules are the same for all three.
 
     Example:
         >>> fp = {"spacings": [[1.0, 1.0, 1.0]] * 260, "shapes_after_crop": [[36, 50, 35]] * 260,
@@ -190,7 +207,8 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     resampling = rules.resampling_settings(median_spacing)
     note(notes, "resampling", spacing=median_spacing, anisotropy=rules.spacing_anisotropy(median_spacing),
          threshold=rules.ANISOTROPY_THRESHOLD, separate_z=resampling["separate_z_for_typical_case"])
-    shared = {"normalization_schemes": schemes, "use_mask_for_norm": masks, "resampling": resampling}
+    shared = {"normalization_schemes": schemes, "use_mask_for_norm": masks, "resampling": resampling,
+              "network": network_settings(architecture, notes)}
     args = (n_cases, n_channels, n_classes, gpu_memory_gb, axes)
 
     # 2D: the in-plane median spacing; slices are not resampled across, so v1 takes the plain

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 PLANS_VERSION = 1
-ARCHITECTURES = ("PlainConvUNet",)
+ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet")
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
 CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 

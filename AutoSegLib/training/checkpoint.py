@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
 
 CHECKPOINT_VERSION = 1
@@ -50,8 +51,8 @@ REQUIRED_KEYS = ("network_weights", "optimizer_state", "epoch")
 RESUME_ORDER = (FINAL, LATEST, BEST)
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be written, found or used; the message names the file."""
+class CheckpointError(ReportedFailure):
+    """A checkpoint cannot be written, found or used; the message names the file (no traceback needed)."""
 
 
 class UnsafeCheckpointError(CheckpointError):

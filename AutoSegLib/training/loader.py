@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401 - registers tensor sharing for the shared-memory transport
 
+from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.training.augmentation import Augmentation, training_pipeline
 from AutoSegLib.training.data import PatchSampler, batch_rng, make_batch
 from AutoSegLib.workers import describe_exit
@@ -46,7 +47,7 @@ WORKER_BASE_BYTES = 300 * 2**20  # interpreter, torch and batchgeneratorsv2 in a
 SHM_PATH = "/dev/shm"
 
 
-class DataLoaderError(RuntimeError):
+class DataLoaderError(ReportedFailure):
     """A data worker died or failed; the message says which, where, and why."""
 
 
