@@ -85,7 +85,8 @@ def cmd_plan(args, reporter: Reporter, finish: bool = True) -> None:
             raise ValueError("give a DATASET folder, or --fingerprint FP.json to plan without images")
         work = args.work or default_work_dir(args.dataset)
         plans = plan_dataset(args.dataset, work, gpu_memory_gb=budget, num_processes=args.num_processes,
-                             reporter=reporter, force_fingerprint=args.refresh_fingerprint)
+                             reporter=reporter, force_fingerprint=args.refresh_fingerprint,
+                             architecture=args.architecture)
         out = Path(work) / PLANS_FILE
     text = plans.explain() if args.explain else plans.summary()
     (sys.stderr if args.events else sys.stdout).write(text + "\n")
@@ -115,7 +116,8 @@ def _plan_from_fingerprint(args, budget: float):
     if n_intensity != len(channels):
         raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
                          f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
-    return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem)
+    return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem,
+                architecture=args.architecture)
 
 
 def cmd_preprocess(args, reporter: Reporter) -> None:
@@ -148,13 +150,80 @@ def cmd_train(args, reporter: Reporter) -> None:
     options = TrainOptions(configuration=args.configuration, fold=args.fold, preset=args.preset, epochs=args.epochs,
                            iterations_per_epoch=args.iterations_per_epoch, time_budget_min=args.time_budget,
                            resume=args.resume, overwrite=args.overwrite, device=args.device,
-                           num_workers=args.num_workers, seed=args.seed)
+                           num_workers=args.num_workers, seed=args.seed,
+                           checkpoint_every_epochs=args.checkpoint_every_epochs)
     run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
     reporter.log("train", f"Training {args.configuration} fold {args.fold}: {len(run.train_cases)} training, "
                           f"{len(run.val_cases)} validation case(s); {run.schedule.epochs} epochs x "
                           f"{run.schedule.iterations_per_epoch} iterations -> {run.run_folder}")
     result = Trainer(run, reporter).fit()
     reporter.done("train", **result)
+
+
+def cmd_predict(args, reporter: Reporter) -> None:
+    from AutoSegLib.inference import predict_files
+    from AutoSegLib.training.setup import configure_cpu_threads
+
+    if args.device in ("auto", "cpu"):
+        configure_cpu_threads()  # honours OMP_NUM_THREADS; only this process's torch is affected
+    folds = None if args.folds is None else [f.strip() for f in ",".join(args.folds).split(",") if f.strip()]
+    result = predict_files(args.input, args.output, args.model, configuration=args.configuration, folds=folds,
+                           checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
+                           save_probabilities=args.save_probabilities, uncertainty=args.uncertainty,
+                           reporter=reporter)
+    reporter.done("predict", **result)
+
+
+def _evaluation_labels(args, reporter: Reporter) -> dict[str, int]:
+    """--labels (a dataset.json or a {name: value} object), else GT_DIR/../dataset.json, else the
+    values found in the reference files."""
+    from AutoSegLib.fileutil import read_json
+
+    path = args.labels
+    beside = Path(args.gt_dir).parent / "dataset.json"
+    if path is None and beside.is_file():
+        path = beside
+        reporter.log("evaluate", f"Labels from {path}")
+    if path is None:
+        from AutoSegLib.evaluation.folders import labels_in_references
+
+        labels = labels_in_references(args.gt_dir)
+        reporter.log("evaluate", f"No --labels and no dataset.json beside {args.gt_dir}: scoring every value "
+                                 f"found in the references: {labels}")
+        return labels
+    data = read_json(path)
+    labels = data.get("labels", data) if isinstance(data, dict) else None
+    if not isinstance(labels, dict) or not all(type(v) is int for v in labels.values()):
+        raise ValueError(f"{path}: expected a dataset.json with integer 'labels', or an object "
+                         '{"label name": value, ...}')
+    return labels
+
+
+def cmd_evaluate(args, reporter: Reporter) -> None:
+    from AutoSegLib.evaluation import evaluate_folders
+    from AutoSegLib.evaluation.summary import format_table
+
+    labels = _evaluation_labels(args, reporter)
+    output = args.output or Path(args.pred_dir) / "summary.json"
+    summary = evaluate_folders(args.pred_dir, args.gt_dir, labels, output=output, num_processes=args.num_processes,
+                               reporter=reporter, tolerance_mm=args.nsd_tolerance)
+    (sys.stderr if args.events else sys.stdout).write(format_table(summary) + "\n")
+    reporter.log("evaluate", f"Wrote {output}")
+    reporter.done("evaluate", summary=str(output), cases=len(summary["metric_per_case"]),
+                  foreground_mean=summary["foreground_mean"])
+
+
+def cmd_find_best(args, reporter: Reporter) -> None:
+    from AutoSegLib.evaluation.selection import PLAN_FILE, find_best, format_candidates
+    from AutoSegLib.training.setup import MODEL_DIR
+
+    work = args.work or default_work_dir(args.dataset)
+    plan = find_best(work, args.dataset, reporter=reporter, num_processes=args.num_processes)
+    (sys.stderr if args.events else sys.stdout).write(format_candidates(plan) + "\n")
+    path = Path(work) / MODEL_DIR / PLAN_FILE
+    reporter.log("find-best", f"Wrote {path}")
+    reporter.done("find-best", inference_plan=str(path), configurations=plan["configurations"],
+                  postprocessing=plan["postprocessing"])
 
 
 def cmd_demo(args, reporter: Reporter) -> None:
@@ -214,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="explain every planning decision in plain language")
     p.add_argument("--gpu-memory", default="8", metavar="GB|auto",
                    help="GPU memory to plan for (default 8, the method's reference; 'auto' = local GPU)")
+    p.add_argument("--architecture", default="PlainConvUNet",
+                   choices=["PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet"],
+                   help="network variant (default: the plain U-Net of the blueprint)")
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
     p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
     p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
@@ -244,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--work", type=Path, default=None)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--gpu-memory", default="8", metavar="GB|auto")
+    p.add_argument("--architecture", default="PlainConvUNet",
+                   choices=["PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet"])
     p.add_argument("--refresh-fingerprint", action="store_true")
     add_preprocess_flags(p)
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
@@ -266,8 +340,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--num-workers", type=int, default=None, help="data-augmentation processes (default: by machine)")
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--checkpoint-every-epochs", type=_positive_int, default=5,
+                   help="save checkpoint_latest every N epochs (default 5; also at least every 10 minutes)")
     _add_common(p)
     p.set_defaults(func=cmd_train, stage="train")
+
+    p = sub.add_parser("predict", help="segment images with a trained model folder",
+                       description="Predict label maps in the input's own grid, geometry and file format. "
+                                   "Without -c, uses the model's inference_plan.json (from find-best) if present, "
+                                   "else 3d_fullres with every trained fold.")
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="folder of {case}_{XXXX}{ending} images (XXXX = channel), or one image file")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output folder (for one input file, also a file name such as out/case.nii.gz)")
+    p.add_argument("-m", "--model", type=Path, required=True, help="model folder (WORK/model)")
+    p.add_argument("-c", "--configuration", default=None, help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to ensemble, e.g. 0 1 2 or all (default: the inference plan's, else every "
+                        "trained fold)")
+    p.add_argument("--checkpoint", default=None, choices=["final", "best", "latest"],
+                   help="checkpoint of each fold (default final, or the inference plan's)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster)")
+    p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write {case}.npz with the class probabilities (float16)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write {case}_uncertainty{ending}: normalized entropy, 0 = certain, 1 = uniform")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict, stage="predict")
+
+    p = sub.add_parser("evaluate", help="score predicted label files against reference label files",
+                       description="Dice, IoU, FP/FN voxels, HD95 and normalized surface Dice per case and class "
+                                   "(conventions: docs/evaluation.md). Prints the per-class means.")
+    p.add_argument("pred_dir", type=Path, help="folder of predictions {case}{ending}")
+    p.add_argument("gt_dir", type=Path, help="folder of references {case}{ending}, e.g. DATASET/labelsTr")
+    p.add_argument("-o", "--output", type=Path, default=None, help="summary JSON (default PRED_DIR/summary.json)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="dataset.json (or a {name: value} JSON) naming the labels (default: GT_DIR/../dataset.json, "
+                        "else every value in the references)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                   help="normalized surface Dice tolerance in mm (default 1)")
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate, stage="evaluate")
+
+    p = sub.add_parser("find-best", help="choose configuration(s) and postprocessing from cross-validation",
+                       description="Score every trained configuration and every ensemble of two on the pooled "
+                                   "cross-validation predictions, decide the largest-component postprocessing, "
+                                   "and write WORK/model/inference_plan.json for `autoseg predict`.")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
+    p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    _add_common(p)
+    p.set_defaults(func=cmd_find_best, stage="find-best")
 
     p = sub.add_parser("demo", help="run the whole pipeline on embedded phantom data")
     p.add_argument("-w", "--work", type=Path, default=Path("autoseg_demo"),

@@ -1,0 +1,82 @@
+"""Means over cases and classes, the summary JSON document and its printed table.
+
+Means skip NaN (a class absent from a case's prediction and reference has no Dice), as
+nnU-Net v2's ``nanmean`` does; a mean over nothing but NaN is NaN. The foreground mean is the
+mean over classes of the per-class means, so every class weighs the same however many cases
+contain it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+SUMMARY_VERSION = 1
+TABLE_METRICS = ("Dice", "IoU", "HD95", "NSD", "FP", "FN")
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the finite values; NaN when there are none (without numpy's warning)."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def class_means(per_case: list[dict], label_names: Iterable[str]) -> dict[str, dict]:
+    """label name -> metric -> mean over the cases of ``per_case`` (each ``{"metrics": {...}}``)."""
+    means = {}
+    for name in label_names:
+        rows = [entry["metrics"][name] for entry in per_case if name in entry["metrics"]]
+        keys = list(rows[0]) if rows else []
+        means[name] = {key: nanmean(row[key] for row in rows) for key in keys}
+    return means
+
+
+def foreground_mean(means: dict[str, dict]) -> dict:
+    """metric -> mean over classes of the per-class means."""
+    keys = list(next(iter(means.values()), {}))
+    return {key: nanmean(m.get(key) for m in means.values()) for key in keys}
+
+
+def summary_document(per_case: list[dict], labels: dict[str, int], label_names: list[str], **fields: Any) -> dict:
+    """The summary file's content (JSON-ready: NaN becomes None)."""
+    means = class_means(per_case, label_names)
+    return json_ready({"version": SUMMARY_VERSION, **fields, "labels": dict(labels),
+                       "metric_per_case": per_case, "mean": means, "foreground_mean": foreground_mean(means)})
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/infinity as None and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(value, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_table(summary: dict) -> str:
+    """Per-class means of a summary document as a fixed-width table, foreground mean last."""
+    tolerance = summary.get("nsd_tolerance_mm")
+    headers = {"HD95": "HD95 mm", "NSD": f"NSD@{tolerance:g}mm" if tolerance is not None else "NSD",
+               "FP": "FP mean", "FN": "FN mean"}
+    rows = [(name, values) for name, values in summary["mean"].items()]
+    rows.append(("foreground mean", summary["foreground_mean"]))
+    width = max(len(name) for name, _ in rows)
+    columns = [m for m in TABLE_METRICS if any(m in values for _, values in rows)]
+    lines = [f"{'class':<{width}}" + "".join(f"{headers.get(m, m):>12}" for m in columns)]
+    for name, values in rows:
+        digits = {"HD95": 2, "FP": 1, "FN": 1}
+        lines.append(f"{name:<{width}}" + "".join(f"{_cell(values.get(m), digits.get(m, 4)):>12}" for m in columns))
+    cases = len(summary.get("metric_per_case", []))
+    lines.append(f"({cases} case(s); '-' = undefined in every case, e.g. the class is absent from prediction "
+                 "and reference; see docs/evaluation.md)")
+    return "\n".join(lines)

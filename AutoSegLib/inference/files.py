@@ -1,0 +1,236 @@
+"""``autoseg predict``: image files in, label files (and probabilities, uncertainty) out.
+
+Input: a folder of channel-suffixed files ``{case}_{XXXX}{ending}`` (as imagesTr/imagesTs),
+or one image file for a single-channel model. Output, per case, in the input's grid,
+geometry and file format: ``{case}{ending}`` (labels), with ``--save-probabilities``
+``{case}.npz`` (key ``probabilities``, float16, (K, z, y, x)), with ``--uncertainty``
+``{case}_uncertainty{ending}`` (float32 normalized entropy in [0, 1]).
+
+Every output is written under a temporary name and renamed into place, the label file last;
+earlier outputs of a case are removed before it is predicted, so a failed run never leaves a
+file that looks like its result. A failing case is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from AutoSegLib.errors import ReportedFailure
+from AutoSegLib.events import Reporter
+from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
+from AutoSegLib.imageio import file_ending, read_image, write_image
+from AutoSegLib.inference.probabilities import normalized_entropy
+
+STAGE = "predict"
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class PredictionError(ReportedFailure):
+    """Inputs cannot be predicted, or some cases failed; the message names each case and file."""
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    images: tuple[Path, ...]  # in channel order
+    ending: str
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    labels: Path
+    probabilities: Path
+    uncertainty: Path
+
+    def all(self) -> tuple[Path, ...]:
+        return self.labels, self.probabilities, self.uncertainty
+
+
+def _stem(path: Path, ending: str) -> str:
+    return path.name[: -len(ending)]
+
+
+def find_input_cases(path: str | Path, n_channels: int) -> tuple[list[InputCase], list[str]]:
+    """The cases under ``path`` (a folder or one file) and warnings about skipped files.
+
+    Raises:
+        PredictionError: a case lacks a channel, has a channel the model does not take, or
+            the folder holds no case; every problem is listed.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [_single_file_case(path, n_channels)], []
+    if not path.is_dir():
+        raise PredictionError(f"{path}: input not found (give a folder of {{case}}_{{XXXX}} images or one image file)")
+    groups: dict[str, dict[int, list[Path]]] = {}
+    warnings, problems = [], []
+    for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", TMP_PREFIX))):
+        ending = file_ending(file)
+        if ending is None:
+            continue
+        match = _CHANNEL_RE.match(_stem(file, ending))
+        if match is None:
+            warnings.append(f"{file}: skipped, not named {{case}}_{{XXXX}}{ending} (XXXX = channel, e.g. 0000)")
+            continue
+        groups.setdefault(match["case"], {}).setdefault(int(match["channel"]), []).append(file)
+    cases = []
+    for case_id, channels in sorted(groups.items()):
+        extra = sorted(c for c in channels if c >= n_channels)
+        missing = [c for c in range(n_channels) if c not in channels]
+        doubled = [p for c in sorted(channels) for p in channels[c] if len(channels[c]) > 1]
+        if extra:
+            problems.append(f"case '{case_id}' has channel(s) {', '.join(f'{c:04d}' for c in extra)} but the model "
+                            f"takes {n_channels} channel(s) (0000-{n_channels - 1:04d})")
+        if missing:
+            problems.append(f"case '{case_id}' is missing channel file(s) "
+                            f"{', '.join(f'{case_id}_{c:04d}' for c in missing)} in {path}")
+        if doubled:
+            problems.append(f"case '{case_id}' has one channel in several files: {', '.join(map(str, doubled))}")
+        if not (extra or missing or doubled):
+            images = tuple(channels[c][0] for c in range(n_channels))
+            cases.append(InputCase(case_id, images, file_ending(images[0])))
+    if problems:
+        raise PredictionError(f"{path}: " + "; ".join(problems))
+    if not cases:
+        raise PredictionError(f"{path}: no images named {{case}}_{{XXXX}}{{ending}} found")
+    return cases, warnings
+
+
+def _single_file_case(path: Path, n_channels: int) -> InputCase:
+    ending = file_ending(path)
+    if ending is None:
+        raise PredictionError(f"{path}: not a supported image file")
+    if n_channels != 1:
+        raise PredictionError(f"{path}: the model takes {n_channels} channels; give a folder holding "
+                              f"{{case}}_0000{ending} ... {{case}}_{n_channels - 1:04d}{ending}")
+    stem = _stem(path, ending)
+    match = _CHANNEL_RE.match(stem)
+    return InputCase(match["case"] if match and match["channel"] == "0000" else stem, (path,), ending)
+
+
+def output_paths(case: InputCase, output: Path, single_target: bool = False) -> CaseOutputs:
+    """Where a case's outputs go; ``single_target``: ``output`` is the label file itself."""
+    if single_target:
+        folder, stem, ending = output.parent, _stem(output, file_ending(output)), file_ending(output)
+    else:
+        folder, stem, ending = output, case.case_id, case.ending
+    return CaseOutputs(folder / f"{stem}{ending}", folder / f"{stem}.npz", folder / f"{stem}_uncertainty{ending}")
+
+
+def write_case_outputs(paths: CaseOutputs, labels: np.ndarray, geometry, probabilities: np.ndarray | None = None,
+                       uncertainty: np.ndarray | None = None) -> None:
+    """A case's outputs, each to a temporary name first, then renamed together, labels last.
+
+    ``probabilities`` (K, z, y, x) go to the ``.npz`` as float16, ``uncertainty`` to an image;
+    either may be None (not written).
+    """
+    writers = [(paths.labels, lambda tmp: write_image(labels, geometry, tmp))]
+    if uncertainty is not None:
+        writers.append((paths.uncertainty, lambda tmp: write_image(uncertainty, geometry, tmp)))
+    if probabilities is not None:
+        def save_npz(tmp):
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, probabilities=probabilities.astype(np.float16))
+        writers.append((paths.probabilities, save_npz))
+    with contextlib.ExitStack() as stack:  # exits in reverse: the label file is renamed last
+        temps = [stack.enter_context(atomic_path(path)) for path, _ in writers]
+        for tmp, (_, write) in zip(temps, writers):
+            write(tmp)
+
+
+def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_probabilities: bool = False,
+                      uncertainty: bool = False, reporter: Reporter | None = None) -> None:
+    """Read, predict and write one case, after removing its earlier outputs."""
+    for old in paths.all():
+        old.unlink(missing_ok=True)
+    channels, geometry = [], None
+    for image in case.images:
+        array, geometry_c = read_image(image)
+        channels.append(array)
+        if geometry is None:
+            geometry = geometry_c
+        elif reporter is not None and not _same_grid(geometry, geometry_c):
+            reporter.warning(STAGE, f"{image}: geometry differs from {case.images[0].name}; using the latter's",
+                             case=case.case_id, file=str(image))
+    labels, probabilities = predictor.predict(channels, geometry,
+                                              return_probabilities=save_probabilities or uncertainty)
+    del channels
+    entropy = normalized_entropy(probabilities) if uncertainty else None
+    write_case_outputs(paths, labels, geometry, probabilities if save_probabilities else None, entropy)
+
+
+def _same_grid(a, b) -> bool:
+    return (np.allclose(a.spacing, b.spacing, rtol=1e-4) and np.allclose(a.origin, b.origin, atol=1e-3)
+            and np.allclose(a.direction, b.direction, atol=1e-4))
+
+
+def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs], save_probabilities: bool = False,
+                  uncertainty: bool = False, reporter: Reporter | None = None, stage: str = STAGE) -> list[str]:
+    """Predict every case, going on after a failure; returns one message per failed case."""
+    reporter = reporter or Reporter(quiet=True)
+    failures = []
+    with reporter.task(stage, len(cases), desc=stage.capitalize()) as step:
+        for case, paths in zip(cases, outputs):
+            try:
+                predict_case_file(predictor, case, paths, save_probabilities, uncertainty, reporter)
+                ok = True
+            except (ReportedFailure, OSError, ValueError, RuntimeError, MemoryError) as exc:
+                message = f"case '{case.case_id}' ({case.images[0]}): {exc}"
+                reporter.error(stage, message, case=case.case_id, file=str(case.images[0]))
+                failures.append(message)
+                ok = False
+            step(case=case.case_id, ok=ok)
+    return failures
+
+
+def predict_files(input_path: str | Path, output_path: str | Path, model_dir: str | Path | None = None,
+                  predictor=None, save_probabilities: bool = False, uncertainty: bool = False,
+                  reporter: Reporter | None = None, **predictor_options) -> dict:
+    """Predict a folder of cases (or one file) into ``output_path``.
+
+    Args:
+        input_path: folder of ``{case}_{XXXX}{ending}`` files, or one image (single-channel model).
+        output_path: output folder; for a single input file it may also be the label file's
+            own name (e.g. ``out/liver.nii.gz``).
+        model_dir: the model folder (or pass a ready ``predictor``).
+        predictor_options: :meth:`Predictor.from_model_dir` arguments (configuration, folds,
+            checkpoint, device, tta, step, batch_size).
+
+    Returns:
+        ``{"cases": n, "output": folder}``.
+
+    Raises:
+        PredictionError: bad input (before anything is written), or some cases failed.
+
+    Example:
+        >>> predict_files("imagesTs", "predictions", "Dataset001.autoseg/model", tta=False)  # doctest: +SKIP
+    """
+    from AutoSegLib.inference.predictor import Predictor
+
+    reporter = reporter or Reporter(quiet=True)
+    input_path, output_path = Path(input_path), Path(output_path)
+    if predictor is None:
+        if model_dir is None:
+            raise ValueError("give model_dir or predictor")
+        predictor = Predictor.from_model_dir(model_dir, **predictor_options)
+    cases, warnings = find_input_cases(input_path, predictor.model.n_channels)
+    for warning in warnings:
+        reporter.warning(STAGE, warning)
+    single_target = input_path.is_file() and file_ending(output_path) is not None
+    input_folder = input_path if input_path.is_dir() else input_path.parent
+    if not single_target and output_path.resolve() == input_folder.resolve():
+        raise PredictionError(f"{output_path}: choose an output folder other than the input folder")
+    outputs = [output_paths(case, output_path, single_target) for case in cases]
+    stages = ", ".join(f"{s.name} folds {s.folds}" for s in predictor.stages)
+    reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
+                        f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
+    failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
+    if failures:
+        raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s):\n  "
+                              + "\n  ".join(failures))
+    return {"cases": len(cases), "output": str(outputs[0].labels.parent)}

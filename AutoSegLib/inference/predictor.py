@@ -1,0 +1,271 @@
+"""The predictor: a trained model folder applied to in-memory images, no temporary files.
+
+One case goes::
+
+    channels (z, y, x) + geometry
+      -> per configuration: preprocess_case (crop, transpose, normalize, resample)
+         [cascade: + the low-resolution stage's segmentation, one-hot, as extra channels]
+         -> per fold: sliding-window logits (Gaussian-weighted, mirrored) -> softmax
+         -> mean over folds -> restore_probabilities (back to the input's grid)
+      -> mean over configurations (an ensemble of two) -> argmax -> [postprocessing]
+
+Folds and configurations are ensembled by averaging softmax probabilities (what find-best
+measured from the saved ``.npz`` files). nnU-Net v2 averages the *logits* of the folds of one
+configuration before its softmax; the two differ only where folds disagree strongly.
+
+Example (3D Slicer's Python console; Slicer stores RAS, AutoSeg's geometry is ITK's LPS)::
+
+    import numpy as np, vtk, slicer
+    from AutoSegLib.inference import Predictor
+    from AutoSegLib.imageio import Geometry
+
+    predictor = Predictor.from_model_dir("/data/Dataset001_Liver.autoseg/model")
+    volume = slicer.util.getNode("CT")
+    m = vtk.vtkMatrix4x4(); volume.GetIJKToRASDirectionMatrix(m)
+    ras = np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+    x, y, z = volume.GetOrigin()
+    geometry = Geometry(tuple(reversed(volume.GetSpacing())), (-x, -y, z),
+                        tuple((np.diag([-1, -1, 1]) @ ras).ravel()))
+    labels, probabilities = predictor.predict([slicer.util.arrayFromVolume(volume)], geometry,
+                                              return_probabilities=True)
+    result = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volume, "prediction")
+    slicer.util.updateVolumeFromArray(result, labels)  # same grid as the input volume
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from AutoSegLib.errors import ReportedFailure
+from AutoSegLib.imageio import Geometry
+from AutoSegLib.inference.model import DEFAULT_CONFIGURATION, ModelCheckpointError, ModelFolder, ModelFolderError
+from AutoSegLib.inference.probabilities import labels_from_probabilities, one_hot_foreground
+from AutoSegLib.inference.sliding import sliding_window_logits, softmax
+from AutoSegLib.network import build_network
+from AutoSegLib.preprocessing.case import preprocess_case, restore_probabilities
+
+
+CPU_BATCH_VOXELS = 2 ** 17
+
+
+class InputError(ReportedFailure):
+    """The images do not fit the model (channel count, shapes, dimensions)."""
+
+
+@dataclass
+class Stage:
+    """One configuration ready to run: its network and the weights of each fold."""
+
+    name: str
+    config: dict
+    network: torch.nn.Module
+    folds: list
+    weights: list[dict]
+    previous: "Stage | None" = None  # the low-resolution stage of a cascade
+
+
+def mirror_axes_for(config: dict) -> tuple[int, ...]:
+    """Patch axes to mirror at test time: those training mirrored, every axis of the patch.
+
+    Training (:func:`AutoSegLib.training.augmentation.training_pipeline`) flips each patch
+    axis with p 0.5, anisotropic patches included; a configuration may narrow this with a
+    ``mirror_axes`` entry.
+    """
+    return tuple(int(a) for a in config.get("mirror_axes", range(len(config["patch_size"]))))
+
+
+def default_batch_size(config: dict, device: torch.device) -> int:
+    """Windows per forward pass: the training batch on a GPU (it fit there with gradients); on
+    the CPU as many windows as hold ``CPU_BATCH_VOXELS`` voxels, at least one.
+
+    On the CPU small windows pay a fixed cost per call: 16 slices of 80x96 per pass predict a
+    2D phantom case 4x faster than one at a time, while two 40x80x96 windows per pass gain
+    5-10% over one for 240 MB more (benchmarks/bench_inference.py).
+    """
+    if device.type == "cuda":
+        return max(1, int(config.get("batch_size", 1)))
+    return max(1, CPU_BATCH_VOXELS // math.prod(int(p) for p in config["patch_size"]))
+
+
+def _check_step(step: float) -> float:
+    if not 0 < float(step) <= 1:
+        raise ValueError(f"step must be in (0, 1] (a fraction of the patch size), got {step}")
+    return float(step)
+
+
+def wants_postprocessing(spec: dict | None) -> bool:
+    return bool(spec) and bool(spec.get("largest_component_foreground") or spec.get("largest_component_classes"))
+
+
+class Predictor:
+    """Predicts label maps (and probabilities) with an ensemble of trained folds.
+
+    Build it with :meth:`from_model_dir`; see the module docstring for use in Slicer.
+    """
+
+    def __init__(self, model: ModelFolder, stages: list[Stage], device: torch.device, tta: bool = True,
+                 step: float = 0.5, batch_size: int | None = None, postprocessing: dict | None = None):
+        self.model, self.stages, self.device = model, stages, torch.device(device)
+        self.tta, self.step, self.batch_size = bool(tta), _check_step(step), batch_size
+        self.postprocessing = postprocessing
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
+                       checkpoint: str | None = None, device: str = "auto", tta: bool = True, step: float = 0.5,
+                       batch_size: int | None = None) -> "Predictor":
+        """Load a model folder's networks for prediction.
+
+        Args:
+            model_dir: ``WORK/model`` (plans.json, dataset.json, ``{configuration}/fold_{k}/``).
+            configuration: one name, or two for an ensemble. None: ``inference_plan.json``'s
+                choice (with its folds, checkpoint and postprocessing) if present, else 3d_fullres.
+            folds: e.g. ``[0, 1]`` or ``["all"]``; None: the inference plan's, else every
+                fold that has the checkpoint.
+            checkpoint: ``final`` (default), ``best`` or ``latest``.
+            device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``mps`` or ``cpu``.
+            tta: mirror every window along the axes training mirrored (8x the work in 3D).
+            step: window spacing as a fraction of the patch size.
+            batch_size: windows per forward pass (default: :func:`default_batch_size`).
+
+        Raises:
+            ModelFolderError: missing files, configuration, fold or checkpoint, naming what exists.
+            ModelCheckpointError: a corrupt, unsafe or mismatched checkpoint (also a CheckpointError).
+        """
+        from AutoSegLib.training.setup import resolve_device
+
+        model = ModelFolder.open(model_dir)
+        plan, postprocessing = model.inference_plan, None
+        if configuration is None and plan is not None:
+            names = plan["configurations"]
+            folds = plan["folds"] if folds is None else folds
+            checkpoint = checkpoint or plan["checkpoint"]
+            postprocessing = plan["postprocessing"]
+        else:
+            names = [configuration or DEFAULT_CONFIGURATION] if not isinstance(configuration, (list, tuple)) \
+                else list(configuration)
+        checkpoint = checkpoint or "final"
+        _check_step(step)
+        torch_device = resolve_device(device)
+        stages = [_load_stage(model, name, folds, checkpoint, torch_device) for name in names]
+        return cls(model, stages, torch_device, tta, step, batch_size, postprocessing)
+
+    @property
+    def configurations(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    # -- prediction ---------------------------------------------------------------------
+    def predict(self, channels: list[np.ndarray], geometry: Geometry,
+                return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment one case given as arrays.
+
+        Args:
+            channels: one (z, y, x) array per model channel, in the model's channel order.
+            geometry: the images' geometry (spacing decides the resampling).
+            return_probabilities: also return the ensemble's class probabilities.
+
+        Returns:
+            labels (z, y, x), uint8 (label values as in dataset.json), on the input's grid, and
+            probabilities (K, z, y, x) float32 on the same grid, or None.
+        """
+        probabilities = self.predict_probabilities(channels, geometry)
+        labels = self.postprocess(labels_from_probabilities(probabilities))
+        return labels, (probabilities if return_probabilities else None)
+
+    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+        """Ensemble-mean class probabilities (K, z, y, x) float32 on the input's grid."""
+        channels = self.check_input(channels, geometry)
+        total = None
+        for stage in self.stages:
+            probabilities = self._stage_probabilities(stage, channels, geometry)
+            total = probabilities if total is None else np.add(total, probabilities, out=total)
+        if len(self.stages) > 1:
+            total /= len(self.stages)
+        return total
+
+    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+        """The inference plan's postprocessing (largest connected components), if it asks for any."""
+        if not wants_postprocessing(self.postprocessing):
+            return labels
+        from AutoSegLib.postprocessing import apply_postprocessing
+
+        return apply_postprocessing(labels, self.postprocessing).astype(labels.dtype, copy=False)
+
+    def check_input(self, channels, geometry: Geometry) -> list[np.ndarray]:
+        channels = [np.asarray(c) for c in channels]
+        names = ", ".join(self.model.spec.channel_names.values())
+        if len(channels) != self.model.n_channels:
+            raise InputError(f"the model takes {self.model.n_channels} channel(s) ({names}), got {len(channels)}")
+        shapes = {c.shape for c in channels}
+        if len(shapes) > 1:
+            raise InputError(f"channels differ in shape: {[c.shape for c in channels]}")
+        if channels[0].ndim != 3 or geometry.ndim != 3:
+            raise InputError(f"images must be 3D (z, y, x): got shape {channels[0].shape}, geometry of "
+                             f"{geometry.ndim} axes")
+        return channels
+
+    def _stage_probabilities(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+        previous = None
+        if stage.previous is not None:
+            previous = labels_from_probabilities(self._stage_probabilities(stage.previous, channels, geometry))
+        plans = self.model.plans
+        data, seg, properties = preprocess_case(channels, previous, geometry, stage.config, plans.transpose_forward,
+                                                plans.foreground_intensity_properties_per_channel)
+        if seg is not None:
+            data = np.concatenate([data, one_hot_foreground(seg[0], self.model.foreground_values)])
+        probabilities = self._fold_mean(stage, data)
+        del data
+        return restore_probabilities(probabilities, properties)[0]
+
+    def _fold_mean(self, stage: Stage, data: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(data).to(self.device)
+        batch = self.batch_size or default_batch_size(stage.config, self.device)
+        mirror = mirror_axes_for(stage.config) if self.tta else ()
+        total = None
+        for weights in stage.weights:
+            if len(stage.weights) > 1:
+                stage.network.load_state_dict(weights)
+            logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
+                                           mirror, batch)
+            probabilities = softmax(logits)
+            del logits
+            total = probabilities if total is None else total.add_(probabilities)
+        total /= len(stage.weights)
+        return total.cpu().numpy()
+
+    def _forward(self, network):
+        if self.device.type != "cuda":
+            return network
+
+        def run(x):
+            with torch.autocast("cuda"):
+                return network(x)
+        return run
+
+
+def _load_stage(model: ModelFolder, name: str, folds, checkpoint: str, device: torch.device) -> Stage:
+    config = model.configuration(name)
+    previous = None
+    if config.get("previous_stage"):
+        if config["previous_stage"] == name:
+            raise ModelFolderError(f"{model.path}: configuration {name} names itself as its previous stage")
+        previous = _load_stage(model, config["previous_stage"], folds, checkpoint, device)
+    fold_list = model.resolve_folds(name, folds, checkpoint)
+    network = build_network(config, model.network_input_channels(config), model.n_classes, deep_supervision=False)
+    weights = []
+    for fold in fold_list:
+        state = model.load_weights(name, fold, checkpoint)
+        try:
+            network.load_state_dict(state)  # checked now, so a mismatch fails before any prediction
+        except RuntimeError as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            path = model.fold_dir(name, fold)
+            raise ModelCheckpointError(f"{path}: the {checkpoint} checkpoint does not fit the network of "
+                                       f"{model.path / 'plans.json'} ({first})") from None
+        weights.append(state)
+    network.to(device).eval()
+    return Stage(name, config, network, fold_list, weights, previous)
