@@ -1,0 +1,610 @@
+"""AutoSeg: train, review, correct and retrain self-configuring segmentation models in 3D Slicer.
+
+Slicer's scripted-module layout: the module class (title, help, acknowledgement), the widget
+(GUI only), the logic (what must also run in batch), and the self-test. The work itself lives
+in the ``AutoSegLogic`` package beside this file (no Qt; tested with pytest outside Slicer) and
+in the engine, ``AutoSegLib``, which always runs in a separate process.
+"""
+
+import os
+import pathlib
+import shutil
+import sys
+from typing import Annotated, Optional, Union
+
+import qt
+import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+
+def _findEngine():
+    """Make ``import AutoSegLib`` work from a source checkout (the built extension bundles it)."""
+    try:
+        import AutoSegLib  # noqa: F401
+    except ImportError:
+        repository = pathlib.Path(__file__).resolve().parent.parent
+        if (repository / "AutoSegLib" / "__init__.py").is_file():
+            sys.path.insert(0, str(repository))
+
+
+_findEngine()
+
+from AutoSegLogic import commands, dataset_export, dependencies  # noqa: E402
+from AutoSegLogic.session import Session  # noqa: E402
+
+POLL_INTERVAL_MS = 500
+MAX_CHANNELS = 4  # channel pickers in the GUI; the Python API takes any number
+
+
+#
+# AutoSeg
+#
+class AutoSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "AutoSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AutoSeg developers"]
+        self.parent.helpText = """
+Train a segmentation model on your own cases, segment new images with it, correct the results
+in the Segment Editor and feed the corrections back.
+<ol>
+<li><b>Dataset</b>: choose a dataset folder and the channel names (e.g. CT), pick a volume and
+its segmentation, <i>Add case</i>; repeat for every annotated case.</li>
+<li><b>Train</b>: choose configuration and schedule, <i>Start training</i>. The model plans its
+own pipeline from the data (the nnU-Net method). Training runs in the background; <i>Stop</i>
+saves it, <i>Resume</i> continues.</li>
+<li><b>Predict and review</b>: pick the input volume(s), <i>Predict</i>, correct the result in the
+Segment Editor, <i>Add to training set</i>, then <i>Fine-tune</i>.</li>
+</ol>
+"""
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = """
+AutoSeg implements the method of nnU-Net: F. Isensee, P. F. Jaeger, S. A. A. Kohl, J. Petersen,
+K. H. Maier-Hein. <i>nnU-Net: a self-configuring method for deep learning-based biomedical image
+segmentation</i>. Nature Methods 18, 203-211 (2021). Cite it when you publish results obtained
+with AutoSeg.
+"""
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class AutoSegParameterNode:
+    """The module's settings, saved with the scene."""
+
+    datasetFolder: pathlib.Path
+    channelNames: str = "CT"
+    caseVolume0: vtkMRMLScalarVolumeNode
+    caseVolume1: vtkMRMLScalarVolumeNode
+    caseVolume2: vtkMRMLScalarVolumeNode
+    caseVolume3: vtkMRMLScalarVolumeNode
+    caseSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    ignoreUnannotated: bool = False
+    workFolder: pathlib.Path
+    configuration: Annotated[str, Choice(list(commands.CONFIGURATIONS))] = "3d_fullres"
+    preset: Annotated[str, Choice(list(commands.PRESETS))] = "quick"
+    timeBudgetMinutes: Annotated[float, WithinRange(0, 100000)] = 0.0
+    folds: str = "0"
+    device: Annotated[str, Choice(list(commands.DEVICES))] = "auto"
+    modelFolder: pathlib.Path
+    inputVolume0: vtkMRMLScalarVolumeNode
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    predictFolds: str = ""
+    testTimeAugmentation: bool = True
+    uncertainty: bool = True
+    reviewSegmentation: vtkMRMLSegmentationNode
+
+
+def _path(value) -> Optional[pathlib.Path]:
+    """A path parameter, or None when unset (the wrapper's default is '.')."""
+    text = str(value or "").strip()
+    return None if text in ("", ".") else pathlib.Path(text)
+
+
+#
+# AutoSegWidget
+#
+class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI only: reads the parameter node, calls the logic, shows its state. Never waits."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._shownChart = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AutoSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = AutoSegLogic()
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
+        self.ui.openDatasetFolderButton.connect("clicked(bool)", self.onOpenDatasetFolder)
+        self.ui.datasetFolderPathLineEdit.connect("currentPathChanged(QString)", self.refreshCases)
+        self.ui.channelNamesLineEdit.connect("textChanged(QString)", self.updateChannelPickers)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
+        self.ui.addToTrainingSetButton.connect("clicked(bool)", self.onAddToTrainingSet)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+
+        self.initializeParameterNode()
+        self.updateChannelPickers()
+        self.refreshCases()
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        if self.logic is not None:
+            self.logic.session.shutdown()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.caseVolume0:
+            self._parameterNode.caseVolume0 = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    # -- messages ------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        self.ui.messagesTextEdit.appendPlainText(text)
+
+    def failed(self, what: str, error: Exception) -> None:
+        self.say(f"{what}: {error}")
+        slicer.util.errorDisplay(f"{what}:\n{error}")
+
+    # -- dataset -------------------------------------------------------------------------------
+    def channelNames(self) -> list:
+        return [n.strip() for n in self._parameterNode.channelNames.split(",") if n.strip()]
+
+    def updateChannelPickers(self, *unused) -> None:
+        count = max(1, len(self.channelNames())) if self._parameterNode else 1
+        for c in range(1, MAX_CHANNELS):
+            for prefix in ("caseChannel", "inputChannel"):
+                for name in (f"{prefix}{c}Selector", f"{prefix}{c}SelectorLabel"):
+                    getattr(self.ui, name).setVisible(c < count)
+
+    def caseVolumes(self) -> list:
+        return [getattr(self._parameterNode, f"caseVolume{c}") for c in range(max(1, len(self.channelNames())))]
+
+    def inputVolumes(self) -> list:
+        return [getattr(self._parameterNode, f"inputVolume{c}") for c in range(max(1, len(self.channelNames())))]
+
+    def datasetFolder(self) -> pathlib.Path:
+        folder = _path(self._parameterNode.datasetFolder)
+        if folder is None:
+            raise ValueError("choose a dataset folder first")
+        return folder
+
+    def refreshCases(self, path=None) -> None:
+        """Show the dataset's cases; ``path`` is the new folder when called on its change."""
+        table = self.ui.casesTableWidget
+        table.clear()
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels(["case", "channels", "label"])
+        if path is not None:
+            folder = _path(path)
+        else:
+            folder = _path(self._parameterNode.datasetFolder) if self._parameterNode else None
+        try:
+            cases = dataset_export.list_cases(folder) if folder else []
+            names = dataset_export.channel_names(folder) if folder else None
+            if names and names != self.channelNames():
+                self._parameterNode.channelNames = ",".join(names)  # an existing dataset decides its channels
+        except ValueError as error:
+            self.say(str(error))
+            cases = []
+        table.setRowCount(len(cases))
+        for row, case in enumerate(cases):
+            for column, text in enumerate([case.case_id, str(case.channels), "yes" if case.has_label else "missing"]):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+
+    def onAddCase(self) -> None:
+        try:
+            result, placed = self.logic.addCase(self.datasetFolder(), self.caseVolumes(),
+                                                self._parameterNode.caseSegmentation, self.channelNames(),
+                                                self._parameterNode.ignoreUnannotated, _path(self._parameterNode.workFolder))
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not add the case", error)
+            return
+        self.reportAdded(result, placed)
+        self.refreshCases()
+
+    def reportAdded(self, result, placed) -> None:
+        self.say(f"Added case(s) {', '.join(result.case_ids)} to {result.folder}")
+        if result.added_labels:
+            self.say(f"New label(s): {', '.join(result.added_labels)}")
+        for note in result.notes:
+            self.say(note)
+        for case, fold in placed.items():
+            self.say(f"Case {case} joins the validation set of fold {fold} (existing folds unchanged)")
+
+    def onRemoveCase(self) -> None:
+        row = self.ui.casesTableWidget.currentRow()
+        if row < 0:
+            return
+        caseId = self.ui.casesTableWidget.item(row, 0).text()
+        if not slicer.util.confirmOkCancelDisplay(f"Delete the files of case '{caseId}' from the dataset?"):
+            return
+        try:
+            dataset_export.remove_case(self.datasetFolder(), caseId)
+        except (ValueError, OSError) as error:
+            self.failed("Could not remove the case", error)
+        self.refreshCases()
+
+    def onOpenDatasetFolder(self) -> None:
+        folder = _path(self._parameterNode.datasetFolder)
+        if folder is not None and folder.is_dir():
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
+
+    # -- training ------------------------------------------------------------------------------
+    def trainSettings(self, overwrite: bool) -> "commands.TrainSettings":
+        p = self._parameterNode
+        return commands.TrainSettings(dataset=self.datasetFolder(), work=_path(p.workFolder),
+                                      configuration=p.configuration, folds=commands.parse_folds(p.folds),
+                                      preset=p.preset, time_budget_min=p.timeBudgetMinutes or None,
+                                      device=p.device, overwrite=overwrite)
+
+    def onTrainButton(self) -> None:
+        session = self.logic.session
+        if session.training is not None and not session.training.finished:
+            session.training.cancel()
+            self.say("Stopping: the engine saves a checkpoint first (Resume continues from it)")
+            return
+        if not self.logic.ensureDependencies():
+            return
+        try:
+            settings = self.trainSettings(overwrite=False)
+            model = commands.model_folder(settings.dataset, settings.work)
+            trained = [f for f in settings.folds if (model / settings.configuration / f"fold_{f}").is_dir()]
+            if trained:
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"Fold(s) {', '.join(trained)} of {settings.configuration} already have a training run in "
+                        f"{model}. Start over (their weights are deleted)? Cancel, then Resume, to continue them."):
+                    return
+                settings.overwrite = True
+            chain = session.start_training(settings)
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not start training", error)
+            return
+        self.say(f"Training started ({len(chain.steps)} steps); logs in {session.log_dir}")
+        self.startPolling()
+
+    def onResume(self) -> None:
+        """Continue the stopped run of this session, or else the unfinished runs found on disk."""
+        session = self.logic.session
+        try:
+            if session.training is not None and session.training.resumable:
+                session.resume_training()
+            else:
+                if not self.logic.ensureDependencies():
+                    return
+                session.resume_training(self.trainSettings(overwrite=False))
+        except (ValueError, RuntimeError, OSError) as error:
+            self.failed("Could not resume", error)
+            return
+        self.say("Resuming training from its last checkpoint")
+        self.startPolling()
+
+    def onFineTune(self) -> None:
+        if not self.logic.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            chain = self.logic.session.start_fine_tune(self.datasetFolder(), p.configuration, _path(p.workFolder),
+                                                       device=p.device)
+        except commands.EngineFeatureMissing as error:
+            self.failed("Fine-tuning is not available", error)
+            return
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not start fine-tuning", error)
+            return
+        self.say(f"Fine-tuning started: {', '.join(s.title for s in chain.steps)}")
+        self.startPolling()
+
+    # -- prediction ----------------------------------------------------------------------------
+    def modelFolder(self) -> pathlib.Path:
+        p = self._parameterNode
+        model = _path(p.modelFolder)
+        if model is None:
+            model = commands.model_folder(self.datasetFolder(), _path(p.workFolder))
+        return model
+
+    def onPredictButton(self) -> None:
+        session = self.logic.session
+        if session.prediction is not None and not session.prediction.finished:
+            session.prediction.cancel()
+            return
+        if not self.logic.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            folds = commands.parse_folds(p.predictFolds) if p.predictFolds.strip() else None
+            session.start_prediction(self.inputVolumes(), self.modelFolder(), None, folds, p.testTimeAugmentation,
+                                     p.device, p.uncertainty)
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not start the prediction", error)
+            return
+        self.say("Prediction started")
+        self.startPolling()
+
+    def onAddToTrainingSet(self) -> None:
+        p = self._parameterNode
+        try:
+            result, placed = self.logic.addCase(self.datasetFolder(), self.inputVolumes(), p.reviewSegmentation,
+                                                self.channelNames(), False, _path(p.workFolder))
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not add the reviewed case", error)
+            return
+        self.reportAdded(result, placed)
+        self.refreshCases()
+
+    # -- polling -------------------------------------------------------------------------------
+    def startPolling(self) -> None:
+        self.updateJobWidgets()
+        self.timer.start()
+
+    def onTimer(self) -> None:
+        session = self.logic.session
+        wasPredicting = session.prediction is not None and not session.prediction.finished
+        for event in session.poll():
+            if event.get("event") in ("warning", "error") and event.get("message"):
+                self.say(f"{event['event']}: {event['message']}")
+        if session.curves is not None and session.curves.chart is not self._shownChart:
+            self._shownChart = session.curves.chart
+            slicer.modules.plots.logic().ShowChartInLayout(self._shownChart)
+        if wasPredicting and session.prediction.finished:
+            self.onPredictionFinished()
+        self.updateJobWidgets()
+        if not session.busy:
+            self.timer.stop()
+
+    def onPredictionFinished(self) -> None:
+        session = self.logic.session
+        if not session.prediction.succeeded:
+            self.say(f"Prediction failed: {session.prediction.failure}")
+            return
+        result = session.prediction_result
+        self._parameterNode.reviewSegmentation = result.segmentation
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(result.segmentation)
+        setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode  # before Slicer 5.4
+        setSource(self._parameterNode.inputVolume0)
+        self.say(f"Prediction loaded as '{result.segmentation.GetName()}': review it in the Segment Editor, then "
+                 "Add to training set")
+
+    def updateJobWidgets(self) -> None:
+        session = self.logic.session
+        chain = session.training
+        running = chain is not None and not chain.finished
+        self.ui.trainButton.text = "Stop" if running else "Start training"
+        self.ui.resumeButton.enabled = not running  # a stopped run of this session, or one found on disk
+        self.ui.fineTuneButton.enabled = not running
+        if chain is not None:
+            self.showProgress(self.ui.trainProgressBar, self.ui.trainStatusLabel, chain.job,
+                              chain.step_text if running else self.outcome(chain))
+        job = session.prediction
+        predicting = job is not None and not job.finished
+        self.ui.predictButton.text = "Stop" if predicting else "Predict"
+        if job is not None:
+            self.showProgress(self.ui.predictProgressBar, self.ui.predictStatusLabel, job,
+                              "predicting" if predicting else self.outcome(job))
+
+    @staticmethod
+    def outcome(job) -> str:
+        """'finished', or why not (a chain reports its last job's reason)."""
+        if job.succeeded:
+            return "finished"
+        return (job.job if hasattr(job, "job") else job).failure
+
+    @staticmethod
+    def showProgress(bar, label, job, text: str) -> None:
+        fraction = job.progress if job is not None else None
+        bar.setRange(0, 100 if fraction is not None else 0)  # 0..0: busy indicator until the engine says
+        bar.value = int(100 * (fraction or 0))
+        eta = job.eta_s if job is not None else None
+        message = job.message if job is not None and not job.finished else ""
+        label.text = text + (f", about {_duration(eta)} left" if eta else "") + (f"\n{message}" if message else "")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+#
+# AutoSegLogic
+#
+class AutoSegLogic(ScriptedLoadableModuleLogic):
+    """Everything that must also work without the GUI (Python console, batch scripts).
+
+    The work is done by :class:`AutoSegLogic.session.Session` and the modules of the
+    ``AutoSegLogic`` package; this class gives them Slicer's interpreter and environment.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._session = None
+
+    def getParameterNode(self):
+        return AutoSegParameterNode(super().getParameterNode())
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            python, env = self.engineInterpreter()
+            self._session = Session(slicer.mrmlScene, python=python, env=env)
+        return self._session
+
+    @staticmethod
+    def engineInterpreter() -> tuple:
+        """Slicer's own Python for the engine processes: (executable, environment).
+
+        ``PythonSlicer`` is a launcher that sets up the paths Slicer's Python needs, so it gets
+        the environment Slicer was started with; without it, this interpreter and environment.
+        """
+        home = getattr(slicer.app, "slicerHome", "") or ""
+        search = os.pathsep.join([os.path.join(home, "bin"), os.environ.get("PATH", "")])
+        launcher = shutil.which("PythonSlicer", path=search)
+        if launcher:
+            return launcher, dict(slicer.util.startupEnvironment())
+        return sys.executable, dict(os.environ)
+
+    def addCase(self, dataset, volumes, segmentation, channelNames, ignoreUnannotated=False, work=None):
+        """Append one case to the dataset and to its existing folds; returns (export result, {case: fold})."""
+        return self.session.add_case(dataset, volumes, segmentation, channelNames, ignoreUnannotated, work)
+
+    @staticmethod
+    def ensureDependencies(confirm: bool = True) -> bool:
+        """Install what the engine lacks, after asking; False if the user declined or it failed."""
+        needed = dependencies.missing()
+        if not needed:
+            return True
+        if confirm and not slicer.util.confirmOkCancelDisplay(
+                f"AutoSeg needs these Python packages: {dependencies.describe(needed)}.\n"
+                "Download and install them now? (PyTorch is large; this can take several minutes.)"):
+            return False
+        try:
+            with slicer.util.WaitCursor():
+                if any(r.module == "torch" for r in needed):
+                    AutoSegLogic.installTorch()
+                rest = [r for r in needed if r.module != "torch"]
+                if rest:
+                    slicer.util.pip_install(" ".join(r.pip_spec for r in rest))
+        except Exception as error:  # pip and PyTorchUtils raise many kinds; all mean "not installed"
+            slicer.util.errorDisplay(f"Installing {dependencies.describe(needed)} failed: {error}")
+            return False
+        still = dependencies.missing()
+        if still:
+            slicer.util.errorDisplay(f"Still missing after installing: {dependencies.describe(still)}")
+        return not still
+
+    @staticmethod
+    def installTorch() -> None:
+        """PyTorch through the PyTorch extension when present (it matches the GPU driver), else pip."""
+        torch = next(r for r in dependencies.REQUIREMENTS if r.module == "torch")
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.pip_install(torch.pip_spec)
+            return
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                         torchVersionRequirement=f">={torch.minimum}") is None:
+            raise RuntimeError("the PyTorch extension did not install PyTorch")
+
+
+#
+# AutoSegTest
+#
+class AutoSegTest(ScriptedLoadableModuleTest):
+    """Run by ``Slicer --testing``: the path of the pytest suite, inside Slicer.
+
+    Phantom cases -> dataset export -> a tiny training run as a background job (plus a cancel
+    and resume) -> prediction -> segmentation in the scene, when the engine can predict.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_exportTrainPredict()
+
+    def test_exportTrainPredict(self):
+        import tempfile
+
+        from AutoSegLogic import testing
+        from AutoSegLogic.commands import TrainSettings, engine_flags
+        from AutoSegLogic.results import model_labels
+
+        self.delayDisplay("Exporting phantom cases")
+        scene = slicer.mrmlScene
+        root = pathlib.Path(tempfile.mkdtemp(prefix="AutoSegTest-"))
+        dataset, work = root / "Dataset900_Test", root / "Dataset900_Test.autoseg"
+        python, env = AutoSegLogic.engineInterpreter()
+        env["OMP_NUM_THREADS"] = "1"  # a tiny network: more threads only contend
+        session = Session(scene, python=python, env=env)
+        for index in range(5):
+            volumes, segmentation = testing.phantom_case(scene, seed=3, index=index)
+            session.add_case(dataset, volumes, segmentation, ["CT"])
+        self.assertEqual(len(dataset_export.list_cases(dataset)), 5)
+
+        self.delayDisplay("Planning")
+        steps = commands.training_steps(TrainSettings(dataset, work, folds=["0"], epochs=2, iterations_per_epoch=2,
+                                                      device="cpu"))
+        chain = session.start_steps(steps[:2])  # verify, plan-and-preprocess
+        testing.wait_until(session, timeout=300, idle=slicer.app.processEvents)
+        self.assertTrue(chain.succeeded, chain.job.failure)
+        testing.shrink_plans(work)  # the planned network is too big for a test
+
+        self.delayDisplay("Training, stopping, resuming")
+        chain = session.start_steps(steps[2:])
+        testing.wait_until(session, lambda: chain.job.epochs, timeout=300, idle=slicer.app.processEvents)
+        chain.cancel()
+        testing.wait_until(session, timeout=120, idle=slicer.app.processEvents)
+        if not chain.succeeded:  # stopped before the end: it must be resumable and finish
+            self.assertTrue(chain.resumable, chain.job.failure)
+            chain = session.resume_training()
+            testing.wait_until(session, timeout=300, idle=slicer.app.processEvents)
+        self.assertTrue(chain.succeeded, chain.job.failure)
+        self.assertEqual(session.curves.rows, 2)
+
+        if not engine_flags("predict"):
+            self.delayDisplay("This engine cannot predict yet: prediction not tested")
+            return
+        self.delayDisplay("Predicting")
+        reference = slicer.util.getNode("phantom_ct_000")
+        job = session.start_prediction([reference], work / "model", "3d_fullres", ["0"], tta=False, device="cpu")
+        testing.wait_until(session, timeout=300, idle=slicer.app.processEvents)
+        self.assertTrue(job.succeeded, job.failure)
+        content = session.prediction_result.segmentation.GetSegmentation()
+        names = [content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())]
+        expected = [n for n, v in sorted(model_labels(work / "model").items(), key=lambda kv: kv[1]) if v]
+        self.assertEqual(names, expected)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,18 @@
+"""Logic of the AutoSeg Slicer module that needs no Qt: MRML nodes <-> engine files and processes.
+
+Everything here takes the scene and nodes it works on as arguments (never the global
+``slicer.mrmlScene``), uses only MRML, VTK, numpy and AutoSegLib, and so runs the same inside
+Slicer, in Slicer's Python console and in pytest with the ``slicer-core`` wheel.
+
+Modules:
+
+- ``volumes``: volume node <-> numpy array and geometry (MRML's RAS <-> ITK's LPS).
+- ``labels``: segment names -> dataset label values, and the fixed colours of labels.
+- ``dataset_export``: cases from the scene -> an nnU-Net v2 dataset folder (append-only).
+- ``folds``: new cases added to an existing ``splits_final.json`` without moving old ones.
+- ``jobs``: engine commands in background processes, read through ``--events``.
+- ``commands``: the argument lists of training, prediction and fine-tuning.
+- ``results``: predictions back into the scene (segmentation + uncertainty overlay).
+- ``curves``: per-epoch loss and pseudo-Dice in table and plot nodes.
+- ``dependencies``: which Python packages the engine still needs (installing is the GUI's job).
+"""

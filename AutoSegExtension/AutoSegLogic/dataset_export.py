@@ -1,0 +1,340 @@
+"""Cases from the scene -> a dataset folder in nnU-Net v2's layout, only ever appended to.
+
+A case is one or more scalar volume nodes (the channels, in a fixed order) and a
+segmentation node or labelmap node. Export writes::
+
+    DATASET/imagesTr/{case}_{XXXX}.nii.gz   each channel; the first in its own geometry
+    DATASET/labelsTr/{case}.nii.gz          the segments rasterized on the first channel's grid
+    DATASET/dataset.json                    channel names, the name -> value label table, numTraining
+
+Further channels on another grid are resampled onto the first channel's (the layout needs
+one grid per case). Label values come from segment names through the dataset's label table
+(:mod:`.labels`), so cases exported at different times agree. Existing cases are never
+touched. Every case of a call is prepared and checked before anything is written: a refusal
+(different channel count, empty segmentation, a sheared grid, a transformed node, ...) names
+the case and leaves the folder as it was.
+
+Example (in Slicer's Python console)::
+
+    from AutoSegLogic import dataset_export
+    dataset_export.export_cases("D:/data/Dataset001_Liver", [dataset_export.SceneCase(
+        [getNode("CT 1")], getNode("Segmentation"))], slicer.mrmlScene, channel_names=["CT"])
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from AutoSegLib.dataset import DatasetSpec, IGNORE_LABEL_NAME, load_spec, save_spec, scan_folder
+from AutoSegLib.imageio import Geometry, write_image
+
+from AutoSegLogic import labels as label_rules
+from AutoSegLogic.volumes import (GeometryError, array_from_node, node_geometry, resample_onto, same_grid,
+                                  temporary_nodes)
+
+DEFAULT_ENDING = ".nii.gz"
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ExportError(ValueError):
+    """A case cannot be exported; the message names the case and what to do."""
+
+
+@dataclass
+class SceneCase:
+    """One case in the scene: channel volumes in order, and its segmentation or labelmap node."""
+
+    volumes: Sequence
+    segmentation: object
+    case_id: str | None = None  # default: made from the first volume's name
+
+
+@dataclass
+class _Prepared:
+    case_id: str
+    images: list[np.ndarray]
+    geometry: Geometry
+    index: np.ndarray  # segment index + 1 per voxel (0 = no segment)
+    segment_names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    case_ids: list[str]
+    added_labels: list[str]
+    labels: dict[str, int]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    case_id: str
+    channels: int
+    has_label: bool
+
+
+# -- public API ------------------------------------------------------------------------------
+def export_cases(folder, cases: Sequence[SceneCase], scene, channel_names: Sequence[str] | None = None,
+                 ignore_unannotated: bool = False) -> ExportResult:
+    """Append ``cases`` to the dataset at ``folder`` (created if needed); returns what was added.
+
+    Args:
+        folder: dataset folder; created with ``dataset.json`` when it does not exist yet.
+        cases: the cases to add; none is written unless all can be.
+        scene: the MRML scene the nodes live in (temporary nodes are added and removed).
+        channel_names: e.g. ``["CT"]`` or ``["T1", "T2"]``; required for a new dataset, and
+            must match an existing one's. A channel named CT gets CT normalization.
+        ignore_unannotated: voxels outside every segment become ``ignore`` (not learned from)
+            instead of background: for partially annotated cases. A segment named
+            ``background`` then marks the voxels known to be background.
+
+    Raises:
+        ExportError: naming the case (or the dataset) and the problem; nothing was written.
+    """
+    folder = Path(folder)
+    spec = _open_or_new_spec(folder, channel_names)
+    taken = {c.case_id.lower() for c in list_cases(folder)} if (folder / "dataset.json").is_file() else set()
+    prepared = []
+    for case in cases:
+        item = _prepare(case, spec, scene, taken)
+        taken.add(item.case_id.lower())
+        prepared.append(item)
+    table, added = dict(spec.labels), []
+    for item in prepared:
+        try:
+            table, fresh = label_rules.extend_labels(table, item.segment_names, ignore_unannotated, item.case_id)
+        except label_rules.LabelError as exc:
+            raise ExportError(str(exc)) from None
+        added += fresh
+    spec = DatasetSpec(spec.channel_names, table, spec.num_training, spec.file_ending, spec.extra)
+    save_spec(folder, spec)  # labels first: a case file never holds a value dataset.json lacks
+    notes = []
+    for item in prepared:
+        _write_case(folder, spec, item, ignore_unannotated)
+        notes += item.notes
+    _update_count(folder)
+    return ExportResult(folder, [p.case_id for p in prepared], added, table, notes)
+
+
+def list_cases(folder) -> list[CaseInfo]:
+    """The training cases of a dataset folder (empty when it has no dataset.json yet)."""
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file():
+        return []
+    spec = load_spec(folder)
+    scan = scan_folder(folder, spec)
+    complete = [CaseInfo(c.case_id, len(c.images), True) for c in scan.cases]
+    partial = [CaseInfo(c, spec.num_channels - len(m), c not in scan.missing_labels)
+               for c, m in scan.missing_channels.items()]
+    partial += [CaseInfo(c, spec.num_channels, False) for c in scan.missing_labels if c not in scan.missing_channels]
+    return sorted(complete + partial, key=lambda c: c.case_id)
+
+
+def channel_names(folder) -> list[str] | None:
+    """The channel names of the dataset at ``folder`` in order, or None if it has no dataset.json yet."""
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file():
+        return None
+    spec = load_spec(folder)
+    return [spec.channel_names[i] for i in sorted(spec.channel_names)]
+
+
+def remove_case(folder, case_id: str) -> list[Path]:
+    """Delete a case's files and update numTraining; returns the removed files.
+
+    The engine drops a removed case from ``splits_final.json`` at the next training run.
+    """
+    folder = Path(folder)
+    spec = load_spec(folder)
+    images = [p for p in (folder / "imagesTr").glob(f"{_glob_escape(case_id)}_*{spec.file_ending}")
+              if re.fullmatch(re.escape(case_id) + r"_\d{4}" + re.escape(spec.file_ending), p.name)]
+    label = folder / "labelsTr" / f"{case_id}{spec.file_ending}"
+    removed = images + ([label] if label.exists() else [])
+    if not removed:
+        raise ExportError(f"{folder}: no case '{case_id}' to remove")
+    for path in ([label] if label.exists() else []) + images:  # label first: no half case looks complete
+        path.unlink()
+    _update_count(folder)
+    return removed
+
+
+def write_prediction_input(folder, volumes: Sequence, case_id: str = "case", file_ending: str = DEFAULT_ENDING) -> Path:
+    """Write the channels of one case for ``autoseg predict -i`` (further channels on the first's grid)."""
+    folder = Path(folder)
+    images, geometry, _ = _channels(volumes, case_id)
+    for c, image in enumerate(images):
+        write_image(image, geometry, folder / f"{case_id}_{c:04d}{file_ending}")
+    return folder
+
+
+# -- preparing a case (no writing) --------------------------------------------------------------
+def _open_or_new_spec(folder: Path, channel_names) -> DatasetSpec:
+    names = [str(n).strip() for n in channel_names] if channel_names is not None else None
+    if names is not None and (not names or not all(names)):
+        raise ExportError(f"channel names must be non-empty, got {list(channel_names)}")
+    if (folder / "dataset.json").is_file():
+        spec = load_spec(folder)
+        existing = [spec.channel_names[i] for i in sorted(spec.channel_names)]
+        if names is not None and names != existing:
+            raise ExportError(f"{folder}: the dataset's channels are {existing}, not {names}; every case must have "
+                              "the same channels in the same order")
+        return spec
+    if folder.exists() and any(folder.iterdir()):
+        raise ExportError(f"{folder}: folder is not empty and has no dataset.json; choose an empty or new folder")
+    if names is None:
+        raise ExportError(f"{folder}: new dataset: give the channel names, e.g. ['CT'] or ['T1', 'T2']")
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = DatasetSpec(dict(enumerate(names)), {label_rules.BACKGROUND: 0}, 0, DEFAULT_ENDING)
+    return spec
+
+
+def _prepare(case: SceneCase, spec: DatasetSpec, scene, taken: set[str]) -> _Prepared:
+    volumes = [v for v in case.volumes if v is not None]
+    name = case.case_id or (volumes[0].GetName() if volumes else "case")
+    case_id = _choose_case_id(case.case_id, name, taken)
+    if len(volumes) != spec.num_channels:
+        shown = ", ".join(f"'{v.GetName()}'" for v in volumes) or "none"
+        raise ExportError(f"case '{case_id}': {len(volumes)} volume(s) ({shown}) but the dataset has "
+                          f"{spec.num_channels} channel(s) ({', '.join(spec.channel_names.values())})")
+    if case.segmentation is None:
+        raise ExportError(f"case '{case_id}': no segmentation given")
+    images, geometry, notes = _channels(volumes, case_id)
+    index, names = rasterize(scene, case.segmentation, volumes[0], case_id)
+    return _Prepared(case_id, images, geometry, index, names, notes)
+
+
+def _channels(volumes: Sequence, case_id: str) -> tuple[list[np.ndarray], Geometry, list[str]]:
+    try:
+        reference = node_geometry(volumes[0])
+        first = array_from_node(volumes[0])
+        images, notes = [first], []
+        for volume in volumes[1:]:
+            geometry, array = node_geometry(volume), array_from_node(volume)
+            if not same_grid(geometry, array.shape, reference, first.shape):
+                array = resample_onto(array, geometry, reference, first.shape)
+                notes.append(f"case '{case_id}': channel '{volume.GetName()}' resampled onto the grid of "
+                             f"'{volumes[0].GetName()}'")
+            images.append(array)
+    except GeometryError as exc:
+        raise ExportError(f"case '{case_id}': {exc}") from None
+    return images, reference, notes
+
+
+def rasterize(scene, segmentation, reference_volume, case_id: str = "") -> tuple[np.ndarray, list[str]]:
+    """Segments on the reference volume's grid: (array of segment index + 1, segment names).
+
+    Where segments overlap, the later segment in the node's list wins (as in Slicer's own
+    labelmap export). A labelmap node is first turned into segments (names from its colour
+    table, as Slicer names them).
+    """
+    import slicer
+    import vtk
+
+    logic = segmentations_logic(scene)
+    _check_untransformed(segmentation, case_id)
+    with temporary_nodes(scene):
+        if segmentation.IsA("vtkMRMLLabelMapVolumeNode"):
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{segmentation.GetName()} (segments)")
+            if not logic.ImportLabelmapToSegmentationNode(segmentation, node):
+                raise ExportError(f"case '{case_id}': labelmap '{segmentation.GetName()}' could not be read as segments")
+            segmentation_node = node
+        else:
+            segmentation_node = segmentation
+        content = segmentation_node.GetSegmentation()
+        ids = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+        if not ids:
+            raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' has no segments")
+        names = [content.GetSegment(i).GetName() for i in ids]
+        id_array = vtk.vtkStringArray()
+        for segment_id in ids:
+            id_array.InsertNextValue(segment_id)
+        out = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AutoSeg export")
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, out, reference_volume,
+                                                  slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' could not be rasterized "
+                              f"on volume '{reference_volume.GetName()}'")
+        index = array_from_node(out)
+    reference_shape = array_from_node(reference_volume).shape
+    if index.shape != reference_shape:
+        raise ExportError(f"case '{case_id}': rasterized segmentation has shape {index.shape}, volume "
+                          f"'{reference_volume.GetName()}' {reference_shape}")
+    if not index.any():
+        raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' is empty (no segment has "
+                          f"voxels inside volume '{reference_volume.GetName()}')")
+    return index.astype(np.uint16), names
+
+
+def _check_untransformed(node, case_id: str) -> None:
+    if node.GetParentTransformNode() is not None:
+        raise ExportError(f"case '{case_id}': '{node.GetName()}' is under transform "
+                          f"'{node.GetParentTransformNode().GetName()}'; harden the transform first")
+
+
+_segmentations_logic = None
+
+
+def segmentations_logic(scene):
+    """The Segmentations module logic; created once outside Slicer (that registers the converters)."""
+    global _segmentations_logic
+    import slicer
+
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "segmentations"):
+        return modules.segmentations.logic()
+    if _segmentations_logic is None:
+        _segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        _segmentations_logic.SetMRMLScene(scene)
+    return _segmentations_logic
+
+
+def _choose_case_id(explicit: str | None, name: str, taken: set[str]) -> str:
+    if explicit is not None:
+        if not _CASE_ID_RE.match(explicit):
+            raise ExportError(f"case id '{explicit}' may hold only letters, digits, '_', '-' and '.'")
+        if explicit.lower() in taken:
+            raise ExportError(f"case '{explicit}' is already in the dataset; existing cases are never replaced "
+                              "(remove it first, or choose another id)")
+        return explicit
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-") or "case"
+    candidate, n = base, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _label_values(item: _Prepared, table: dict[str, int], ignore_unannotated: bool) -> np.ndarray:
+    lookup = np.zeros(len(item.segment_names) + 1, np.int64)
+    lookup[0] = table[IGNORE_LABEL_NAME] if ignore_unannotated else 0
+    for i, name in enumerate(item.segment_names, start=1):
+        lookup[i] = label_rules.value_of(table, name)
+    values = lookup[item.index]
+    return values.astype(np.uint8 if values.max() < 256 else np.uint16)
+
+
+def _write_case(folder: Path, spec: DatasetSpec, item: _Prepared, ignore_unannotated: bool) -> None:
+    ending = spec.file_ending
+    for c, image in enumerate(item.images):
+        write_image(image, item.geometry, folder / "imagesTr" / f"{item.case_id}_{c:04d}{ending}")
+    # The label last: a case without its label is not a training case yet.
+    write_image(_label_values(item, spec.labels, ignore_unannotated), item.geometry,
+                folder / "labelsTr" / f"{item.case_id}{ending}")
+
+
+def _update_count(folder: Path) -> None:
+    spec = load_spec(folder)
+    count = len(scan_folder(folder, spec).cases)
+    if count != spec.num_training:
+        save_spec(folder, DatasetSpec(spec.channel_names, spec.labels, count, spec.file_ending, spec.extra))
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]])", r"[\1]", text)

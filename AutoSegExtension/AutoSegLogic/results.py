@@ -1,0 +1,168 @@
+"""Predictions back into the scene: a segmentation to review, an uncertainty overlay to guide it.
+
+- The label map becomes a segmentation node with one segment per label of the model's
+  ``dataset.json`` (empty ones included, so a missed structure can be painted at once),
+  ordered by label value, named by label and coloured by the fixed table of :mod:`.labels`;
+  its reference geometry is the input volume, so the Segment Editor edits on the input's grid.
+- The uncertainty map becomes a scalar volume shown over the input in the slice views with a
+  transparent-to-hot colour table: low uncertainty is see-through, doubtful voxels glow.
+
+Only call these for a job that succeeded (:attr:`AutoSegLogic.jobs.Job.succeeded`): a failed
+run's folder may hold an old result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from AutoSegLib.fileutil import read_json
+from AutoSegLib.imageio import SUPPORTED_ENDINGS, Geometry, read_image
+
+from AutoSegLogic import labels as label_rules
+from AutoSegLogic.dataset_export import segmentations_logic
+from AutoSegLogic.volumes import add_volume, temporary_nodes
+
+UNCERTAINTY_COLOURS = "AutoSeg uncertainty"
+UNCERTAINTY_SUFFIX = "_uncertainty"
+
+
+@dataclass
+class Prediction:
+    segmentation: object  # vtkMRMLSegmentationNode
+    uncertainty: object | None  # vtkMRMLScalarVolumeNode
+
+
+def model_labels(model) -> dict[str, int]:
+    """Label name -> value of a model folder (its ``dataset.json``)."""
+    return {str(k): int(v) for k, v in read_json(Path(model) / "dataset.json")["labels"].items()}
+
+
+def find_output(folder, case_id: str, suffix: str = "") -> Path | None:
+    """``{case}{suffix}{ending}`` in ``folder`` for any supported ending, or None."""
+    for ending in SUPPORTED_ENDINGS:
+        path = Path(folder) / f"{case_id}{suffix}{ending}"
+        if path.is_file():
+            return path
+    return None
+
+
+def load_prediction(scene, output_folder, case_id: str, model, reference_volume, name: str | None = None,
+                    uncertainty: bool = True) -> Prediction:
+    """Read ``autoseg predict``'s outputs for ``case_id`` into the scene.
+
+    Raises:
+        FileNotFoundError: the label file is missing (naming the folder).
+    """
+    path = find_output(output_folder, case_id)
+    if path is None:
+        raise FileNotFoundError(f"{output_folder}: no prediction for case '{case_id}'")
+    label, geometry = read_image(path)
+    name = name or f"{reference_volume.GetName()} AutoSeg"
+    segmentation = segmentation_from_labels(scene, label, geometry, model_labels(model), name, reference_volume)
+    overlay = None
+    uncertainty_path = find_output(output_folder, case_id, UNCERTAINTY_SUFFIX) if uncertainty else None
+    if uncertainty_path is not None:
+        values, uncertainty_geometry = read_image(uncertainty_path)
+        overlay = uncertainty_volume(scene, values, uncertainty_geometry, f"{name} uncertainty")
+    return Prediction(segmentation, overlay)
+
+
+def segmentation_from_labels(scene, label: np.ndarray, geometry: Geometry, labels: dict[str, int], name: str,
+                             reference_volume=None):
+    """A segmentation node with one segment per foreground label, in value order."""
+    logic = segmentations_logic(scene)
+    named = dict(label_rules.foreground(labels))
+    by_value = {v: n for n, v in named.items()}
+    present = [int(v) for v in np.unique(label) if v != 0]
+    for value in present:
+        if value not in by_value:  # a value the table lacks (should not happen): keep it visible
+            by_value[value] = f"label_{value}"
+    with temporary_nodes(scene) as keep:
+        temporary = add_volume(scene, label.astype(np.int32 if label.max() > 32767 else np.int16), geometry,
+                               f"{name} labels", labelmap=True)
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        keep.append(node)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume or temporary)
+        if present and not logic.ImportLabelmapToSegmentationNode(temporary, node):
+            raise RuntimeError(f"could not turn the prediction '{name}' into segments")
+    content = node.GetSegmentation()
+    ids = {}
+    for i in range(content.GetNumberOfSegments()):
+        segment_id = content.GetNthSegmentID(i)
+        ids[content.GetSegment(segment_id).GetLabelValue()] = segment_id
+    for value in sorted(by_value):
+        label_name, colour = by_value[value], label_rules.colour_of(by_value[value], value)
+        if value in ids:
+            segment = content.GetSegment(ids[value])
+            segment.SetName(label_name)
+            segment.SetColor(*colour)
+        else:
+            ids[value] = content.AddEmptySegment("", label_name, colour)
+    for index, value in enumerate(sorted(ids)):
+        content.SetSegmentIndex(ids[value], index)
+    if reference_volume is not None:
+        _file_beside(scene, node, reference_volume)
+    return node
+
+
+def uncertainty_volume(scene, values: np.ndarray, geometry: Geometry, name: str, opacity: float = 0.5):
+    """A scalar volume of the uncertainty map, shown as a colour overlay in the slice views."""
+    volume = add_volume(scene, values.astype(np.float32), geometry, name)
+    display = volume.GetDisplayNode()
+    display.SetAndObserveColorNodeID(uncertainty_colours(scene).GetID())
+    display.AutoWindowLevelOff()
+    top = float(values.max()) if values.size else 1.0
+    display.SetWindowLevelMinMax(0.0, 1.0 if 0.0 < top <= 1.0 else max(top, 1e-6))
+    show_as_foreground(scene, volume, opacity)
+    return volume
+
+
+def uncertainty_colours(scene):
+    """The module's colour table: transparent at 0, through red, to opaque yellow at the top."""
+    import slicer
+
+    existing = scene.GetFirstNodeByName(UNCERTAINTY_COLOURS)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(UNCERTAINTY_COLOURS)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(256)
+    for i in range(256):
+        t = i / 255.0
+        table.SetColor(i, f"{t:.3f}", 1.0, min(1.0, 2 * t), max(0.0, 2 * t - 1), min(1.0, 1.5 * t))
+    table.SetAttribute("Category", "AutoSeg")
+    scene.AddNode(table)
+    return table
+
+
+def show_as_foreground(scene, volume, opacity: float = 0.5) -> int:
+    """Put ``volume`` in the foreground layer of every slice view; returns the number of views."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    composites.InitTraversal()
+    count = 0
+    node = composites.GetNextItemAsObject()
+    while node is not None:
+        node.SetForegroundVolumeID(volume.GetID())
+        node.SetForegroundOpacity(opacity)
+        count += 1
+        node = composites.GetNextItemAsObject()
+    return count
+
+
+def _file_beside(scene, node, reference) -> None:
+    """File the result under the input's study in the subject hierarchy (when the scene has one)."""
+    import slicer
+
+    hierarchy_class = getattr(slicer, "vtkMRMLSubjectHierarchyNode", None)
+    hierarchy = hierarchy_class.GetSubjectHierarchyNode(scene) if hierarchy_class is not None else None
+    if hierarchy is None:
+        return
+    source = hierarchy.GetItemByDataNode(reference)
+    item = hierarchy.GetItemByDataNode(node)
+    if source and item:
+        hierarchy.SetItemParent(item, hierarchy.GetItemParent(source))
