@@ -151,12 +151,22 @@ def cmd_train(args, reporter: Reporter) -> None:
                            iterations_per_epoch=args.iterations_per_epoch, time_budget_min=args.time_budget,
                            resume=args.resume, overwrite=args.overwrite, device=args.device,
                            num_workers=args.num_workers, seed=args.seed,
-                           checkpoint_every_epochs=args.checkpoint_every_epochs)
+                           checkpoint_every_epochs=args.checkpoint_every_epochs, init_from=args.init_from)
     run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
     reporter.log("train", f"Training {args.configuration} fold {args.fold}: {len(run.train_cases)} training, "
                           f"{len(run.val_cases)} validation case(s); {run.schedule.epochs} epochs x "
                           f"{run.schedule.iterations_per_epoch} iterations -> {run.run_folder}")
     result = Trainer(run, reporter).fit()
+    if args.validate:
+        from AutoSegLib.inference.validation import validate_fold
+
+        # The fold's held-out cases through the real predictor, scored in their original geometry:
+        # the numbers find-best compares (pseudo-Dice only samples patches).
+        summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
+        dice = (summary.get("foreground_mean") or {}).get("Dice")
+        result["validation_dice"] = dice
+        if dice is not None:
+            reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
     reporter.done("train", **result)
 
 
@@ -340,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--num-workers", type=int, default=None, help="data-augmentation processes (default: by machine)")
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="start from these network weights (fine-tuning a trained model on a grown dataset); "
+                        "the run itself starts at epoch 0")
+    p.add_argument("--no-validation", dest="validate", action="store_false",
+                   help="skip predicting and scoring the fold's validation cases after training")
     p.add_argument("--checkpoint-every-epochs", type=_positive_int, default=5,
                    help="save checkpoint_latest every N epochs (default 5; also at least every 10 minutes)")
     _add_common(p)

@@ -636,6 +636,46 @@ def test_resume_keeps_the_runs_schedule_and_refuses_weights_of_another_network(w
     assert "internal error" not in message
 
 
+# -- fine-tuning: a new run from another run's weights -------------------------------------
+def test_init_from_starts_a_new_run_at_epoch_0_with_the_given_weights(work_copy, capsys, one_thread):
+    dataset, work = work_copy
+    source = train_in_process(dataset, work, epochs=2)
+    start = work / "start.pt"
+    shutil.copy2(fold_dir(work) / "checkpoint_final.pt", start)
+    options = {"epochs": 1, "iterations_per_epoch": 1, "num_workers": 0, "device": "cpu", "overwrite": True,
+               "init_from": start}
+    trainer = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", **options)))
+    trainer.initialize_from(start)
+    for name, tensor in source.network.state_dict().items():
+        assert torch.equal(trainer.network.state_dict()[name], tensor), name
+    assert trainer.epoch == 0 and trainer.records == []
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--overwrite", "--init-from", start,
+                                                       "--epochs", 1, "--iterations-per-epoch", 1,
+                                                       "--num-workers", 0, "--no-validation"))
+    assert status == 0 and events[-1]["event"] == "done" and events[-1]["epochs"] == 1
+    assert any("Starting from the weights of" in e.get("message", "") for e in events)
+    assert len(read_log(fold_dir(work))) == 1  # its own log, from epoch 0
+
+
+def test_init_from_refuses_resume_missing_files_and_other_networks(work_copy, capsys, one_thread):
+    from AutoSegLib.fileutil import read_json, write_json
+
+    dataset, work = work_copy
+    train_in_process(dataset, work, epochs=1)
+    start = work / "start.pt"
+    shutil.copy2(fold_dir(work) / "checkpoint_final.pt", start)
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--resume", "--init-from", start))
+    assert status == 1 and "use one of them" in events[-1]["message"]
+    status, events = run_in_process(capsys, train_argv(dataset, work, 1, "--init-from", work / "nothing.pt"))
+    assert status == 1 and "nothing.pt: no such checkpoint file" in events[-1]["message"]
+    plans = read_json(work / "plans.json")
+    plans["configurations"][CONFIG]["features_per_stage"] = [8, 16, 32]
+    write_json(work / "plans.json", plans)
+    status, events = run_in_process(capsys, train_argv(dataset, work, 1, "--init-from", start, "--num-workers", 0))
+    assert status == 1 and "start.pt: its weights do not fit the network" in events[-1]["message"]
+    assert "internal error" not in events[-1]["message"]
+
+
 # -- 6. a checkpoint that would run code ---------------------------------------------------
 class Payload:
     """Unpickling this calls os.mkdir(marker): the visible side effect of code in a model file."""

@@ -44,6 +44,7 @@ class TrainOptions:
     seed: int = 12345
     checkpoint_every_epochs: int = 5
     checkpoint_every_s: float = 600.0  # at most 10 minutes of work lost to a crash
+    init_from: Path | None = None  # start from these network weights (fine-tuning), epoch 0
 
 
 @dataclass
@@ -117,6 +118,11 @@ def prepare_model_folder(work_dir: Path, dataset_folder: Path, plans: Plans, spe
 def check_run_folder(run_folder: Path, options: TrainOptions) -> None:
     """Never overwrite a trained model by accident, never start fresh when asked to resume."""
     existing = sorted(p.name for p in run_folder.glob("checkpoint_*.pt")) if run_folder.is_dir() else []
+    if options.resume and options.init_from is not None:
+        raise TrainingSetupError("--resume continues a run from its own checkpoint; --init-from starts a new run "
+                                 "from given weights: use one of them")
+    if options.init_from is not None and not Path(options.init_from).is_file():
+        raise TrainingSetupError(f"--init-from {options.init_from}: no such checkpoint file")
     if options.resume:
         if not existing:
             raise TrainingSetupError(f"{run_folder}: nothing to resume (no checkpoint); run without --resume "

@@ -133,6 +133,22 @@ class Trainer:
         self.reporter.log("train", f"Resuming from {path} at epoch {self.epoch} of {self.schedule.epochs}")
         return path
 
+    def initialize_from(self, path: Path) -> None:
+        """Start a new run from another run's network weights (fine-tuning on a grown dataset).
+
+        Only the weights are taken: optimizer, epoch counter, logs and schedule start fresh, so
+        the new run's learning rate follows its own schedule. The file is loaded like any
+        checkpoint (``weights_only``), and must fit the network of the current plans.
+        """
+        state = ckpt.load_checkpoint(path, required=("network_weights",))
+        try:
+            self.network.load_state_dict(state["network_weights"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            raise TrainingSetupError(f"{path}: its weights do not fit the network of the current plans ({first}); "
+                                     "fine-tuning needs a model trained with the same plans and labels") from None
+        self.reporter.log("train", f"Starting from the weights of {path} (epoch {state.get('epoch', '?')} of its run)")
+
     def save(self, name: str) -> object:
         path = self.run.run_folder / f"checkpoint_{name}.pt"
         ckpt.save_checkpoint(path, self.state())
@@ -145,6 +161,8 @@ class Trainer:
         opts = self.run.options
         if opts.resume:
             self.restore()
+        elif opts.init_from is not None:
+            self.initialize_from(Path(opts.init_from))
         seed = opts.seed + 1000 * self.epoch
         first = self.epoch * self.schedule.iterations_per_epoch
         with BatchLoader(self.run.train_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,

@@ -61,10 +61,7 @@ def test_train_predict_review_add_and_fine_tune(work_copy, scene):
         assert set(old["val"]) <= set(new["val"])
 
     # fine-tune fold 0 from its weights on the grown dataset
-    if "--init-from" not in commands.engine_flags("train"):
-        with pytest.raises(commands.EngineFeatureMissing, match="--init-from"):
-            session.start_fine_tune(dataset, "3d_fullres", work, ["0"], device="cpu")
-        return
+    assert "--init-from" in commands.engine_flags("train")
     chain = session.start_fine_tune(dataset, "3d_fullres", work, ["0"], device="cpu", epochs=1,
                                     iterations_per_epoch=2)
     testing.wait_until(session, timeout=180)
