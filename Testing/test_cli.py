@@ -128,12 +128,3 @@ def test_plan_from_fingerprint_errors_are_clear(phantom_ct, tmp_path, extra, mes
 def test_make_phantoms_refuses_to_overwrite(phantom_ct):
     result = run("make-phantoms", phantom_ct, "--cases", 1)
     assert result.returncode == 1 and str(phantom_ct) in result.stderr
-
-
-def test_demo_runs_every_existing_stage_and_says_what_is_missing(tmp_path):
-    result = run("demo", "-w", tmp_path / "demo", "--cases", 4, "--events")
-    assert result.returncode == 0, result.stderr
-    done = events_of(result)[-1]
-    assert done["event"] == "done" and done["stages"]["plan"] == "done"
-    assert done["stages"]["train"] == "not yet available"
-    assert "AutoSeg demo results" in result.stderr

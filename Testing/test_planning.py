@@ -82,7 +82,7 @@ def test_heart_reproduces_the_published_plan(build):
     two_d = plans.configurations["2d"]
     assert two_d.patch_size == [320, 256]
     assert two_d.batch_size == 40
-    assert set(plans.configurations) == {"2d", "3d_fullres"}
+    assert set(plans.configurations) == {"2d", "3d_fullres", "3d_cpu"}
 
 
 @pytest.mark.parametrize("build", [uniform, spread])
@@ -94,7 +94,7 @@ def test_hippocampus_reproduces_the_published_plan(build):
     assert full.batch_size == 9
     assert plans.configurations["2d"].patch_size == [56, 40]
     assert plans.configurations["2d"].batch_size == 366
-    assert set(plans.configurations) == {"2d", "3d_fullres"}
+    assert set(plans.configurations) == {"2d", "3d_fullres", "3d_cpu"}
 
 
 @pytest.mark.parametrize("build", [uniform, spread])
@@ -199,7 +199,7 @@ def test_explanation_names_the_key_numbers():
 def test_summary_lists_every_configuration_on_one_line():
     text = liver().summary()
     assert text.splitlines()[0] == "Plan for Liver (131 cases, GPU memory 8 GB)"
-    assert len(text.splitlines()) == 5
+    assert len(text.splitlines()) == 6
     assert "3d_lowres" in text and "after 3d_lowres" in text and "128 x 128 x 128" in text
     assert "2d" in text and "512 x 512" in text and "batch 12" in text
 
@@ -295,6 +295,6 @@ def test_planning_all_configurations_takes_under_a_second():
         start = time.perf_counter()
         plans = plan(fp, {0: "CT"}, {"background": 0, "liver": 1, "cancer": 2})
         timings.append(time.perf_counter() - start)
-    assert len(plans.configurations) == 4
+    assert len(plans.configurations) == 5  # 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres, 3d_cpu
     assert min(timings) < 1.0, timings
     assert math.isfinite(sum(timings))

@@ -306,3 +306,34 @@ def test_an_unknown_network_variant_is_refused():
     fp = fingerprint([(1.0, 1.0, 1.0)] * 10, [(36, 50, 35)] * 10)
     with pytest.raises(ValueError, match="unknown network architecture 'TransUNet'"):
         plan(fp, MR, TWO, architecture="TransUNet")
+
+
+# -- 3d_cpu: the 3D rules at a CPU's size ----------------------------------------------------
+def test_cpu_configuration_coarsens_until_the_typical_image_fits_the_cpu_budget():
+    from AutoSegLib.planning import cpu
+
+    # The CT phantoms: 37 x 91 x 101 voxels at 1.94 x 0.96 x 0.96 mm (340,000 voxels).
+    fp = fingerprint([(1.9375, 0.96484375, 0.96484375)] * 10, [(37, 91, 101)] * 10)
+    config = plan(fp, MR, TWO).configurations["3d_cpu"]
+    median = config.median_image_size_in_voxels
+    assert math.prod(median) <= cpu.CPU_IMAGE_VOXELS * 1.05  # the budget holds before rounding to whole voxels
+    # one 1% step less would not have fitted: the coarsest spacing needed, no coarser
+    finer = np.asarray(config.spacing) / 1.01
+    assert np.prod(np.asarray([1.9375, 0.96484375, 0.96484375]) / finer * [37, 91, 101]) > cpu.CPU_IMAGE_VOXELS * 0.95
+    # the finer axes were coarsened first (anisotropy 2.01 -> at most 2)
+    assert config.spacing[0] / config.spacing[1] <= 2.0 + 1e-9
+    assert config.features_per_stage[0] == 16 and config.batch_size == 2
+    assert config.features_per_stage == [min(16 * 2 ** i, 320) for i in range(len(config.strides))]
+    assert all(p >= m for p, m in zip(config.patch_size, median))  # the whole typical image
+    assert any("For training on a CPU" in e["text"] for e in config.explanation)
+
+
+def test_cpu_configuration_keeps_a_small_image_at_full_resolution_and_caps_a_large_patch():
+    from AutoSegLib.planning import cpu
+
+    small = plan(fingerprint([(1.0, 1.0, 1.0)] * 10, [(20, 30, 30)] * 10), MR, TWO).configurations
+    assert small["3d_cpu"].spacing == small["3d_fullres"].spacing
+    # Liver-sized CT: 482 x 512 x 512 voxels at 1 x 0.77 x 0.77 mm -> a coarse grid, bounded patch
+    large = plan(fingerprint([(1.0, 0.7676, 0.7676)] * 10, [(482, 512, 512)] * 10), MR, TWO).configurations
+    assert math.prod(large["3d_cpu"].patch_size) <= cpu.CPU_PATCH_VOXELS
+    assert min(large["3d_cpu"].spacing) > 4 * 0.7676

@@ -120,7 +120,8 @@ def test_dataset_preprocesses_in_parallel_with_progress_and_complete_outputs(pla
             # The properties as stored (JSON) are enough for the way back.
             restored, restored_geometry = restore_label(case.seg[0], case.properties)
             assert restored_geometry == source_geometry and restored.shape == source_label.shape
-            assert dice(restored, source_label, 1) >= 0.95  # liver; thin organs lose more on coarser grids
+            # liver; thin organs lose more on coarser grids, and 3d_cpu's grid is ~2x coarser by design
+            assert dice(restored, source_label, 1) >= (0.9 if name == "3d_cpu" else 0.95)
             assert len(case.properties["target_spacing"]) == 3
             if dims == 2:
                 assert shape[0] == case.properties["shape_after_crop"][0]

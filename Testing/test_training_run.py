@@ -361,7 +361,8 @@ def test_short_run_writes_checkpoints_log_plot_and_model_files(short_run):
     epochs = assert_every_checkpoint_loads(folder)
     assert epochs["checkpoint_final.pt"] == 3 and 1 <= epochs["checkpoint_best.pt"] <= 3
     final = ckpt.load_checkpoint(folder / "checkpoint_final.pt")
-    assert final["schedule"] == {"epochs": 3, "iterations_per_epoch": 3, "val_iterations": 1}
+    assert final["schedule"] == {"epochs": 3, "iterations_per_epoch": 3, "val_iterations": 1, "optimizer": "sgd",
+                                 "initial_lr": 0.01}
     assert final["configuration"] == CONFIG and final["fold"] == "0"
 
     records = assert_log_is_consistent(folder, 3)
@@ -398,7 +399,7 @@ def test_short_run_events_are_json_with_epochs_and_a_final_done(short_run):
     for event in epoch_events:
         assert event["of"] == 3 and event["eta_s"] >= 0 and "pseudo_dice" in event and "train_loss" in event
     assert epoch_events[-1]["eta_s"] == 0
-    progress = [e for e in events if e["event"] == "progress"]
+    progress = [e for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert [(e["epoch"], e["iteration"]) for e in progress] == [(ep, it) for ep in range(3) for it in (1, 2, 3)]
     assert events[-1]["event"] == "done" and events[-1]["stage"] == "train"
     assert events[-1]["epochs"] == 3 and Path(events[-1]["checkpoint"]) == fold_dir(work) / "checkpoint_final.pt"
@@ -599,12 +600,16 @@ def test_a_trained_fold_is_refused_without_resume_or_overwrite_and_overwrite_sta
     work = tmp_path / "WORK"
     shutil.copytree(trained, work)
     folder = fold_dir(work)
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    def contents():
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    before = contents()
+    assert "validation/summary.json" in before  # the run validated its fold at the end
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--epochs", 1))
     assert status == 1
     message = events[-1]["message"]
     assert events[-1]["event"] == "error" and "--resume" in message and "--overwrite" in message
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert contents() == before
 
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--overwrite", "--epochs", 1,
                                                        "--iterations-per-epoch", 1, "--num-workers", 0))
@@ -634,6 +639,24 @@ def test_resume_keeps_the_runs_schedule_and_refuses_weights_of_another_network(w
     message = events[-1]["message"]
     assert "does not fit the network of the current plans" in message and "checkpoint_final.pt" in message
     assert "internal error" not in message
+
+
+# -- the schedule's optimizer --------------------------------------------------------------
+def test_quick_preset_trains_with_adamw_and_a_resume_keeps_the_runs_optimizer(work_copy, one_thread):
+    dataset, work = work_copy
+    trainer = train_in_process(dataset, work, epochs=2, preset="quick")
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    records = read_log(fold_dir(work))
+    assert records[0]["learning_rate"] == pytest.approx(3e-3)
+    assert records[1]["learning_rate"] == pytest.approx(poly_lr(1, 2, 3e-3))
+    (fold_dir(work) / "checkpoint_final.pt").unlink()  # as if killed after epoch 2's latest
+    resumed = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", preset="paper", resume=True, num_workers=0,
+                                                            device="cpu")))
+    resumed.restore()
+    assert isinstance(resumed.optimizer, torch.optim.AdamW) and resumed.schedule.optimizer == "adamw"
+    paper = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "1", num_workers=0, device="cpu")))
+    assert isinstance(paper.optimizer, torch.optim.SGD)
+    assert paper.optimizer.defaults["momentum"] == 0.99 and paper.optimizer.defaults["nesterov"]
 
 
 # -- fine-tuning: a new run from another run's weights -------------------------------------

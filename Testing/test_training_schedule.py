@@ -31,7 +31,8 @@ def test_poly_lr_values():
 
 def test_presets():
     assert PRESETS == {"paper": PAPER, "quick": QUICK}
-    assert PAPER == Schedule(1000, 250, 50)
+    assert PAPER == Schedule(1000, 250, 50, "sgd", 0.01)  # the paper's blueprint
+    assert (QUICK.optimizer, QUICK.initial_lr) == ("adamw", 3e-3)
     assert QUICK.total_iterations < PAPER.total_iterations / 100
     assert get_preset("quick") is QUICK
     with pytest.raises(ValueError, match="unknown schedule preset 'fast'; choose one of: paper, quick"):
@@ -42,7 +43,22 @@ def test_presets():
 
 def test_resolve_schedule_overrides_only_what_is_given():
     assert resolve_schedule("paper", epochs=50) == Schedule(50, 250, 50)
-    assert resolve_schedule("quick", iterations_per_epoch=7, val_iterations=0) == Schedule(QUICK.epochs, 7, 0)
+    assert resolve_schedule("quick", iterations_per_epoch=7, val_iterations=0) == \
+        Schedule(QUICK.epochs, 7, 0, "adamw", 3e-3)
+    # another optimizer brings its own starting rate unless one is given
+    assert resolve_schedule("quick", optimizer="sgd") == Schedule(QUICK.epochs, 25, 5, "sgd", 0.01)
+    assert resolve_schedule("paper", optimizer="adamw", initial_lr=1e-3).initial_lr == 1e-3
+    assert resolve_schedule("paper", initial_lr=0.02) == Schedule(1000, 250, 50, "sgd", 0.02)
+
+
+def test_schedule_from_an_old_checkpoint_is_sgd_and_bad_optimizers_are_refused():
+    assert Schedule.from_dict({"epochs": 3, "iterations_per_epoch": 2, "val_iterations": 1}) == \
+        Schedule(3, 2, 1, "sgd", 0.01)
+    assert Schedule.from_dict(QUICK.to_dict()) == QUICK
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw, got 'adam'"):
+        Schedule(1, 1, 1, "adam")
+    with pytest.raises(ValueError, match="initial_lr must be a positive number"):
+        Schedule(1, 1, 1, "sgd", 0.0)
 
 
 def test_schedule_rejects_bad_values_and_round_trips():

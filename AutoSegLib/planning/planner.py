@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from AutoSegLib.planning import rules
+from AutoSegLib.planning import cpu, rules
 from AutoSegLib.planning.cascade import plan_cascade
 from AutoSegLib.planning.configure import StagePlan, configure_2d, configure_3d
 from AutoSegLib.planning.explain import note
@@ -169,7 +169,19 @@ def three_d_configurations(target, median_full, args: tuple, shared: dict) -> di
             "Same network, spacing, patch and batch as 3d_fullres; it also receives the upsampled 3d_lowres "
             "segmentation (one channel per class) as input."))]
         configurations["3d_cascade_fullres"] = cascade
+    configurations[cpu.NAME] = cpu_configuration(target, median_full, args[-1], shared)
     return configurations
+
+
+def cpu_configuration(target, median_full, axes: list[str], shared: dict) -> Configuration:
+    """``3d_cpu`` (see :mod:`.cpu`): the 3D rules at a CPU's size."""
+    stage = cpu.configure_cpu(target, median_full, axes)
+    config = to_configuration(stage, shared)
+    config.features_per_stage = cpu.cpu_features(len(config.strides))
+    config.memory = {"model": f"sized for a CPU: typical image <= {cpu.CPU_IMAGE_VOXELS} voxels, "
+                              f"{cpu.CPU_BASE_FEATURES} base features (not by GPU memory)"}
+    config.batch_dice = rules.use_batch_dice(3, False)
+    return config
 
 
 def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: float = 8.0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 PLANS_VERSION = 1
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet")
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
-CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cpu")
 
 
 class PlanningError(ValueError):

@@ -45,6 +45,8 @@ class TrainOptions:
     checkpoint_every_epochs: int = 5
     checkpoint_every_s: float = 600.0  # at most 10 minutes of work lost to a crash
     init_from: Path | None = None  # start from these network weights (fine-tuning), epoch 0
+    optimizer: str | None = None  # None: the preset's
+    initial_lr: float | None = None  # None: the preset's (or the optimizer's default)
 
 
 @dataclass
@@ -158,7 +160,8 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     check_run_folder(run_folder, options)
     model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
     run_folder.mkdir(parents=True, exist_ok=True)
-    schedule = resolve_schedule(options.preset, options.epochs, options.iterations_per_epoch)
+    schedule = resolve_schedule(options.preset, options.epochs, options.iterations_per_epoch,
+                                optimizer=options.optimizer, initial_lr=options.initial_lr)
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
                     schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value)

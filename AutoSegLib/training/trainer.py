@@ -1,8 +1,8 @@
 """The training loop of one fold: the paper's recipe, never losing work, always saying where it is.
 
 Recipe: SGD (Nesterov, momentum 0.99, weight decay 3e-5), learning rate 0.01 with poly
-decay, Dice + cross-entropy over the deep-supervision outputs, gradient norm clipped at 12,
-mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
+decay (the quick preset swaps in AdamW at 3e-3, see :mod:`.schedule`), Dice + cross-entropy
+over the deep-supervision outputs, gradient norm clipped at 12, mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
 validation cases, whose per-class pseudo-Dice (and its moving average) picks the best
 checkpoint and shows progress.
 
@@ -34,7 +34,7 @@ from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_l
 from AutoSegLib.training.schedule import epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget
 from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads, resolve_device
 
-INITIAL_LR = 0.01
+INITIAL_LR = 0.01  # the paper preset's SGD rate (schedule.PAPER.initial_lr)
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
 GRAD_CLIP = 12.0
@@ -67,6 +67,14 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+def make_optimizer(network: torch.nn.Module, schedule) -> torch.optim.Optimizer:
+    """The schedule's optimizer: the paper's SGD (Nesterov, momentum 0.99), or AdamW for short runs."""
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(network.parameters(), lr=schedule.initial_lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.SGD(network.parameters(), lr=schedule.initial_lr, momentum=MOMENTUM, nesterov=True,
+                           weight_decay=WEIGHT_DECAY)
+
+
 class Trainer:
     def __init__(self, run: RunSetup, reporter: Reporter | None = None):
         self.run, self.reporter = run, reporter or Reporter(quiet=True)
@@ -74,8 +82,7 @@ class Trainer:
         if self.device.type == "cpu":
             configure_cpu_threads()
         self.network = build_network(run.config, run.n_input_channels, run.n_classes).to(self.device)
-        self.optimizer = torch.optim.SGD(self.network.parameters(), lr=INITIAL_LR, momentum=MOMENTUM,
-                                         nesterov=True, weight_decay=WEIGHT_DECAY)
+        self.optimizer = make_optimizer(self.network, run.schedule)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         n_outputs = len(run.config["strides"]) - 1
@@ -108,6 +115,11 @@ class Trainer:
             raise TrainingSetupError(str(exc)) from None
         for bad, reason in skipped:
             self.reporter.warning("train", f"skipping damaged checkpoint {bad}: {reason}")
+        if state.get("schedule"):
+            # the run continues with its own optimizer, whatever the preset on the command line
+            self.schedule = type(self.schedule).from_dict(state["schedule"])
+            if self.schedule.optimizer != self.run.schedule.optimizer:
+                self.optimizer = make_optimizer(self.network, self.schedule)
         try:
             self.network.load_state_dict(state["network_weights"])
             self.optimizer.load_state_dict(state["optimizer_state"])
@@ -121,8 +133,6 @@ class Trainer:
         self.epoch = state["epoch"]
         self.ema = state.get("ema_pseudo_dice")
         self.best_ema = state.get("best_ema_pseudo_dice", -1.0)
-        if state.get("schedule"):
-            self.schedule = type(self.schedule).from_dict(state["schedule"])
         asked = self.run.options
         if (asked.epochs not in (None, self.schedule.epochs)
                 or asked.iterations_per_epoch not in (None, self.schedule.iterations_per_epoch)):
@@ -181,7 +191,7 @@ class Trainer:
                 "checkpoint": str(path), "run_folder": str(self.run.run_folder)}
 
     def lr(self) -> float:
-        return poly_lr(self.epoch, self.schedule.epochs, INITIAL_LR)
+        return poly_lr(self.epoch, self.schedule.epochs, self.schedule.initial_lr)
 
     def check_stop(self) -> None:
         """Between steps: on SIGTERM/SIGINT save ``latest`` and stop (weights of this moment)."""
