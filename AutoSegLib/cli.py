@@ -9,6 +9,7 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -425,7 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def passive_openmp_waits() -> None:
+    """Let idle OpenMP threads sleep instead of spinning, unless the user chose otherwise.
+
+    Must run before torch is imported (commands import it lazily). With spinning threads a
+    CPU run collapses as soon as anything else wants a core - the Slicer GUI, a second job, a
+    data worker: one training iteration of 3d_cpu on 2 cores took 12.7 s with the default and
+    1.8 s with PASSIVE while another process held one core (2026-11-30, BENCHMARKS.md).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    passive_openmp_waits()
     parser = build_parser()
     args = parser.parse_args(argv)
     reporter = Reporter(events=args.events)

@@ -1,6 +1,7 @@
 """The command line as users and the Slicer module run it: real subprocesses, real exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -128,3 +129,14 @@ def test_plan_from_fingerprint_errors_are_clear(phantom_ct, tmp_path, extra, mes
 def test_make_phantoms_refuses_to_overwrite(phantom_ct):
     result = run("make-phantoms", phantom_ct, "--cases", 1)
     assert result.returncode == 1 and str(phantom_ct) in result.stderr
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch):
+    from AutoSegLib import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli.passive_openmp_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.passive_openmp_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
