@@ -594,20 +594,28 @@ class Bench:
     def part_training(self) -> None:
         a = self.args
         self.say(f"\n== training throughput: {a.warmup} warm-up + {a.iterations} measured iteration(s), {CONFIG} "
-                 f"fold 0")
+                 f"fold 0, {a.training_repeats} run(s) each")
         self.results["matmul_gflops"] = matmul_gflops()
         self.say(f"  float32 matmul 2048^3: {self.results['matmul_gflops']:.1f} GFLOP/s")
-        out = self.root / "autoseg_throughput.json"
-        Run([sys.executable, __file__, "--child-throughput", "--root", self.root, "--warmup", a.warmup,
-             "--iterations", a.iterations, "--out", out], self.env, self.log("autoseg_throughput"))()
-        ours = json.loads(out.read_text())
-        shutil.rmtree(self.nn_results / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{CONFIG}" / "fold_0",
-                      ignore_errors=True)
-        out = self.root / "nnunet_throughput.json"
-        Run(self.driver_argv("throughput", "--dataset", DATASET_NAME, "--config", CONFIG, "--fold", "0",
-                             "--warmup", a.warmup, "--measure", a.iterations, "--out", out),
-            self.env, self.log("nnunet_throughput"))()
-        theirs = json.loads(out.read_text())
+        runs: dict[str, list[dict]] = {"autoseg": [], "nnunet": []}
+        for r in range(a.training_repeats):
+            for system in ["autoseg", "nnunet"] if r % 2 == 0 else ["nnunet", "autoseg"]:
+                out = self.root / f"{system}_throughput.json"
+                if system == "autoseg":
+                    Run([sys.executable, __file__, "--child-throughput", "--root", self.root, "--warmup", a.warmup,
+                         "--iterations", a.iterations, "--out", out], self.env, self.log("autoseg_throughput"))()
+                else:
+                    shutil.rmtree(self.nn_results / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{CONFIG}" / "fold_0",
+                                  ignore_errors=True)
+                    Run(self.driver_argv("throughput", "--dataset", DATASET_NAME, "--config", CONFIG, "--fold", "0",
+                                         "--warmup", a.warmup, "--measure", a.iterations, "--out", out),
+                        self.env, self.log("nnunet_throughput"))()
+                runs[system].append(json.loads(out.read_text()))
+        merged = {}
+        for system, results in runs.items():  # every measured iteration of every run
+            pooled = {k: [x for r in results for x in r[k]] for k in ("waits", "steps", "pure")}
+            merged[system] = {**results[-1], **pooled}
+        ours, theirs = merged["autoseg"], merged["nnunet"]
         for name, r in (("autoseg", ours), ("nnunet", theirs)):
             totals = [w + s for w, s in zip(r["waits"], r["steps"])]
             r["s_per_it"] = statistics.median(totals)
@@ -617,7 +625,8 @@ class Bench:
             r["network_share"] = min(1.0, r["pure_s"] / r["s_per_it"])
             r["gflops"] = r["gflop"] / r["pure_s"]
             r["gflops_loop"] = r["gflop"] / r["s_per_it"]
-            self.say(f"  {name:7s} {r['s_per_it']:.2f} s/it ({r['it_per_s']:.3f} it/s), network step {r['pure_s']:.2f} s "
+            self.say(f"  {name:7s} {r['s_per_it']:.2f} s/it ({r['it_per_s']:.3f} it/s), "
+                     f"network step {r['pure_s']:.2f} s "
                      f"({r['gflop']:.0f} GFLOP, {r['gflops']:.1f} GFLOP/s), data wait {100 * r['wait_fraction']:.0f}%, "
                      f"{r['data_workers']} data worker(s), {r['threads']} thread(s); load {load()}")
         self.results["training"] = {"autoseg": ours, "nnunet": theirs}
@@ -647,9 +656,11 @@ class Bench:
                     done = len(list(out.glob("*.nii.gz")))
                     if done != cases:
                         raise RuntimeError(f"{system} wrote {done} of {cases} predictions (log {run.log})")
-                    runs[(system, tta)].append({"wall": run.wall, "per_case": run.wall / cases, "tree_pss": run.tree_pss,
-                                                "tree_rss": run.tree_rss, "process_peak": run.process_peak})
-                    self.say(f"  repeat {r + 1} TTA {tta:3s} {system:7s} {run.wall:7.1f} s ({run.wall / cases:.1f} s/case), "
+                    runs[(system, tta)].append({"wall": run.wall, "per_case": run.wall / cases,
+                                                "tree_pss": run.tree_pss, "tree_rss": run.tree_rss,
+                                                "process_peak": run.process_peak})
+                    self.say(f"  repeat {r + 1} TTA {tta:3s} {system:7s} {run.wall:7.1f} s "
+                             f"({run.wall / cases:.1f} s/case), "
                              f"tree peak PSS {run.tree_pss / MB:.0f} MiB (RSS sum {run.tree_rss / MB:.0f}), largest "
                              f"process {run.process_peak / MB:.0f} MiB  (load {load()})")
                     shutil.rmtree(out, ignore_errors=True)
@@ -684,7 +695,8 @@ class Bench:
         shutil.rmtree(folder, ignore_errors=True)
         out = self.root / "nnunet_train.json"
         run = Run(self.driver_argv("train", "--dataset", DATASET_NAME, "--config", CONFIG, "--fold", "all",
-                                   "--epochs", epochs, "--iterations", per_epoch, "--val-iterations", val, "--out", out),
+                                   "--epochs", epochs, "--iterations", per_epoch, "--val-iterations", val,
+                                   "--out", out),
                   self.env, self.log("nnunet_train_budget"), timeout=budget_s + a.grace_seconds)()
         checkpoint = next((c for c in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
                            if (folder / c).is_file()), None)
@@ -842,9 +854,12 @@ def report(bench: Bench) -> str:
         lines.append(f"plan ({CONFIG}): patch {'x'.join(map(str, p['patch']))}, batch {p['batch']}, features "
                      f"{p['features']}; " + ("identical in both planners" if p["identical"]
                                               else f"forced on AutoSeg: {', '.join(p['forced'])}"))
-    lines.append(f"settings: {a.repeats} repeat(s) (medians), {a.num_processes} process(es) for preprocessing, "
-                 f"{a.iterations} measured training iterations after {a.warmup}, training budget "
-                 f"{a.train_minutes:g} min")
+    lines.append(f"settings: {a.repeats} repeat(s) of preprocessing and inference without TTA, {a.tta_repeats} with "
+                 f"TTA (medians); {a.num_processes} process(es) for preprocessing; "
+                 f"{a.training_repeats} training run(s) "
+                 f"of {a.warmup} warm-up + {a.iterations} measured iterations (medians); training budget "
+                 f"{a.train_minutes:g} min; nnU-Net cpu_count: "
+                 f"{'stock (all cores)' if a.nnunet_stock_cpu_count else 'usable cores'}")
     lines.append("")
     lines.append("| measurement | AutoSeg | nnU-Net v2 | ratio (AutoSeg better > 1) | target | |")
     lines.append("|---|---:|---:|---:|---:|---|")
@@ -956,6 +971,8 @@ def main() -> int:
     parser.add_argument("--no-verify-row", action="store_true", help="skip the preprocessing row with dataset checks")
     parser.add_argument("--iterations", type=int, default=3, help="measured training iterations (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="training iterations before measuring (default 1)")
+    parser.add_argument("--training-repeats", type=int, default=1,
+                        help="training-throughput runs per system, in alternating order (default 1)")
     parser.add_argument("--train-minutes", type=float, default=10.0, help="training budget for the Dice part")
     parser.add_argument("--grace-seconds", type=float, default=120.0,
                         help="a training process still running this long after the budget is killed (default 120)")
