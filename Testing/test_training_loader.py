@@ -195,8 +195,12 @@ def test_shared_memory_transport_yields_the_same_batches(dataset):
         assert torch.equal(next(loader)["data"], shared["data"])
 
 
-def test_worker_count_fits_machine_and_memory():
-    assert 1 <= default_num_workers() <= 4
+def test_worker_count_fits_machine_and_memory(monkeypatch):
+    # one core stays with the network; at least one worker, at most the cap
+    for cores, expected in ((1, 1), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_num_workers() == expected
+    assert default_num_workers(cap=2) == 2
     assert fit_workers(4, per_worker=1000, available=2500) == 1
     assert fit_workers(4, per_worker=1000, available=100) == 1  # never zero
     assert fit_workers(3, per_worker=1000, available=None) == 3

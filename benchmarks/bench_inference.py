@@ -30,18 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_preprocess_memory import _status  # noqa: E402 - VmRSS/VmHWM of this process
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MB = 1024 * 1024
-
-
-def _status() -> dict:
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                values[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return values
 
 
 def build_model(root: Path) -> tuple[Path, Path]:

@@ -378,20 +378,13 @@ def load() -> str:
 
 
 def matmul_gflops() -> float:
-    """Median float32 GEMM rate (2048^3) with the threads training uses: the practical ceiling."""
-    import torch
-
+    """Median float32 GEMM rate with the threads training uses (bench_training's measurement)."""
     from AutoSegLib.training.setup import configure_cpu_threads
 
-    configure_cpu_threads()
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_training import matmul_gflops as measure
+
+    return measure(configure_cpu_threads())
 
 
 def git_state() -> str:
