@@ -121,6 +121,17 @@ def test_prediction_is_on_the_input_grid_for_anisotropic_oblique_images(model_di
     assert predictor.predict([image], oblique_geometry())[1] is None
 
 
+def test_3d_network_predicts_in_channels_last_layout_with_the_same_result(model_dir):
+    predictor = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0], device="cpu", tta=False)
+    network = predictor.stages[0].network
+    assert network.encoder.stages[0][0].convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    image = blob_image()
+    fast = predictor.predict_probabilities([image], oblique_geometry())
+    network.to(memory_format=torch.contiguous_format)
+    plain = predictor.predict_probabilities([image], oblique_geometry())
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
 def test_folds_are_ensembled_by_averaging_probabilities(model_dir):
     image, geometry = blob_image(), oblique_geometry()
     both = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0, 1], device="cpu", tta=False)

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from AutoSegLib.network import ARCHITECTURES, NetworkConfigError, build_network, count_parameters
+from AutoSegLib.network.blocks import InstanceNorm
+from AutoSegLib.network.layout import inference_memory_format
 from AutoSegLib.network.reference import fill_deterministic, output_summary, reference_input, state_dict_layout
 from AutoSegLib.planning import plan
 
@@ -96,6 +98,37 @@ def test_eval_forward_is_deterministic():
     with torch.no_grad():
         first, second = net(x), net(x)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# -- instance norm as a one-channel-per-group group norm -------------------------------------
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_equals_torchs_instance_norm_with_the_same_parameters(dims):
+    ours = InstanceNorm(5)
+    torchs = (torch.nn.InstanceNorm2d if dims == 2 else torch.nn.InstanceNorm3d)(5, eps=1e-5, affine=True)
+    assert list(ours.state_dict()) == list(torchs.state_dict()) == ["weight", "bias"]
+    with torch.no_grad():
+        torchs.weight.copy_(torch.linspace(0.5, 1.5, 5))
+        torchs.bias.copy_(torch.linspace(-0.2, 0.3, 5))
+    ours.load_state_dict(torchs.state_dict())
+    x = reference_input([3, 5] + [6, 7, 9][-dims:]) * 4 + 2  # per-sample, per-channel statistics
+    assert torch.allclose(ours(x), torchs(x), atol=1e-5)
+
+
+def test_network_gives_the_same_logits_in_channels_last_layout():
+    torch.manual_seed(0)
+    net = build_network(config_3d(), 1, 3, deep_supervision=False).eval()
+    x = reference_input([2, 1, 8, 32, 32])
+    with torch.no_grad():
+        contiguous = net(x)
+        net.to(memory_format=torch.channels_last_3d)
+        channels_last = net(x.to(memory_format=torch.channels_last_3d))
+    assert torch.allclose(contiguous, channels_last, atol=1e-4)
+
+
+def test_inference_layout_is_channels_last_only_for_3d_on_the_cpu():
+    assert inference_memory_format(3, "cpu") == torch.channels_last_3d
+    assert inference_memory_format(2, "cpu") == torch.contiguous_format
+    assert inference_memory_format(3, "cuda") == torch.contiguous_format
 
 
 # -- compatibility with dynamic-network-architectures ----------------------------------------

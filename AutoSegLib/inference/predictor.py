@@ -47,6 +47,7 @@ from AutoSegLib.inference.model import DEFAULT_CONFIGURATION, ModelCheckpointErr
 from AutoSegLib.inference.probabilities import labels_from_probabilities, one_hot_foreground
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
+from AutoSegLib.network.layout import inference_memory_format
 from AutoSegLib.preprocessing.case import preprocess_case, restore_probabilities
 
 
@@ -267,5 +268,5 @@ def _load_stage(model: ModelFolder, name: str, folds, checkpoint: str, device: t
             raise ModelCheckpointError(f"{path}: the {checkpoint} checkpoint does not fit the network of "
                                        f"{model.path / 'plans.json'} ({first})") from None
         weights.append(state)
-    network.to(device).eval()
+    network.to(device, memory_format=inference_memory_format(len(config["patch_size"]), device)).eval()
     return Stage(name, config, network, fold_list, weights, previous)

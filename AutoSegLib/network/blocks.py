@@ -16,10 +16,25 @@ from torch import nn
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 NORM_EPS = 1e-5
 LEAKY_SLOPE = 1e-2
+
+
+class InstanceNorm(nn.GroupNorm):
+    """Instance norm computed as a group norm with one channel per group.
+
+    The same operation as ``nn.InstanceNorm2d/3d(affine=True)`` without running statistics
+    (nnU-Net's norm): per sample and channel, normalise over the spatial axes, then scale and
+    shift per channel. Its parameters are also named ``weight`` and ``bias``, so checkpoints
+    of either module load into the other. Why not ``nn.InstanceNorm3d``: on the CPU it
+    reshapes to a batch norm over ``B*C`` channels, copying the activations, and it cannot
+    keep the ``channels_last_3d`` layout; group norm works on either layout directly
+    (benchmarks/bench_inference.py: BENCHMARKS.md, "Network layout").
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(num_groups=channels, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
 def leaky_relu() -> nn.LeakyReLU:
@@ -41,7 +56,7 @@ class ConvNormAct(nn.Module):
         # Same tensors, same keys here, so its checkpoints load with strict=True.
         self.conv = CONV[dims](in_channels, out_channels, kernel_size, stride,
                                padding=[(k - 1) // 2 for k in kernel_size], dilation=1, bias=bias)
-        self.norm = INSTANCE_NORM[dims](out_channels, eps=NORM_EPS, affine=True)
+        self.norm = InstanceNorm(out_channels)
         ops = [self.conv, self.norm]
         if activation:
             self.nonlin = leaky_relu()
