@@ -769,6 +769,26 @@ def test_time_budget_ends_training_early_with_the_learning_rate_decayed(work_cop
     assert took < budget_min * 60 * 2 + 15, f"{took:.0f} s for a {budget_min * 60:.0f} s budget"
 
 
+def test_time_budget_shortens_a_first_epoch_that_cannot_fit(work_copy, capsys, one_thread):
+    # One epoch of 100,000 iterations would run for hours: the budget must act inside it.
+    dataset, work = work_copy
+    budget_min = 0.15
+    started = time.monotonic()
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--epochs", 50, "--iterations-per-epoch",
+                                                       100000, "--time-budget", budget_min, "--num-workers", 0,
+                                                       "--no-validation"))
+    took = time.monotonic() - started
+    assert status == 0, events[-3:]
+    assert any(e["event"] == "log" and "instead of 50 of 100000" in e["message"] for e in events), \
+        [e["message"] for e in events if e["event"] == "log"]
+    final = ckpt.load_checkpoint(fold_dir(work) / "checkpoint_final.pt")
+    assert final["schedule"]["iterations_per_epoch"] < 100000
+    records = read_log(fold_dir(work))
+    assert len(records) >= 2  # several short epochs, so the learning rate decayed in steps
+    assert records[-1]["learning_rate"] < records[0]["learning_rate"]
+    assert took < budget_min * 60 * 2 + 15, f"{took:.0f} s for a {budget_min * 60:.0f} s budget"
+
+
 # -- the fault-injecting driver (run as a script by the kill tests) ------------------------
 def _emit(**fields) -> None:
     sys.stdout.write(json.dumps({**fields, "stage": "train", "t": round(time.time(), 3)}) + "\n")

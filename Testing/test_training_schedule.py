@@ -85,12 +85,23 @@ def test_scale_to_time_budget_never_lengthens():
     assert scale_to_time_budget(QUICK, seconds_per_iteration=0.001, budget_s=10 ** 6) == QUICK
 
 
-def test_scale_to_time_budget_less_than_one_epoch_cuts_iterations():
+def test_scale_to_time_budget_shortens_epochs_rather_than_leave_fewer_than_ten():
     scaled = scale_to_time_budget(Schedule(10, 250, 50), seconds_per_iteration=1.0, budget_s=100)
-    assert scaled == Schedule(1, 75, 50)  # 75 training + 50 * 0.5 validation = 100 s
-    assert scale_to_time_budget(Schedule(10, 250, 50), 1.0, budget_s=1) == Schedule(1, 1, 50)
+    assert scaled == Schedule(10, 9, 1)  # 10 epochs x (9 training + 1 * 0.5 validation) = 95 s
+    # the paper's epochs on a CPU (26 s per iteration) in 10 minutes: the lr still decays in 9 steps
+    paper = scale_to_time_budget(PAPER, seconds_per_iteration=26.0, budget_s=600)
+    assert paper == dataclasses.replace(PAPER, epochs=9, iterations_per_epoch=2, val_iterations=1)
+    assert paper.epochs * seconds_per_epoch(paper, 26.0) <= 600
+    # fewer than ten epochs fit only when one-iteration epochs do not
+    assert scale_to_time_budget(Schedule(10, 250, 50), 1.0, budget_s=1) == Schedule(1, 1, 1)
+    assert scale_to_time_budget(Schedule(10, 250, 50), 1.0, budget_s=7) == Schedule(4, 1, 1)
     with pytest.raises(ValueError):
         scale_to_time_budget(QUICK, 0, 100)
+
+
+def test_scale_to_time_budget_keeps_a_short_requested_run_and_its_validation_ratio():
+    assert scale_to_time_budget(Schedule(3, 100, 20), 1.0, budget_s=150) == Schedule(3, 45, 9)
+    assert scale_to_time_budget(Schedule(50, 20, 0), 1.0, budget_s=100) == Schedule(10, 10, 0)
 
 
 def test_recent_epoch_seconds_skips_warm_up_epoch():

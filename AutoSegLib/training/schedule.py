@@ -131,25 +131,35 @@ def seconds_per_epoch(schedule: Schedule, seconds_per_iteration: float, val_iter
     return seconds_per_iteration * iterations + overhead_s
 
 
+MIN_BUDGET_EPOCHS = 10  # below this, epochs get shorter rather than fewer (the lr decays per epoch)
+
+
 def scale_to_time_budget(schedule: Schedule, seconds_per_iteration: float, budget_s: float,
                          val_iteration_cost: float = 0.5, overhead_s: float = 0.0) -> Schedule:
     """The schedule shortened so that it finishes within ``budget_s``.
 
     Epochs are dropped first, keeping iterations per epoch (the unit of validation and
     logging); pass the new ``epochs`` to :func:`poly_lr` so the decay still reaches ~0 at the
-    new last epoch. Only when not even one epoch fits is that epoch's iteration count cut
-    (at least one iteration). A schedule that already fits is returned unchanged: the
-    budget is a ceiling, never a reason to train longer.
+    new last epoch. The learning rate changes once per epoch, so a budget that would leave
+    fewer than ``MIN_BUDGET_EPOCHS`` epochs (a 10-minute budget with the paper's 250-iteration
+    epochs on a CPU leaves none) keeps that many epochs and shortens each one instead,
+    training and validation iterations alike (at least one of each). Only when not even that
+    many one-iteration epochs fit are there fewer epochs. A schedule that already fits is
+    returned unchanged: the budget is a ceiling, never a reason to train longer.
     """
     if seconds_per_iteration <= 0 or budget_s <= 0:
         raise ValueError(f"seconds_per_iteration ({seconds_per_iteration}) and budget_s ({budget_s}) must be positive")
     per_epoch = seconds_per_epoch(schedule, seconds_per_iteration, val_iteration_cost, overhead_s)
     epochs = math.floor(budget_s / per_epoch)
-    if epochs >= 1:
+    wanted = min(MIN_BUDGET_EPOCHS, schedule.epochs)
+    if epochs >= wanted:
         return replace(schedule, epochs=min(schedule.epochs, epochs))
-    fixed = seconds_per_iteration * val_iteration_cost * schedule.val_iterations + overhead_s
-    iterations = math.floor((budget_s - fixed) / seconds_per_iteration)
-    return replace(schedule, epochs=1, iterations_per_epoch=max(1, min(schedule.iterations_per_epoch, iterations)))
+    share = (budget_s / wanted - overhead_s) / (per_epoch - overhead_s)  # of each epoch's iterations
+    iterations = max(1, math.floor(schedule.iterations_per_epoch * share))
+    val_iterations = min(schedule.val_iterations, max(1, math.floor(schedule.val_iterations * share)))
+    shorter = replace(schedule, iterations_per_epoch=iterations, val_iterations=val_iterations)
+    fit = math.floor(budget_s / seconds_per_epoch(shorter, seconds_per_iteration, val_iteration_cost, overhead_s))
+    return replace(shorter, epochs=max(1, min(wanted, fit)))
 
 
 def recent_epoch_seconds(epoch_times: Sequence[float], window: int = 5) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -31,13 +32,15 @@ from AutoSegLib.training.augmentation import validation_pipeline
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
                                       pseudo_dice)
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
-from AutoSegLib.training.schedule import epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget
+from AutoSegLib.training.schedule import (epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget,
+                                         seconds_per_epoch)
 from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads, resolve_device
 
 INITIAL_LR = 0.01  # the paper preset's SGD rate (schedule.PAPER.initial_lr)
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
 GRAD_CLIP = 12.0
+BUDGET_PROBE_ITERATIONS = 3  # with --time-budget, the first epoch is checked after this many iterations
 EMA_WEIGHT = 0.9  # pseudo-Dice moving average: new = 0.9 * old + 0.1 * epoch value (nnU-Net)
 
 
@@ -94,6 +97,7 @@ class Trainer:
         self.last_save = time.monotonic()
         self.epoch_walls: list[float] = []  # wall-clock seconds per epoch in this process (time budget)
         self._last_epoch_end: float | None = None
+        self.started = time.monotonic()  # of the training loop; train() sets it again
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -181,7 +185,7 @@ class Trainer:
                          seed=seed + 1, transforms=validation_pipeline(self.run.config),
                          ignore_label=self.run.ignore_label) as val_loader, stop_on_signals() as signals:
             self.reporter.start("train", of=self.schedule.epochs, epoch=self.epoch)
-            started = time.monotonic()
+            started = self.started = time.monotonic()
             self.signals = signals
             while self.epoch < self.schedule.epochs:
                 record = self.run_epoch(train_loader, val_loader)
@@ -204,11 +208,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.network.train()
-        losses = []
-        for iteration in range(self.schedule.iterations_per_epoch):
+        losses, step_times = [], []
+        while len(losses) < self.schedule.iterations_per_epoch:  # the budget may shorten this epoch
+            step_started = time.monotonic()
             losses.append(self.train_step(next(train_loader)))
+            step_times.append(time.monotonic() - step_started)
             self.check_stop()
-            self.reporter.emit("progress", "train", epoch=self.epoch, iteration=iteration + 1,
+            if len(losses) == BUDGET_PROBE_ITERATIONS and not self.epoch_walls:
+                self.fit_first_epoch_to_budget(step_times)
+            self.reporter.emit("progress", "train", epoch=self.epoch, iteration=len(losses),
                                of=self.schedule.iterations_per_epoch, loss=losses[-1])
         val_loss, dice = self.validate(val_loader)
         return {"epoch": self.epoch, "train_loss": sum(losses) / len(losses), "val_loss": val_loss,
@@ -278,6 +286,31 @@ class Trainer:
         if due or time.monotonic() - self.last_save >= self.run.options.checkpoint_every_s:
             self.save("latest")
 
+    def fit_first_epoch_to_budget(self, step_times: list[float]) -> None:
+        """With --time-budget: after the first few iterations, shorten a schedule that cannot fit.
+
+        The budget is otherwise re-planned after each epoch, but the first epoch must end for
+        that: the paper's 250 iterations at 26 s each on a CPU core are 1.8 hours, whatever the
+        budget. The first iteration (allocator and worker warm-up) is not counted.
+        """
+        budget = self.run.options.time_budget_min
+        if budget is None:
+            return
+        seconds_per_iteration = statistics.median(step_times[1:])
+        left_s = budget * 60.0 - (time.monotonic() - self.started)
+        if seconds_per_epoch(self.schedule, seconds_per_iteration) * min(2, self.schedule.epochs) <= left_s:
+            return  # two epochs fit: re-planning after the first epoch, from a whole epoch, is better
+        before = self.schedule
+        remaining = replace(before, epochs=before.epochs - self.epoch)
+        fitted = scale_to_time_budget(remaining, seconds_per_iteration, left_s + sum(step_times))
+        self.schedule = replace(fitted, epochs=self.epoch + fitted.epochs)
+        if self.schedule != before:
+            self.reporter.log("train", f"time budget {budget:g} min: {seconds_per_iteration:.1f} s per iteration, "
+                                       f"so {self.schedule.epochs - self.epoch} epochs of "
+                                       f"{self.schedule.iterations_per_epoch} iterations "
+                                       f"({self.schedule.val_iterations} validation) instead of "
+                                       f"{before.epochs - self.epoch} of {before.iterations_per_epoch}")
+
     def maybe_rescale_for_budget(self, started: float) -> None:
         """With --time-budget: fit the epoch count to the budget after every epoch.
 
@@ -298,7 +331,13 @@ class Trainer:
         if self.epoch == 1:
             # scale_to_time_budget prices an epoch as iterations + half-cost validation iterations
             units = self.schedule.iterations_per_epoch + 0.5 * self.schedule.val_iterations
-            self.schedule = scale_to_time_budget(self.schedule, self.epoch_walls[-1] / units, budget_s)
+            fitted = scale_to_time_budget(self.schedule, self.epoch_walls[-1] / units, budget_s)
+            shape_changed = fitted.iterations_per_epoch != self.schedule.iterations_per_epoch
+            self.schedule = fitted
+            if shape_changed:  # the epoch just timed is not the epoch to come: re-plan after the next
+                self.reporter.log("train", f"time budget {budget:g} min: training for {fitted.epochs} epochs "
+                                           f"of {fitted.iterations_per_epoch} iterations")
+                return
         epochs = epochs_within_budget(self.schedule.epochs, self.epoch, now - started, self.epoch_walls, budget_s)
         if epochs != self.schedule.epochs:
             self.schedule = replace(self.schedule, epochs=epochs)
