@@ -34,7 +34,8 @@ def cmd_make_phantoms(args, reporter: Reporter) -> None:
     from AutoSegLib.synthetic import make_phantom_dataset
 
     out = make_phantom_dataset(args.out, kind=args.kind, cases=args.cases, seed=args.seed,
-                               channels=args.channels, test_cases=args.test_cases, reporter=reporter)
+                               channels=args.channels, test_cases=args.test_cases, size=args.size,
+                               reporter=reporter)
     reporter.log("make-phantoms", f"Wrote {args.cases} {args.kind.upper()} phantom case(s) to {out}")
     reporter.done("make-phantoms", dataset=str(out))
 
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-cases", type=int, default=0, help="extra cases in imagesTs/labelsTs (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels", type=_positive_int, default=None, help="MR channels (default 1; CT has 1)")
+    p.add_argument("--size", type=float, default=1.0,
+                   help="patient scale, > 0 and <= 4 (default 1): the same patients SIZE times larger, scanned at "
+                        "the same spacing with a field of view grown to match, so images have about SIZE times the "
+                        "voxels along each axis; organs and labels are unchanged")
     _add_common(p)
     p.set_defaults(func=cmd_make_phantoms, stage="make-phantoms")
 
@@ -347,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="end training cleanly within this many minutes (fewer epochs, same decay to ~0)")
+                   help="end training cleanly within this many minutes: fewer epochs, or shorter ones when "
+                        "fewer than 10 would fit (checked after 3 iterations); same decay to ~0")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run of this fold and start over")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])

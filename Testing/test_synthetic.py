@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from functools import lru_cache
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from AutoSegLib.cli import main
 from AutoSegLib.dataset import open_dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.imageio import Geometry, read_image
@@ -121,6 +123,86 @@ def _volume_and_centre(mask: np.ndarray, geometry: Geometry) -> tuple[float, np.
     return mask.sum() * float(np.prod(geometry.spacing)), centre
 
 
+# -- size ---------------------------------------------------------------------------------------
+# Digests of cases written before the size option existed (numpy 2.4.6, scipy 1.17.1): the
+# generator promises the same bits for the same (kind, seed, index) on the same build.
+_DIGESTS_BEFORE_SIZE = {
+    ("ct", 0, 3, None, "train"): "2ce7cfed3eacd7ec6dcb78395af8826da682e990f72d0c002ae210fabf77dd63",
+    ("mr", 0, 1, 2, "test"): "a90361863bd75407ba50d0d43b515325e5ec7d80385a38ddbf442520546ba43c",
+}
+
+
+def _digest(c) -> str:
+    h = hashlib.sha256()
+    for array in c.images + [c.label]:
+        h.update(array.tobytes())
+    h.update(repr(c.geometry).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("key", sorted(_DIGESTS_BEFORE_SIZE, key=str))
+def test_default_size_gives_the_cases_of_before_the_size_option(key):
+    kind, seed, index, channels, split = key
+    default = make_case(kind, seed, index, channels, split=split)
+    assert _digest(default) == _DIGESTS_BEFORE_SIZE[key]
+    assert _digest(make_case(kind, seed, index, channels, split=split, size=1.0)) == _DIGESTS_BEFORE_SIZE[key]
+
+
+def test_default_size_writes_the_same_files(tmp_path):
+    make_phantom_dataset(tmp_path / "default", cases=1, test_cases=1, seed=2)
+    make_phantom_dataset(tmp_path / "one", cases=1, test_cases=1, seed=2, size=1.0)
+    files = sorted(p.relative_to(tmp_path / "default") for p in (tmp_path / "default").rglob("*.nii.gz"))
+    assert len(files) == 4
+    for name in files:
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_larger_size_is_a_larger_patient_at_the_same_spacing():
+    for index in range(4):  # one block: every protocol
+        small, large = case("ct", 0, index), make_case("ct", 0, index, size=1.5)
+        expected = tuple(int(np.ceil((n - 1) * 1.5 - 1e-9)) + 1 for n in small.label.shape)
+        assert large.label.shape == expected == large.images[0].shape, small.protocol
+        assert large.geometry.spacing == small.geometry.spacing
+        assert large.geometry.direction == small.geometry.direction
+        assert large.protocol == small.protocol
+        for value in large.geometry.origin:
+            assert float(np.float32(value)) == value
+        small_counts = np.bincount(small.label.ravel(), minlength=len(LABELS))
+        large_counts = np.bincount(large.label.ravel(), minlength=len(LABELS))
+        assert large_counts.size == len(LABELS) and large_counts.min() >= 20, large_counts
+        # Same voxel size, 1.5x the length: every structure has ~1.5^3 the voxels.
+        np.testing.assert_allclose(large_counts[1:] / small_counts[1:], 1.5 ** 3, rtol=0.15)
+
+
+def test_larger_mr_case_keeps_its_contrasts():
+    c = make_case("mr", 0, 2, 2, size=1.5)
+    assert c.bias.shape == c.label.shape == c.images[1].shape
+    t1, t2 = ({name: float(im[c.label == v].mean()) for name, v in LABELS.items()} for im in c.images)
+    assert t1["liver_lesion"] < t1["liver"] and t2["liver_lesion"] > 2 * t2["liver"]
+
+
+def test_size_on_the_command_line_is_written_and_recorded(tmp_path):
+    out = tmp_path / "Dataset903_Large"
+    assert main(["make-phantoms", str(out), "--cases", "1", "--test-cases", "1", "--size", "1.5"]) == 0
+    raw = json.loads((out / "dataset.json").read_text())
+    assert raw["synthetic"]["size"] == 1.5 and "size=1.5" in raw["description"]
+    for image, label in (("imagesTr/phantom_ct_000_0000", "labelsTr/phantom_ct_000"),
+                         ("imagesTs/phantom_ct_test_000_0000", "labelsTs/phantom_ct_test_000")):
+        array, geometry = read_image(out / f"{image}.nii.gz")
+        labels, label_geometry = read_image(out / f"{label}.nii.gz")
+        assert array.shape == labels.shape and geometry == label_geometry
+        assert set(np.unique(labels)) == set(LABELS.values())
+    small = case("ct", 0, 0).label.shape
+    assert read_image(out / "labelsTr/phantom_ct_000.nii.gz")[0].shape == tuple(
+        int(np.ceil((n - 1) * 1.5 - 1e-9)) + 1 for n in small)
+
+
+def test_size_out_of_range_on_the_command_line_is_an_error_naming_it(tmp_path, capsys):
+    assert main(["make-phantoms", str(tmp_path / "ds"), "--cases", "1", "--size", "4.5"]) == 1
+    assert "size must be > 0 and <= 4, got 4.5" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
 # -- labels -----------------------------------------------------------------------------------
 def test_label_tables():
     for kind in ("ct", "mr"):
@@ -222,7 +304,7 @@ def test_written_dataset_opens_and_round_trips(tmp_path):
     assert dataset.spec.file_ending == ".nii.gz"
     assert dataset.case_ids == ["phantom_mr_000", "phantom_mr_001", "phantom_mr_002"]
     raw = json.loads((out / "dataset.json").read_text())
-    assert raw["synthetic"]["seed"] == 0 and raw["synthetic"]["kind"] == "mr"
+    assert raw["synthetic"]["seed"] == 0 and raw["synthetic"]["kind"] == "mr" and raw["synthetic"]["size"] == 1.0
     assert "Not patient data" in raw["description"]
     for entry in dataset.cases:
         expected = case("mr", 0, int(entry.case_id[-3:]), 2)
@@ -292,6 +374,12 @@ def test_refuses_to_write_into_a_non_empty_folder(tmp_path):
     ({"cases": 0}, "cases must be an integer >= 1"),
     ({"test_cases": -1}, "test_cases must be an integer >= 0"),
     ({"seed": -3}, "seed must be an integer >= 0"),
+    ({"size": 0}, "size must be > 0 and <= 4, got 0"),
+    ({"size": -1.5}, r"size must be > 0 and <= 4, got -1\.5"),
+    ({"size": 4.5}, r"size must be > 0 and <= 4, got 4\.5"),
+    ({"size": float("nan")}, "size must be > 0 and <= 4, got nan"),
+    ({"size": "2"}, "size must be > 0 and <= 4, got '2'"),
+    ({"size": True}, "size must be > 0 and <= 4, got True"),
 ])
 def test_rejects_bad_arguments_before_writing(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
     python benchmarks/compare_nnunet.py --nnunet-python /tmp/nnunet_venv/bin/python         # ~45 min
     python benchmarks/compare_nnunet.py --nnunet-python ... --quick                         # ~15 min
     python benchmarks/compare_nnunet.py --nnunet-python ... --parts preprocess training inference
+    python benchmarks/compare_nnunet.py --nnunet-python ... --sizes 1 1.5 2                 # + scaling
 
 On a shared machine pin the whole run to one core, e.g.
 ``taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/compare_nnunet.py ...``: both systems
@@ -53,6 +54,20 @@ dice         test-set Dice after the same wall-clock training budget (``--train-
              choice); with ``--autoseg-fullres-dice`` also the paper recipe on 3d_fullres with 5
              iterations per epoch (``--time-budget`` re-plans after each epoch, and one
              250-iteration epoch of 3d_fullres takes hours on one core).
+scaling      (``--sizes``, part ``scaling``; runs when a size other than 1 is listed) how both
+             systems cope with larger images. Size S is ``autoseg make-phantoms --size S``: the same
+             patients S times larger at the same spacing, so about S times the voxels per axis.
+             Size 1 is the main run above (its dataset and figures). Every other size gets its own
+             small dataset (``--scaling-cases`` + ``--scaling-test-cases``, same seed) as
+             ``nnUNet_raw/Dataset778_CTPhantomSize1p5`` etc. (ids from 778 in the order given), then,
+             with the commands of the parts above: fingerprint + planning + 3d_fullres
+             preprocessing (``--scaling-repeats`` runs each, alternating); the same 3d_fullres plan on
+             both sides (AutoSeg's forced to nnU-Net's if they differ, as for training); one training
+             iteration each, only to have fold-0 weights; inference without TTA (seconds per case,
+             start-up included, and peak PSS of the process tree). The table gives per size the
+             median image shape, its voxels, the 3d_fullres patch and the three figures with ratios.
+             Rows of different case counts are not strictly comparable: nnU-Net's fixed start-up
+             costs are spread over the cases (size 1 has the main run's counts).
 
 nnU-Net's trainer is run by a small driver written to the temporary folder and executed by
 ``--nnunet-python``: it imports ``nnunetv2``'s ``nnUNetTrainer`` and defines a subclass with the
@@ -64,14 +79,13 @@ augmentation processes and its planner's threads by ``os.cpu_count()``, which co
 machine's cores, not the ones the process may use. Every nnU-Net command therefore runs through a
 launcher that makes ``os.cpu_count()`` and ``multiprocessing.cpu_count()`` return the usable cores
 (as AutoSeg counts them, ``sched_getaffinity``); ``--nnunet-stock-cpu-count`` turns this off.
-
-Scaling (``--sizes``): ``autoseg make-phantoms`` has no size option yet, so only size 1 runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -91,6 +105,8 @@ sys.path.insert(0, str(REPO))
 CONFIG = "3d_fullres"
 DATASET_ID = 777
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_CTPhantom"
+SCALING_FIRST_ID = 778  # datasets of the scaling part: 778, 779, ... in the order of --sizes
+MAX_SIZE = 4.0  # autoseg make-phantoms --size accepts (0, 4]
 MB = 1024 * 1024
 INSTALL_HINT = """\
 nnunetv2 is needed in a separate interpreter (never in AutoSeg's environment), e.g.:
@@ -442,6 +458,23 @@ class Bench:
     def driver_argv(self, mode: str, *argv) -> list[str]:
         return [self.nnpy, str(self.launcher), str(self.driver), mode, *map(str, argv)]
 
+    def preprocess_argv(self, system: str, dataset: Path, dataset_id: int, work: Path, *extra) -> list[str]:
+        """Fingerprint + planning + 3d_fullres preprocessing of ``system``, ``-np`` processes."""
+        n = self.args.num_processes
+        if system == "autoseg":
+            return self.autoseg("plan-and-preprocess", dataset, "-w", work, "-c", CONFIG, "-np", n)
+        return self.nnunet_cli("nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", CONFIG, "-np", n, "-npfp", n,
+                               "--no_pbar", *extra)
+
+    def predict_argv(self, system: str, images: Path, out: Path, dataset_id: int, work: Path, tta: bool) -> list[str]:
+        """Fold-0 3d_fullres inference of ``system`` on the CPU."""
+        if system == "autoseg":
+            return self.autoseg("predict", "-i", images, "-o", out, "-m", work / "model", "-c", CONFIG,
+                                "-f", "0", "--device", "cpu", *([] if tta else ["--no-tta"]))
+        return self.nnunet_cli("nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset_id, "-c",
+                               CONFIG, "-f", "0", "-device", "cpu", "-npp", 1, "-nps", 1,
+                               "--disable_progress_bar", *([] if tta else ["--disable_tta"]))
+
     def say(self, text: str) -> None:
         print(text, flush=True)
 
@@ -492,11 +525,8 @@ class Bench:
         else:
             Run(self.autoseg("make-phantoms", self.dataset, "--kind", "ct", "--cases", a.cases,
                              "--test-cases", a.test_cases, "--seed", a.seed), self.env, self.log("make_phantoms"))()
-        from AutoSegLib.imageio import read_image
-
         spec = json.loads((self.dataset / "dataset.json").read_text())
-        shapes = [read_image(p)[0].shape for p in sorted((self.dataset / "imagesTr").glob("*.nii.gz"))]
-        median = [int(statistics.median(s[i] for s in shapes)) for i in range(3)]
+        median = median_shape(self.dataset / "imagesTr")
         synthetic = spec.get("synthetic", {})
         self.results["dataset"] = {"name": DATASET_NAME, "cases": spec["numTraining"],
                                    "test_cases": spec.get("numTest", 0), "median_shape": median,
@@ -521,15 +551,14 @@ class Bench:
                         started = time.perf_counter()
                         if variant == "checked":
                             Run(self.autoseg("verify", self.dataset), self.env, self.log("autoseg_verify"))()
-                        Run(self.autoseg("plan-and-preprocess", self.dataset, "-w", work, "-c", CONFIG, "-np", n),
+                        Run(self.preprocess_argv("autoseg", self.dataset, DATASET_ID, work),
                             self.env, self.log(f"autoseg_plan_preprocess_{variant}"))()
                         wall = time.perf_counter() - started
                         keep = work
                     else:
                         shutil.rmtree(self.nn_pre / DATASET_NAME, ignore_errors=True)
                         extra = ["--verify_dataset_integrity"] if variant == "checked" else []
-                        run = Run(self.nnunet_cli("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG,
-                                                  "-np", n, "-npfp", n, "--no_pbar", *extra),
+                        run = Run(self.preprocess_argv("nnunet", self.dataset, DATASET_ID, self.work, *extra),
                                   self.env, self.log(f"nnunet_plan_preprocess_{variant}"))()
                         wall = run.wall
                     rows[variant][system].append(wall)
@@ -543,21 +572,24 @@ class Bench:
 
     def ensure_preprocessed(self) -> None:
         if not (self.work / "plans.json").is_file():
-            Run(self.autoseg("plan-and-preprocess", self.dataset, "-w", self.work, "-c", CONFIG, "-np",
-                             self.args.num_processes), self.env, self.log("autoseg_plan_preprocess"))()
+            Run(self.preprocess_argv("autoseg", self.dataset, DATASET_ID, self.work), self.env,
+                self.log("autoseg_plan_preprocess"))()
         if not (self.nn_pre / DATASET_NAME / "nnUNetPlans.json").is_file():
-            Run(self.nnunet_cli("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", CONFIG, "-np",
-                                self.args.num_processes, "-npfp", self.args.num_processes, "--no_pbar"),
-                self.env, self.log("nnunet_plan_preprocess"))()
+            Run(self.preprocess_argv("nnunet", self.dataset, DATASET_ID, self.work), self.env,
+                self.log("nnunet_plan_preprocess"))()
 
     # -- plans: same patch, batch and network ----------------------------------------------
     def align_plans(self) -> None:
+        self.results["plan"] = self.force_same_plan(self.work, DATASET_NAME)
+
+    def force_same_plan(self, work: Path, name: str) -> dict:
+        """Give AutoSeg's 3d_fullres nnU-Net's patch, batch and network if they differ; the note says what."""
         from AutoSegLib.fileutil import read_json, write_json
         from AutoSegLib.planning import Plans
 
-        ours_all = read_json(self.work / "plans.json")
+        ours_all = read_json(work / "plans.json")
         ours = ours_all["configurations"][CONFIG]
-        theirs = read_json(self.nn_pre / DATASET_NAME / "nnUNetPlans.json")["configurations"][CONFIG]
+        theirs = read_json(self.nn_pre / name / "nnUNetPlans.json")["configurations"][CONFIG]
         arch = theirs["architecture"]["arch_kwargs"]
         wanted = {"patch_size": list(theirs["patch_size"]), "batch_size": theirs["batch_size"],
                   "strides": [list(s) for s in arch["strides"]],
@@ -569,11 +601,11 @@ class Bench:
         spacing_same = [round(x, 6) for x in ours["spacing"]] == [round(x, 6) for x in theirs["spacing"]]
         note = {"patch": wanted["patch_size"], "batch": wanted["batch_size"], "features": wanted["features_per_stage"],
                 "strides": wanted["strides"], "spacing_autoseg": ours["spacing"], "spacing_nnunet": theirs["spacing"],
-                "identical": not differs, "forced": sorted(differs)}
+                "identical": not differs, "forced": sorted(differs), "patch_autoseg": ours.get("patch_size")}
         if differs:
             ours_all["configurations"][CONFIG] = {**ours, **wanted}
             Plans.from_dict(ours_all)
-            write_json(self.work / "plans.json", ours_all)
+            write_json(work / "plans.json", ours_all)
             self.say(f"  plans differ in {', '.join(sorted(differs))}: AutoSeg's {CONFIG} forced to nnU-Net's")
         else:
             self.say(f"  both planners chose the same {CONFIG}: patch {wanted['patch_size']}, batch "
@@ -581,7 +613,7 @@ class Bench:
         if not spacing_same:
             note["warning"] = "target spacings differ; the preprocessed images are not the same size"
             self.say("  WARNING: " + note["warning"])
-        self.results["plan"] = note
+        return note
 
     # -- 2: training throughput ------------------------------------------------------------
     def part_training(self) -> None:
@@ -593,17 +625,7 @@ class Bench:
         runs: dict[str, list[dict]] = {"autoseg": [], "nnunet": []}
         for r in range(a.training_repeats):
             for system in ["autoseg", "nnunet"] if r % 2 == 0 else ["nnunet", "autoseg"]:
-                out = self.root / f"{system}_throughput.json"
-                if system == "autoseg":
-                    Run([sys.executable, __file__, "--child-throughput", "--root", self.root, "--warmup", a.warmup,
-                         "--iterations", a.iterations, "--out", out], self.env, self.log("autoseg_throughput"))()
-                else:
-                    shutil.rmtree(self.nn_results / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{CONFIG}" / "fold_0",
-                                  ignore_errors=True)
-                    Run(self.driver_argv("throughput", "--dataset", DATASET_NAME, "--config", CONFIG, "--fold", "0",
-                                         "--warmup", a.warmup, "--measure", a.iterations, "--out", out),
-                        self.env, self.log("nnunet_throughput"))()
-                runs[system].append(json.loads(out.read_text()))
+                runs[system].append(self.throughput(system, DATASET_NAME, self.work, a.warmup, a.iterations))
         merged = {}
         for system, results in runs.items():  # every measured iteration of every run
             pooled = {k: [x for r in results for x in r[k]] for k in ("waits", "steps", "pure")}
@@ -624,6 +646,21 @@ class Bench:
                      f"{r['data_workers']} data worker(s), {r['threads']} thread(s); load {load()}")
         self.results["training"] = {"autoseg": ours, "nnunet": theirs}
 
+    def throughput(self, system: str, name: str, work: Path, warmup: int, iterations: int, tag: str = "") -> dict:
+        """One training-throughput run on fold 0 of dataset ``name``; it leaves the fold-0 weights."""
+        out = self.root / f"{system}_throughput{tag}.json"
+        if system == "autoseg":
+            Run([sys.executable, __file__, "--child-throughput", "--root", self.root, "--child-dataset", name,
+                 "--child-work", work, "--warmup", warmup, "--iterations", iterations, "--out", out], self.env,
+                self.log(f"autoseg_throughput{tag}"))()
+        else:
+            shutil.rmtree(self.nn_results / name / f"nnUNetTrainer__nnUNetPlans__{CONFIG}" / "fold_0",
+                          ignore_errors=True)
+            Run(self.driver_argv("throughput", "--dataset", name, "--config", CONFIG, "--fold", "0",
+                                 "--warmup", warmup, "--measure", iterations, "--out", out),
+                self.env, self.log(f"nnunet_throughput{tag}"))()
+        return json.loads(out.read_text())
+
     # -- 3: inference ------------------------------------------------------------------------
     def part_inference(self) -> None:
         a = self.args
@@ -635,30 +672,28 @@ class Bench:
             for tta in ("off", "on") if r < a.tta_repeats else ("off",):
                 order = ["autoseg", "nnunet"] if r % 2 == 0 else ["nnunet", "autoseg"]
                 for system in order:
-                    out = self.root / f"pred_{system}_tta{tta}_{r}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    if system == "autoseg":
-                        argv = self.autoseg("predict", "-i", images, "-o", out, "-m", self.work / "model", "-c", CONFIG,
-                                            "-f", "0", "--device", "cpu", *(["--no-tta"] if tta == "off" else []))
-                    else:
-                        argv = self.nnunet_cli("nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET_ID, "-c",
-                                               CONFIG, "-f", "0", "-device", "cpu", "-npp", 1, "-nps", 1,
-                                               "--disable_progress_bar",
-                                               *(["--disable_tta"] if tta == "off" else []))
-                    run = Run(argv, self.env, self.log(f"{system}_predict_tta{tta}"))()
-                    done = len(list(out.glob("*.nii.gz")))
-                    if done != cases:
-                        raise RuntimeError(f"{system} wrote {done} of {cases} predictions (log {run.log})")
-                    runs[(system, tta)].append({"wall": run.wall, "per_case": run.wall / cases,
-                                                "tree_pss": run.tree_pss, "tree_rss": run.tree_rss,
-                                                "process_peak": run.process_peak})
-                    self.say(f"  repeat {r + 1} TTA {tta:3s} {system:7s} {run.wall:7.1f} s "
-                             f"({run.wall / cases:.1f} s/case), "
-                             f"tree peak PSS {run.tree_pss / MB:.0f} MiB (RSS sum {run.tree_rss / MB:.0f}), largest "
-                             f"process {run.process_peak / MB:.0f} MiB  (load {load()})")
-                    shutil.rmtree(out, ignore_errors=True)
+                    run = self.timed_predict(system, images, DATASET_ID, self.work, tta == "on",
+                                             self.root / f"pred_{system}_tta{tta}_{r}", f"{system}_predict_tta{tta}")
+                    runs[(system, tta)].append(run)
+                    self.say(f"  repeat {r + 1} TTA {tta:3s} {system:7s} {run['wall']:7.1f} s "
+                             f"({run['per_case']:.1f} s/case), "
+                             f"tree peak PSS {run['tree_pss'] / MB:.0f} MiB (RSS sum {run['tree_rss'] / MB:.0f}), "
+                             f"largest process {run['process_peak'] / MB:.0f} MiB  (load {load()})")
         self.results["inference"] = {f"{s}_tta_{t}": v for (s, t), v in runs.items()}
         self.results["inference_cases"] = cases
+
+    def timed_predict(self, system: str, images: Path, dataset_id: int, work: Path, tta: bool, out: Path,
+                      log: str) -> dict:
+        """Predict every case of ``images`` into ``out`` (removed after): wall time and peak memory."""
+        cases = len(list(images.glob("*_0000.nii.gz")))
+        shutil.rmtree(out, ignore_errors=True)
+        run = Run(self.predict_argv(system, images, out, dataset_id, work, tta), self.env, self.log(log))()
+        done = len(list(out.glob("*.nii.gz")))
+        if done != cases:
+            raise RuntimeError(f"{system} wrote {done} of {cases} predictions (log {run.log})")
+        shutil.rmtree(out, ignore_errors=True)
+        return {"wall": run.wall, "per_case": run.wall / cases, "tree_pss": run.tree_pss, "tree_rss": run.tree_rss,
+                "process_peak": run.process_peak}
 
     # -- 4: Dice after the same training budget ------------------------------------------------
     def nnunet_schedule(self, budget_s: float) -> tuple[int, int, int]:
@@ -739,6 +774,68 @@ class Bench:
         return {"dice": {name: m.get("Dice") for name, m in doc["mean"].items()},
                 "mean_dice": doc["foreground_mean"].get("Dice")}
 
+    # -- 5: scaling with the image size ----------------------------------------------------------
+    def part_scaling(self) -> None:
+        a = self.args
+        sizes = [size for size in a.sizes if size != 1.0]
+        self.say(f"\n== scaling: size(s) {', '.join(f'{size:g}' for size in sizes)}; {a.scaling_cases} training + "
+                 f"{a.scaling_test_cases} test cases each, {a.scaling_repeats} repeat(s), inference without TTA")
+        self.results["scaling"] = {}
+        for number, size in enumerate(sizes):
+            started = time.monotonic()
+            row = self.scale_one(SCALING_FIRST_ID + number, size)
+            row["wall_s"] = time.monotonic() - started
+            self.results["scaling"][f"{size:g}"] = row
+            self.say(f"  size {size:g} took {row['wall_s'] / 60:.1f} min")
+
+    def scale_one(self, dataset_id: int, size: float) -> dict:
+        """Dataset of phantom size ``size``; preprocessing, fold-0 weights and inference of both systems."""
+        a = self.args
+        name = f"Dataset{dataset_id:03d}_CTPhantomSize{size:g}".replace(".", "p")
+        dataset, work, tag = self.raw / name, self.root / f"autoseg_work_{name}", f"_size{size:g}"
+        if (dataset / "dataset.json").is_file():
+            self.say(f"  reusing {dataset}")
+        else:
+            Run(self.autoseg("make-phantoms", dataset, "--kind", "ct", "--cases", a.scaling_cases, "--test-cases",
+                             a.scaling_test_cases, "--seed", a.seed, "--size", size), self.env,
+                self.log(f"make_phantoms{tag}"))()
+        row = {"dataset": name, "cases": a.scaling_cases, "test_cases": a.scaling_test_cases,
+               "median_shape": median_shape(dataset / "imagesTr"),
+               "preprocess": {"autoseg": [], "nnunet": []}, "inference": {"autoseg": [], "nnunet": []}}
+        self.say(f"  size {size:g}: {name}, median {'x'.join(map(str, row['median_shape']))} voxels")
+        for r in range(a.scaling_repeats):
+            for system in alternating(r):
+                shutil.rmtree(work if system == "autoseg" else self.nn_pre / name, ignore_errors=True)
+                run = Run(self.preprocess_argv(system, dataset, dataset_id, work), self.env,
+                          self.log(f"{system}_plan_preprocess{tag}"))()
+                row["preprocess"][system].append(run.wall)
+                self.say(f"  size {size:g} preprocess {system:7s} {run.wall:7.1f} s   (load {load()})")
+        row["plan"] = self.force_same_plan(work, name)
+        for system in ("autoseg", "nnunet"):
+            # one iteration: the fold-0 weights inference needs (weights do not change its speed)
+            self.throughput(system, name, work, warmup=1, iterations=0, tag=tag)
+        for r in range(a.scaling_repeats):
+            for system in alternating(r):
+                run = self.timed_predict(system, dataset / "imagesTs", dataset_id, work, False,
+                                         self.root / f"pred_{system}{tag}", f"{system}_predict{tag}")
+                row["inference"][system].append(run)
+                self.say(f"  size {size:g} inference {system:7s} {run['per_case']:.1f} s/case, tree peak PSS "
+                         f"{run['tree_pss'] / MB:.0f} MiB  (load {load()})")
+        return row
+
+
+def alternating(repeat: int) -> list[str]:
+    """Which system runs first in ``repeat``: they take turns, so drifting load hits both."""
+    return ["autoseg", "nnunet"] if repeat % 2 == 0 else ["nnunet", "autoseg"]
+
+
+def median_shape(images: Path) -> list[int]:
+    """Median (z, y, x) array shape of the images in a folder."""
+    from AutoSegLib.imageio import read_image
+
+    shapes = [read_image(path)[0].shape for path in sorted(images.glob("*.nii.gz"))]
+    return [int(statistics.median(shape[axis] for shape in shapes)) for axis in range(3)]
+
 
 def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -776,7 +873,7 @@ def child_throughput(args) -> None:
 
     root = Path(args.root)
     started = time.perf_counter()
-    run = setup_run(root / "nnUNet_raw" / DATASET_NAME, root / "autoseg_work",
+    run = setup_run(root / "nnUNet_raw" / args.child_dataset, args.child_work or root / "autoseg_work",
                     TrainOptions(CONFIG, "0", overwrite=True, device="cpu"))
     trainer = Trainer(run)
     waits, steps = [], []
@@ -938,10 +1035,46 @@ def report(bench: Bench) -> str:
                          f"thread(s), {r['parameters'] / 1e6:.1f} M parameters, patch {'x'.join(map(str, r['patch']))} "
                          f"batch {r['batch']}, setup {r['setup_s']:.0f} s")
     lines.append("")
-    lines.append(f"scaling (--sizes {' '.join(map(str, a.sizes))}): " + (
-        "not yet possible: `autoseg make-phantoms` has no size option, so only the default phantom size runs"
-        if a.sizes != [1.0] else "size 1 only (the default phantoms)"))
+    lines.extend(scaling_table(bench))
     return "\n".join(lines)
+
+
+def scaling_table(bench: Bench) -> list[str]:
+    """Rows per phantom size: image and patch size, then preprocessing, inference and memory of both."""
+    res, a = bench.results, bench.args
+    if "scaling" not in res:
+        return [f"scaling (--sizes {' '.join(f'{size:g}' for size in a.sizes)}): not run; list a size other than 1, "
+                "e.g. --sizes 1 1.5 2"]
+    rows = {float(size): row for size, row in res["scaling"].items()}
+    if 1.0 in a.sizes and "dataset" in res:
+        rows[1.0] = {"cases": res["dataset"]["cases"], "test_cases": res["dataset"]["test_cases"],
+                     "median_shape": res["dataset"]["median_shape"], "plan": res.get("plan"),
+                     "preprocess": res.get("preprocess", {}).get("plain", {}),
+                     "inference": {s: res.get("inference", {}).get(f"{s}_tta_off", []) for s in ("autoseg", "nnunet")}}
+    lines = [f"scaling: CT phantoms of size S (`make-phantoms --size S`: the same patients S times larger at the same "
+             f"spacing), seed {a.seed}; size 1 is the main run, other sizes {a.scaling_repeats} repeat(s) each; "
+             "3d_fullres, the same plan on both sides (* AutoSeg's forced to nnU-Net's); inference without TTA, "
+             "fold 0, seconds per case from process start to exit; ratio = nnU-Net / AutoSeg (AutoSeg better > 1)",
+             "",
+             "| size | cases | median shape | voxels (M) | patch | preprocess s AutoSeg | nnU-Net | ratio "
+             "| inference s/case AutoSeg | nnU-Net | ratio | peak PSS MiB AutoSeg | nnU-Net | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for size in sorted(rows):
+        row = rows[size]
+        plan = row.get("plan") or {}
+        patch = "x".join(map(str, plan["patch"])) + ("*" if plan["forced"] else "") if plan else "-"
+        shape = row["median_shape"]
+        pre = [median(row["preprocess"].get(s, [])) for s in ("autoseg", "nnunet")]
+        runs = [row["inference"].get(s, []) for s in ("autoseg", "nnunet")]
+        per_case = [median([run["per_case"] for run in r]) for r in runs]
+        memory = [median([run["tree_pss"] / MB for run in r]) for r in runs]
+        cells = [f"{size:g}", f"{row['cases']}+{row['test_cases']}", "x".join(map(str, shape)),
+                 f"{math.prod(shape) / 1e6:.2f}", patch]
+        for ours, theirs, digits in (pre + [1], per_case + [1], memory + [0]):
+            r = ratio(theirs, ours)
+            cells += [_fmt(ours, digits), _fmt(theirs, digits), "-" if r is None else f"{r:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -951,8 +1084,9 @@ def main() -> int:
     parser.add_argument("--nnunet-python", type=Path, help="a Python interpreter with nnunetv2 installed")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 8+2 cases, 1 repeat, 2 iterations, 2-minute training budget")
-    parser.add_argument("--parts", nargs="+", default=["preprocess", "training", "inference", "dice"],
-                        choices=["preprocess", "training", "inference", "dice"])
+    parser.add_argument("--parts", nargs="+", default=["preprocess", "training", "inference", "dice", "scaling"],
+                        choices=["preprocess", "training", "inference", "dice", "scaling"],
+                        help="parts to run (default all; scaling runs only when --sizes lists a size other than 1)")
     parser.add_argument("--cases", type=int, default=20, help="training cases (default 20)")
     parser.add_argument("--test-cases", type=int, default=4, help="held-out cases (default 4)")
     parser.add_argument("--seed", type=int, default=0)
@@ -980,12 +1114,22 @@ def main() -> int:
     parser.add_argument("--autoseg-fullres-dice", action="store_true",
                         help="also train AutoSeg 3d_fullres with the paper preset under the same budget")
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0],
-                        help="phantom size factors for scaling (not yet possible: make-phantoms has no size option)")
+                        help="phantom sizes for the scaling part, each in (0, 4] (make-phantoms --size: the same "
+                             "patients S times larger at the same spacing, about S times the voxels per axis); size 1 "
+                             "is the main run, every other size gets its own small dataset (default: 1, no scaling)")
+    parser.add_argument("--scaling-cases", type=int, default=6,
+                        help="training cases of each scaling dataset (default 6; at least 5 for the 5-fold split)")
+    parser.add_argument("--scaling-test-cases", type=int, default=2,
+                        help="test cases of each scaling dataset, predicted for the timing (default 2)")
+    parser.add_argument("--scaling-repeats", type=int, default=1,
+                        help="repeats of preprocessing and inference at each size other than 1 (default 1)")
     parser.add_argument("--root", type=Path, default=None, help="work in this folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     parser.add_argument("--child-throughput", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-dataset", default=DATASET_NAME, help=argparse.SUPPRESS)
+    parser.add_argument("--child-work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_throughput:
         child_throughput(args)
@@ -998,6 +1142,14 @@ def main() -> int:
     args.tta_repeats = 1 if args.tta_repeats is None else min(args.tta_repeats, args.repeats)
     if args.cases < 5:
         parser.error("--cases must be at least 5 (nnU-Net's 5-fold split)")
+    bad = [size for size in args.sizes if not 0 < size <= MAX_SIZE]
+    if bad:
+        parser.error(f"--sizes must each be > 0 and <= {MAX_SIZE:g}, got {' '.join(f'{size:g}' for size in bad)}")
+    scaling = "scaling" in args.parts and any(size != 1.0 for size in args.sizes)
+    if scaling and args.scaling_cases < 5:
+        parser.error(f"--scaling-cases must be at least 5 (nnU-Net's 5-fold split), got {args.scaling_cases}")
+    if scaling and (args.scaling_test_cases < 1 or args.scaling_repeats < 1):
+        parser.error("--scaling-test-cases and --scaling-repeats must be at least 1")
 
     bench = Bench(args)
     began = time.monotonic()
@@ -1006,8 +1158,6 @@ def main() -> int:
     bench.say(f"work folder: {bench.root} (logs in {bench.logs})")
     bench.say(f"machine: {bench.results['machine']['cpu']}, {bench.results['machine']['usable_cores']} usable core(s), "
               f"load {load()}")
-    if args.sizes != [1.0]:
-        bench.say("--sizes: not yet possible (`autoseg make-phantoms` has no size option); running size 1 only")
     try:
         bench.make_dataset()
         if "preprocess" in args.parts:
@@ -1022,6 +1172,8 @@ def main() -> int:
             bench.part_inference()
         if "dice" in args.parts:
             bench.part_dice()
+        if scaling:
+            bench.part_scaling()
     finally:
         bench.results["machine"]["load_end"] = load()
         bench.results["total_s"] = time.monotonic() - began

@@ -6,7 +6,8 @@ that behaves like the real thing. This package generates it:
 * :mod:`.anatomy` models a miniature abdomen in physical space (mm, patient frame), with
   labelled organs, unlabelled look-alikes and per-case variation of shape, size and pose;
 * :mod:`.grid` draws each case's voxel grid (spacing, anisotropy, origin, direction) from
-  four acquisition protocols and keeps every labelled organ in the field of view;
+  four acquisition protocols and keeps every labelled organ in the field of view; a
+  ``size`` above 1 scales the patient and grows the grid at the same spacing (larger images);
 * :mod:`.render` samples the anatomy on the grid into tissue and label maps;
 * :mod:`.ct` and :mod:`.mr` turn tissues into Hounsfield units or multi-contrast MR
   signal with texture, partial volume, noise and (MR) a bias field;

@@ -8,23 +8,27 @@ MR dataset with the same seed hold the same patients scanned on the same grids (
 data). The acquisition protocol comes from ``SeedSequence([seed, split code, 1, block])``:
 each block of four consecutive cases holds all four protocols in shuffled order, so even a
 small dataset has thin, thick, flipped and oblique scans.
+
+``size`` scales the patient, not the randomness: a case of size 1.5 is the same patient, grid
+protocol and appearance as at size 1, 1.5 times larger at the same spacing (``grid.enlarged``).
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.synthetic import ct, mr
 from AutoSegLib.synthetic.anatomy import LABELS, sample_anatomy
-from AutoSegLib.synthetic.grid import PROTOCOLS, Grid, sample_grid
+from AutoSegLib.synthetic.grid import PROTOCOLS, Grid, enlarged, sample_grid
 from AutoSegLib.synthetic.render import render
 
 KINDS = ("ct", "mr")
 SPLITS = {"train": 0, "test": 1}
+MAX_SIZE = 4.0  # up to 190x445x445 voxels: about 1.7 GB and 25 s per case on one core
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,13 @@ def check_int(name: str, value, least: int) -> int:
     return int(value)
 
 
+def check_size(size) -> float:
+    """``size`` as a float if it is a number in (0, MAX_SIZE]; ValueError naming the value otherwise."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Real) or not (0 < size <= MAX_SIZE):
+        raise ValueError(f"size must be > 0 and <= {MAX_SIZE:g}, got {size!r}")
+    return float(size)
+
+
 def check_channels(kind: str, channels: int | None) -> int:
     """Number of channels for ``kind``: CT has exactly one, MR one (default) or more."""
     check_kind(kind)
@@ -98,7 +109,7 @@ def protocol_of(seed: int, index: int, split: str = "train") -> str:
 
 
 def make_case(kind: str, seed: int, case_index: int, channels: int | None = None, *,
-              split: str = "train", grid: Grid | None = None) -> PhantomCase:
+              split: str = "train", grid: Grid | None = None, size: float = 1.0) -> PhantomCase:
     """Generate one case in memory.
 
     Args:
@@ -108,6 +119,9 @@ def make_case(kind: str, seed: int, case_index: int, channels: int | None = None
         channels: MR contrasts (default 1); must be None or 1 for CT.
         split: "train" or "test"; the splits draw from disjoint random streams.
         grid: render the same patient on this grid instead of the case's own.
+        size: scale of the patient (0 < size <= 4). The case's own grid keeps its spacing and
+            grows with the patient, so each axis has about ``size`` times the voxels; a given
+            ``grid`` is used as it is.
 
     Example:
         >>> case = make_case("mr", seed=0, case_index=3, channels=2)
@@ -118,12 +132,16 @@ def make_case(kind: str, seed: int, case_index: int, channels: int | None = None
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     seed, case_index = check_int("seed", seed, 0), check_int("case_index", case_index, 0)
+    size = check_size(size)
     streams = np.random.SeedSequence([seed, SPLITS[split], 0, case_index]).spawn(3)
     anatomy_rng, grid_rng, look_rng = (np.random.default_rng(s) for s in streams)
     anatomy = sample_anatomy(anatomy_rng)
     protocol = protocol_of(seed, case_index, split) if grid is None else "custom"
     if grid is None:
         grid = sample_grid(grid_rng, protocol, anatomy.pose, anatomy.labelled_shapes(), [anatomy.body])
+        if size != 1.0:  # at 1 the origin would only be rounded again
+            grid = enlarged(grid, anatomy.pose, size)
+    anatomy = replace(anatomy, pose=replace(anatomy.pose, scale=size))
     rendering = render(anatomy, grid)
     if kind == "ct":
         images, bias = [ct.ct_image(rendering, grid.geometry.spacing, look_rng)], None

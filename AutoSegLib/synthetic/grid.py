@@ -5,7 +5,8 @@ Three frames are involved:
 * **body frame** (mm): the anatomy is defined here, x to the patient's left, y posterior,
   z superior (LPS), origin at the centre of the abdomen;
 * **world frame** (mm, LPS): the scanner's patient coordinates that files store. A
-  :class:`Pose` places the body in it (a slightly rotated patient, shifted on the table);
+  :class:`Pose` places the body in it (a slightly rotated patient, shifted on the table,
+  optionally scaled up into a larger patient);
 * **index frame**: voxel (i, j, k) sits at ``origin + D @ (spacing_xyz * (i, j, k))``,
   exactly as ITK defines it; numpy arrays are indexed ``[k, j, i]``.
 
@@ -20,6 +21,9 @@ Spacing and origin are rounded to dyadic fractions of a millimetre so they survi
 float32 fields of a NIfTI header bit for bit. Direction matrices of flipped and permuted
 grids are exact; oblique ones are orthonormal to float64 rounding, and NIfTI stores them as
 float32, so they read back within ~1e-7 (no NIfTI writer can do better).
+
+Larger scans (:func:`enlarged`): a patient scaled by ``size`` about the body's centre, framed
+as the original was at the same spacing, so every axis gets about ``size`` times the voxels.
 """
 
 from __future__ import annotations
@@ -50,10 +54,14 @@ _AXIS_ORDERS = (
 
 @dataclass(frozen=True)
 class Pose:
-    """Rigid placement of the body in the world: ``p = rotation @ q + translation``."""
+    """Placement of the body in the world: ``p = scale * rotation @ q + translation``.
+
+    ``scale`` 1 is the phantom's own size; a larger one is a bigger patient (see :func:`enlarged`).
+    """
 
     rotation: np.ndarray
     translation: np.ndarray
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,9 @@ class Grid:
         block = block or tuple(slice(0, n) for n in self.shape)
         rot = np.eye(3) if pose is None else pose.rotation
         shift = np.zeros(3) if pose is None else pose.translation
-        m = rot.T @ self.index_matrix
-        b = rot.T @ (np.array(self.geometry.origin) - shift)
+        scale = 1.0 if pose is None else pose.scale
+        m = rot.T @ self.index_matrix / scale
+        b = rot.T @ (np.array(self.geometry.origin) - shift) / scale
         k, j, i = (np.arange(s.start, s.stop, dtype=float) for s in block)
         index = (i[None, None, :], j[None, :, None], k[:, None, None])
         return tuple((b[c] + m[c, 0] * index[0]).astype(np.float32)
@@ -112,7 +121,7 @@ def _support(pose: Pose, e: np.ndarray, shapes) -> tuple[float, float]:
     v = pose.rotation.T @ e
     offset = float(e @ pose.translation)
     spans = [shape.support(v) for shape in shapes]
-    return (offset + min(c - h for c, h in spans), offset + max(c + h for c, h in spans))
+    return (offset + pose.scale * min(c - h for c, h in spans), offset + pose.scale * max(c + h for c, h in spans))
 
 
 def sample_grid(rng: np.random.Generator, protocol: str, pose: Pose, organs, body) -> Grid:
@@ -147,6 +156,26 @@ def sample_grid(rng: np.random.Generator, protocol: str, pose: Pose, organs, bod
     geometry = Geometry((slice_step, pixel, pixel), tuple(float(o) for o in origin),
                         tuple(float(d) for d in (direction + 0.0).ravel()))
     return Grid((sizes[2], sizes[1], sizes[0]), geometry)
+
+
+def enlarged(grid: Grid, pose: Pose, size: float) -> Grid:
+    """``grid`` grown to frame the patient of ``pose`` scaled by ``size``, at the same spacing.
+
+    A bigger patient, not a finer scan: spacing, slice thickness and so the scanner's noise
+    stay those of ``grid``; the field of view grows about the body's centre, so each axis gets
+    about ``size`` times the voxels (rounded up) and the scaled organs sit where the originals
+    sat. Render with ``Pose(..., scale=pose.scale * size)``.
+    """
+    matrix = grid.index_matrix
+    counts = np.array(grid.shape[::-1], float)  # voxels along i, j, k
+    # Rounded up: the original field of view held every organ, the grown one must hold them scaled.
+    new_counts = np.ceil((counts - 1) * size - 1e-9) + 1
+    centre = np.array(grid.geometry.origin) + matrix @ ((counts - 1) / 2)
+    new_centre = pose.translation + size * (centre - pose.translation)
+    origin = new_centre - matrix @ ((new_counts - 1) / 2)
+    origin = np.round(origin / _ORIGIN_STEP) * _ORIGIN_STEP + 0.0
+    geometry = Geometry(grid.geometry.spacing, tuple(float(o) for o in origin), grid.geometry.direction)
+    return Grid(tuple(int(n) for n in new_counts[::-1]), geometry)
 
 
 def _acquisition(rng: np.random.Generator, protocol: str) -> tuple[float, float, np.ndarray]:
