@@ -31,7 +31,7 @@ PROTOCOL_VERSION = 1
 _MIN_EVENT_INTERVAL_S = 0.5  # progress events are throttled; start/final ones never are
 
 
-def eta_seconds(done: int, of: int, elapsed_s: float) -> float | None:
+def eta_seconds(done: float, of: int, elapsed_s: float) -> float | None:
     """Linear estimate of the time left; None until there is something to extrapolate from."""
     if done <= 0 or of <= 0 or elapsed_s <= 0:
         return None
@@ -138,6 +138,21 @@ class _Step:
             self.reporter.emit("progress", self.stage, done=self.done_count, of=self.total,
                                eta_s=_round(eta_seconds(self.done_count, self.total, elapsed)),
                                elapsed_s=round(elapsed, 3), **fields)
+
+    def part(self, fraction: float, **fields: Any) -> None:
+        """Progress inside the current unit (``fraction`` of it done), e.g. windows of one case.
+
+        Sent as a ``progress`` event with a fractional ``done``, as often as whole units are; the
+        terminal bar moves on whole units only.
+        """
+        now = time.monotonic()
+        if now - self._last_emit < _MIN_EVENT_INTERVAL_S:
+            return
+        self._last_emit = now
+        done, elapsed = self.done_count + min(1.0, max(0.0, float(fraction))), now - self.started
+        self.reporter.emit("progress", self.stage, done=round(done, 3), of=self.total,
+                           eta_s=_round(eta_seconds(done, self.total, elapsed)), elapsed_s=round(elapsed, 3),
+                           **fields)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -80,6 +80,21 @@ def test_predict_folder_keeps_names_geometry_and_format(tmp_path, model_dir, cap
     assert progress[-1]["done"] == 2 and progress[-1]["of"] == 2 and "eta_s" in progress[-1]
 
 
+def test_progress_events_move_inside_a_case(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("AutoSegLib.events._MIN_EVENT_INTERVAL_S", 0.0)  # every forward pass
+    # 3d_fullres: patch 8x16x16, 64 windows per forward pass; these cases take several passes
+    inputs = write_inputs(tmp_path / "in", {"a": ((30, 60, 60), oblique_geometry(), ".nii.gz"),
+                                            "b": ((30, 60, 60), oblique_geometry(), ".nii.gz")})
+    status, events = run(capsys, ["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(model_dir),
+                                  "-c", "3d_fullres", "--no-tta", "--device", "cpu", "--events"])
+    assert status == 0, events
+    done = [e["done"] for e in events if e["event"] == "progress"]
+    inside = [d for d in done if d != int(d)]
+    assert inside and all(0 < d < 2 for d in inside)
+    assert done == sorted(done) and done[-1] == 2
+    assert {e["case"] for e in events if e["event"] == "progress" and e["done"] in inside} == {"a", "b"}
+
+
 def test_single_file_to_a_named_output_file(tmp_path, model_dir):
     image = tmp_path / "scan.nrrd"
     write_image(blob_image().astype(np.int16), oblique_geometry(), image)

@@ -132,6 +132,14 @@ def test_3d_network_predicts_in_channels_last_layout_with_the_same_result(model_
     np.testing.assert_allclose(fast, plain, atol=1e-5)
 
 
+def test_progress_covers_every_fold_and_ends_at_one(model_dir):
+    fractions = []
+    predictor = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0, 1], device="cpu", tta=False)
+    predictor.predict([blob_image()], oblique_geometry(), progress=fractions.append)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(f == 0.5 for f in fractions)  # the first of two folds done: half the work
+
+
 def test_folds_are_ensembled_by_averaging_probabilities(model_dir):
     image, geometry = blob_image(), oblique_geometry()
     both = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0, 1], device="cpu", tta=False)

@@ -108,6 +108,14 @@ def test_stitched_output_equals_the_function_everywhere(shape, patch, step):
         torch.testing.assert_close(logits, expected_pointwise(shape), rtol=1e-5, atol=1e-4)
 
 
+def test_progress_counts_windows_after_each_forward_pass():
+    calls = []
+    sliding_window_logits(pointwise, coordinates((20, 20, 20)), (8, 8, 8), 0.5, batch_size=3,
+                          progress=lambda done, of: calls.append((done, of)))
+    total = 4 ** 3  # windows per axis: 20 at step 4 from 0 to 12
+    assert calls == [(min(n, total), total) for n in range(3, total + 3, 3)]
+
+
 def test_float16_accumulators_give_nearly_the_float32_result():
     data = coordinates((11, 20, 20)) / 20
     half = sliding_window_logits(pointwise, data, (8, 16, 16), accumulate_dtype=torch.float16)

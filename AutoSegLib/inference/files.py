@@ -17,6 +17,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -144,8 +145,12 @@ def write_case_outputs(paths: CaseOutputs, labels: np.ndarray, geometry, probabi
 
 
 def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_probabilities: bool = False,
-                      uncertainty: bool = False, reporter: Reporter | None = None) -> None:
-    """Read, predict and write one case, after removing its earlier outputs."""
+                      uncertainty: bool = False, reporter: Reporter | None = None,
+                      progress: Callable[[float], None] | None = None) -> None:
+    """Read, predict and write one case, after removing its earlier outputs.
+
+    ``progress`` receives the fraction of the case's network work done (``Predictor.predict``).
+    """
     for old in paths.all():
         old.unlink(missing_ok=True)
     channels, geometry = [], None
@@ -157,7 +162,7 @@ def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_proba
         elif reporter is not None and not _same_grid(geometry, geometry_c):
             reporter.warning(STAGE, f"{image}: geometry differs from {case.images[0].name}; using the latter's",
                              case=case.case_id, file=str(image))
-    labels, probabilities = predictor.predict(channels, geometry,
+    labels, probabilities = predictor.predict(channels, geometry, progress=progress,
                                               return_probabilities=save_probabilities or uncertainty)
     del channels
     entropy = normalized_entropy(probabilities) if uncertainty else None
@@ -177,7 +182,8 @@ def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs],
     with reporter.task(stage, len(cases), desc=stage.capitalize()) as step:
         for case, paths in zip(cases, outputs):
             try:
-                predict_case_file(predictor, case, paths, save_probabilities, uncertainty, reporter)
+                predict_case_file(predictor, case, paths, save_probabilities, uncertainty, reporter,
+                                  progress=lambda fraction, case_id=case.case_id: step.part(fraction, case=case_id))
                 ok = True
             except (ReportedFailure, OSError, ValueError, RuntimeError, MemoryError) as exc:
                 message = f"case '{case.case_id}' ({case.images[0]}): {exc}"

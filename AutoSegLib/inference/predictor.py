@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -160,29 +161,33 @@ class Predictor:
         return [s.name for s in self.stages]
 
     # -- prediction ---------------------------------------------------------------------
-    def predict(self, channels: list[np.ndarray], geometry: Geometry,
-                return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, channels: list[np.ndarray], geometry: Geometry, return_probabilities: bool = False,
+                progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Segment one case given as arrays.
 
         Args:
             channels: one (z, y, x) array per model channel, in the model's channel order.
             geometry: the images' geometry (spacing decides the resampling).
             return_probabilities: also return the ensemble's class probabilities.
+            progress: called with the fraction (0-1] of the case's network work done, after each
+                forward pass (every fold, configuration and cascade stage counted).
 
         Returns:
             labels (z, y, x), uint8 (label values as in dataset.json), on the input's grid, and
             probabilities (K, z, y, x) float32 on the same grid, or None.
         """
-        probabilities = self.predict_probabilities(channels, geometry)
+        probabilities = self.predict_probabilities(channels, geometry, progress)
         labels = self.postprocess(labels_from_probabilities(probabilities))
         return labels, (probabilities if return_probabilities else None)
 
-    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+    def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
+                              progress: Callable[[float], None] | None = None) -> np.ndarray:
         """Ensemble-mean class probabilities (K, z, y, x) float32 on the input's grid."""
         channels = self.check_input(channels, geometry)
+        passes = _PassCounter(progress, sum(_network_passes(stage) for stage in self.stages))
         total = None
         for stage in self.stages:
-            probabilities = self._stage_probabilities(stage, channels, geometry)
+            probabilities = self._stage_probabilities(stage, channels, geometry, passes)
             total = probabilities if total is None else np.add(total, probabilities, out=total)
         if len(self.stages) > 1:
             total /= len(self.stages)
@@ -209,20 +214,21 @@ class Predictor:
                              f"{geometry.ndim} axes")
         return channels
 
-    def _stage_probabilities(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry) -> np.ndarray:
+    def _stage_probabilities(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry,
+                             passes: "_PassCounter") -> np.ndarray:
         previous = None
         if stage.previous is not None:
-            previous = labels_from_probabilities(self._stage_probabilities(stage.previous, channels, geometry))
+            previous = labels_from_probabilities(self._stage_probabilities(stage.previous, channels, geometry, passes))
         plans = self.model.plans
         data, seg, properties = preprocess_case(channels, previous, geometry, stage.config, plans.transpose_forward,
                                                 plans.foreground_intensity_properties_per_channel)
         if seg is not None:
             data = np.concatenate([data, one_hot_foreground(seg[0], self.model.foreground_values)])
-        probabilities = self._fold_mean(stage, data)
+        probabilities = self._fold_mean(stage, data, passes)
         del data
         return restore_probabilities(probabilities, properties)[0]
 
-    def _fold_mean(self, stage: Stage, data: np.ndarray) -> np.ndarray:
+    def _fold_mean(self, stage: Stage, data: np.ndarray, passes: "_PassCounter") -> np.ndarray:
         x = torch.from_numpy(data).to(self.device)
         batch = self.batch_size or default_batch_size(stage.config, self.device)
         mirror = mirror_axes_for(stage.config) if self.tta else ()
@@ -231,7 +237,7 @@ class Predictor:
             if len(stage.weights) > 1:
                 stage.network.load_state_dict(weights)
             logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
-                                           mirror, batch)
+                                           mirror, batch, progress=passes.next_pass())
             probabilities = softmax(logits)
             del logits
             total = probabilities if total is None else total.add_(probabilities)
@@ -246,6 +252,27 @@ class Predictor:
             with torch.autocast("cuda"):
                 return network(x)
         return run
+
+
+def _network_passes(stage: Stage) -> int:
+    """Sliding-window passes one case takes through ``stage``: one per fold, cascade included."""
+    return len(stage.weights) + (_network_passes(stage.previous) if stage.previous is not None else 0)
+
+
+class _PassCounter:
+    """Turns each pass's ``(windows_done, windows_total)`` into the case's fraction done."""
+
+    def __init__(self, callback: Callable[[float], None] | None, total_passes: int):
+        self.callback, self.total, self.started = callback, max(1, total_passes), 0
+
+    def next_pass(self) -> Callable[[int, int], None] | None:
+        if self.callback is None:
+            return None
+        before, self.started = self.started, self.started + 1
+
+        def report(done: int, of: int) -> None:
+            self.callback(min(1.0, (before + done / of) / self.total))
+        return report
 
 
 def _load_stage(model: ModelFolder, name: str, folds, checkpoint: str, device: torch.device) -> Stage:

@@ -60,7 +60,8 @@ def _pad(data: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
 
 def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequence[int], step: float = 0.5,
                           mirror_axes: Sequence[int] = (), batch_size: int = 1,
-                          accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          accumulate_dtype: torch.dtype | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Gaussian-weighted mean logits of all windows over ``data`` (C, *spatial).
 
     Args:
@@ -71,6 +72,7 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
         mirror_axes: patch axes flipped for test-time augmentation (all combinations).
         batch_size: windows per forward pass.
         accumulate_dtype: of the accumulators; default float16 on CUDA, else float32.
+        progress: called as ``progress(windows_done, windows_total)`` after each forward pass.
 
     Returns:
         logits (K, *spatial) on ``data``'s device, in ``accumulate_dtype``.
@@ -100,6 +102,8 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
             for w, o in zip(chunk, out):
                 logits[(slice(None), *w)] += o.to(dtype)
                 weights[w] += weight
+            if progress is not None:
+                progress(first + len(chunk), len(windows))
         logits /= weights
     return logits[(slice(None), *unpad_slices(pads, spatial))]
 
