@@ -80,6 +80,23 @@ def test_predict_folder_keeps_names_geometry_and_format(tmp_path, model_dir, cap
     assert progress[-1]["done"] == 2 and progress[-1]["of"] == 2 and "eta_s" in progress[-1]
 
 
+def test_a_case_predicted_again_in_host_memory_is_reported(tmp_path, model_dir, capsys, monkeypatch):
+    from AutoSegLib.inference.predictor import Predictor
+    real = Predictor.predict
+
+    def predict_after_a_fallback(self, *args, **kwargs):
+        self.host_accumulator_fallbacks += 1  # what running out of GPU memory on this case does
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", predict_after_a_fallback)
+    inputs = write_inputs(tmp_path / "in", {"big": ((9, 20, 18), oblique_geometry(), ".nii.gz")})
+    status, events = run(capsys, ["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(model_dir),
+                                  "-c", "2d", "--no-tta", "--device", "cpu", "--events"])
+    assert status == 0 and (tmp_path / "out" / "big.nii.gz").is_file()
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["case"] == "big" and "out of GPU memory" in warnings[0]["message"]
+
+
 def test_progress_events_move_inside_a_case(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.setattr("AutoSegLib.events._MIN_EVENT_INTERVAL_S", 0.0)  # every forward pass
     # 3d_fullres: patch 8x16x16, 64 windows per forward pass; these cases take several passes

@@ -140,6 +140,45 @@ def test_progress_covers_every_fold_and_ends_at_one(model_dir):
     assert any(f == 0.5 for f in fractions)  # the first of two folds done: half the work
 
 
+def test_gpu_out_of_memory_predicts_again_with_accumulators_in_host_memory(model_dir, monkeypatch):
+    # The decision and the retry are device-independent code; the GPU is played by a stand-in
+    # whose first attempt runs out of memory halfway, as a large image's accumulators would.
+    predictor = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0, 1], device="cpu", tta=False)
+    expected = predictor.predict_probabilities([blob_image()], oblique_geometry())
+    real, attempts = Predictor._fold_mean_on, []
+
+    def on_a_small_gpu(self, stage, data, passes, accumulators):
+        attempts.append(accumulators.type)
+        if accumulators.type == "cuda":
+            passes.next_pass()(1, 2)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.72 GiB")
+        self.device = torch.device("cpu")
+        try:
+            return real(self, stage, data, passes, accumulators)
+        finally:
+            self.device = torch.device("cuda")
+
+    monkeypatch.setattr(Predictor, "_fold_mean_on", on_a_small_gpu)
+    predictor.device = torch.device("cuda")
+    fractions = []
+    got = predictor.predict_probabilities([blob_image()], oblique_geometry(), progress=fractions.append)
+    assert attempts == ["cuda", "cpu"] and predictor.host_accumulator_fallbacks == 1
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # never back, even when repeated
+
+
+def test_an_out_of_memory_error_on_the_cpu_is_not_retried(model_dir, monkeypatch):
+    predictor = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0], device="cpu", tta=False)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(Predictor, "_fold_mean_on", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        predictor.predict([blob_image()], oblique_geometry())
+    assert predictor.host_accumulator_fallbacks == 0
+
+
 def test_folds_are_ensembled_by_averaging_probabilities(model_dir):
     image, geometry = blob_image(), oblique_geometry()
     both = Predictor.from_model_dir(model_dir, "3d_fullres", folds=[0, 1], device="cpu", tta=False)

@@ -116,6 +116,20 @@ def test_progress_counts_windows_after_each_forward_pass():
     assert calls == [(min(n, total), total) for n in range(3, total + 3, 3)]
 
 
+def test_network_device_gets_the_windows_and_the_accumulators_stay_with_the_data():
+    seen = []
+
+    def network(x):
+        seen.append((x.device.type, x.dtype))
+        return pointwise(x)
+
+    data = coordinates((9, 20, 20)).double()  # host data in float64 shows which side accumulated
+    logits = sliding_window_logits(network, data, (8, 8, 8), 0.5, network_device=torch.device("cpu"),
+                                   accumulate_dtype=torch.float64)
+    assert logits.dtype == torch.float64 and seen and all(s == ("cpu", torch.float64) for s in seen)
+    torch.testing.assert_close(logits, expected_pointwise((9, 20, 20)).double(), rtol=1e-5, atol=1e-4)
+
+
 def test_float16_accumulators_give_nearly_the_float32_result():
     data = coordinates((11, 20, 20)) / 20
     half = sliding_window_logits(pointwise, data, (8, 16, 16), accumulate_dtype=torch.float16)

@@ -162,8 +162,12 @@ def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_proba
         elif reporter is not None and not _same_grid(geometry, geometry_c):
             reporter.warning(STAGE, f"{image}: geometry differs from {case.images[0].name}; using the latter's",
                              case=case.case_id, file=str(image))
+    fallbacks = getattr(predictor, "host_accumulator_fallbacks", 0)
     labels, probabilities = predictor.predict(channels, geometry, progress=progress,
                                               return_probabilities=save_probabilities or uncertainty)
+    if reporter is not None and getattr(predictor, "host_accumulator_fallbacks", 0) > fallbacks:
+        reporter.warning(STAGE, f"case '{case.case_id}': out of GPU memory; predicted again with the sliding-window "
+                                "sums in main memory (slower)", case=case.case_id)
     del channels
     entropy = normalized_entropy(probabilities) if uncertainty else None
     write_case_outputs(paths, labels, geometry, probabilities if save_probabilities else None, entropy)

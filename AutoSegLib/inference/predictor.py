@@ -115,6 +115,7 @@ class Predictor:
         self.model, self.stages, self.device = model, stages, torch.device(device)
         self.tta, self.step, self.batch_size = bool(tta), _check_step(step), batch_size
         self.postprocessing = postprocessing
+        self.host_accumulator_fallbacks = 0  # stages predicted again with accumulators in host memory
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
@@ -229,7 +230,28 @@ class Predictor:
         return restore_probabilities(probabilities, properties)[0]
 
     def _fold_mean(self, stage: Stage, data: np.ndarray, passes: "_PassCounter") -> np.ndarray:
-        x = torch.from_numpy(data).to(self.device)
+        """Fold-mean probabilities; on a GPU that runs out of memory, again with host accumulators.
+
+        The network's activations fit (a training batch did), but the accumulators of a large
+        image may not: K float16 values per voxel, 12 GB for 100 classes at 512x512x600. As
+        nnU-Net does, the case is then predicted again with them in host memory.
+        """
+        if self.device.type == "cpu":
+            return self._fold_mean_on(stage, data, passes, self.device)
+        first_pass = passes.started
+        try:
+            return self._fold_mean_on(stage, data, passes, self.device)
+        except torch.OutOfMemoryError:
+            pass  # retried below: in here the traceback still holds the failed attempt's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        passes.started = first_pass
+        self.host_accumulator_fallbacks += 1
+        return self._fold_mean_on(stage, data, passes, torch.device("cpu"))
+
+    def _fold_mean_on(self, stage: Stage, data: np.ndarray, passes: "_PassCounter",
+                      accumulators: torch.device) -> np.ndarray:
+        x = torch.from_numpy(data).to(accumulators)
         batch = self.batch_size or default_batch_size(stage.config, self.device)
         mirror = mirror_axes_for(stage.config) if self.tta else ()
         total = None
@@ -237,7 +259,7 @@ class Predictor:
             if len(stage.weights) > 1:
                 stage.network.load_state_dict(weights)
             logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
-                                           mirror, batch, progress=passes.next_pass())
+                                           mirror, batch, progress=passes.next_pass(), network_device=self.device)
             probabilities = softmax(logits)
             del logits
             total = probabilities if total is None else total.add_(probabilities)
@@ -264,6 +286,7 @@ class _PassCounter:
 
     def __init__(self, callback: Callable[[float], None] | None, total_passes: int):
         self.callback, self.total, self.started = callback, max(1, total_passes), 0
+        self.reported = 0.0  # never less than before, even when a pass is repeated
 
     def next_pass(self) -> Callable[[int, int], None] | None:
         if self.callback is None:
@@ -271,7 +294,8 @@ class _PassCounter:
         before, self.started = self.started, self.started + 1
 
         def report(done: int, of: int) -> None:
-            self.callback(min(1.0, (before + done / of) / self.total))
+            self.reported = max(self.reported, min(1.0, (before + done / of) / self.total))
+            self.callback(self.reported)
         return report
 
 

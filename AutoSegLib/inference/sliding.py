@@ -61,11 +61,12 @@ def _pad(data: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
 def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequence[int], step: float = 0.5,
                           mirror_axes: Sequence[int] = (), batch_size: int = 1,
                           accumulate_dtype: torch.dtype | None = None,
-                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                          progress: Callable[[int, int], None] | None = None,
+                          network_device: torch.device | None = None) -> torch.Tensor:
     """Gaussian-weighted mean logits of all windows over ``data`` (C, *spatial).
 
     Args:
-        network: ``(B, C, *patch) -> (B, K, *patch)``; run on ``data``'s device.
+        network: ``(B, C, *patch) -> (B, K, *patch)``; run on ``network_device``.
         data: one preprocessed case; with a 2D patch and 3D data, windows are slices.
         patch_size: the training patch (2 or 3 axes).
         step: window spacing as a fraction of the patch (0.5 in nnU-Net; 1 = no overlap).
@@ -73,6 +74,9 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
         batch_size: windows per forward pass.
         accumulate_dtype: of the accumulators; default float16 on CUDA, else float32.
         progress: called as ``progress(windows_done, windows_total)`` after each forward pass.
+        network_device: where the network runs; default ``data``'s device. With ``data`` in host
+            memory and the network on a GPU, each batch of windows goes to the GPU and its logits
+            come back, so the accumulators (K values per voxel) take no GPU memory.
 
     Returns:
         logits (K, *spatial) on ``data``'s device, in ``accumulate_dtype``.
@@ -96,7 +100,9 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
         for first in range(0, len(windows), max(1, int(batch_size))):
             chunk = windows[first:first + max(1, int(batch_size))]
             x = torch.stack([padded[(slice(None), *w)] for w in chunk])
-            out = predict_window_batch(network, x, mirror_axes) * gaussian
+            if network_device is not None:
+                x = x.to(network_device)
+            out = predict_window_batch(network, x, mirror_axes).to(device) * gaussian
             if logits is None:
                 logits = torch.zeros((out.shape[1], *spatial), dtype=dtype, device=device)
             for w, o in zip(chunk, out):
