@@ -20,6 +20,15 @@ for path in (str(REPO), str(EXTENSION)):
 slicer = pytest.importorskip("slicer", reason="the Slicer logic tests need the slicer-core wheel")
 
 
+@pytest.fixture(autouse=True)
+def job_logs_in_tmp_path(tmp_path, monkeypatch):
+    """Jobs started without a log path log to a new temporary file (as in Slicer); in tests that
+    file belongs in the test's own folder, not in /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture
 def scene():
     return slicer.vtkMRMLScene()
