@@ -4,7 +4,7 @@ oneDNN, torch's CPU convolution library, computes 3D convolutions in a channels-
 (channels innermost). Fed ``contiguous`` (N, C, D, H, W) tensors it reorders every input and
 output of every convolution; in ``channels_last_3d`` those reorders go away. Measured on the
 phantoms' 3d_fullres network (1 thread, BENCHMARKS.md "Network layout"): a phantom case
-predicts 18% faster (4.92 -> 4.05 s), logits equal to 7e-4. Training is not converted: there
+predicts 18-19% faster (4.92-5.00 -> 4.05 s), logits equal to 7e-4. Training is not converted: there
 the backward convolutions in channels-last were slower (one step 21.2-21.7 s contiguous,
 22.0-23.4 s channels-last). The layout changes no state_dict key: it is a storage order, and
 checkpoints load into either layout.
