@@ -121,6 +121,38 @@ def forward_gflop(network: torch.nn.Module, batch: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def timed_iterations(next_batch, train_step, warmup: int, iterations: int, log, stop=None):
+    """Run ``warmup + iterations`` training iterations, timing the data wait and the step apart.
+
+    ``log(i, wait_s, step_s)`` is called after each; ``stop(steps, iteration_s)`` may end the
+    measurement early. Returns the measured waits and steps (warm-up left out) and the last batch.
+    """
+    waits, steps, batch = [], [], None
+    for i in range(warmup + iterations):
+        t0 = time.perf_counter()
+        batch = next_batch()
+        t1 = time.perf_counter()
+        train_step(batch)
+        t2 = time.perf_counter()
+        log(i, t1 - t0, t2 - t1)
+        if i >= warmup:
+            waits.append(t1 - t0)
+            steps.append(t2 - t1)
+            if stop is not None and stop(steps, t2 - t0):
+                break
+    return waits, steps, batch
+
+
+def pure_step_seconds(train_step, batch, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` training steps on one batch already in memory (no data loading)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        train_step(batch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def bench_plan(name: str, config: dict, dataset: Path, work: Path, args, peak: float) -> dict:
     from AutoSegLib.planning import Plans
     from AutoSegLib.training.loader import BatchLoader
@@ -143,30 +175,24 @@ def bench_plan(name: str, config: dict, dataset: Path, work: Path, args, peak: f
           f"parameters; network threads {threads}; load {load()}", flush=True)
 
     started = time.monotonic()
-    waits, steps = [], []
+
+    def log(i, wait_s, step_s):
+        label = "warm-up" if i < args.warmup else "measured"
+        print(f"  iteration {i + 1} ({label}): waited {wait_s:.2f} s for data, step {step_s:.2f} s", flush=True)
+
+    def out_of_time(steps, iteration_s):
+        if len(steps) >= 2 and time.monotonic() - started + iteration_s > args.max_seconds:
+            print(f"  (stopping: --max-seconds {args.max_seconds:g} reached)")
+            return True
+        return False
+
     with BatchLoader(run.train_cases, run.config, run.data_folder, num_workers=args.num_workers, seed=0,
                      ignore_label=run.ignore_label) as loader:
         print(f"  data: {loader.num_workers} worker process(es); {'; '.join(loader.notes)}", flush=True)
-        for i in range(args.warmup + args.iterations):
-            t0 = time.perf_counter()
-            batch = next(loader)
-            t1 = time.perf_counter()
-            trainer.train_step(batch)
-            t2 = time.perf_counter()
-            label = "warm-up" if i < args.warmup else "measured"
-            print(f"  iteration {i + 1} ({label}): waited {t1 - t0:.2f} s for data, step {t2 - t1:.2f} s", flush=True)
-            if i >= args.warmup:
-                waits.append(t1 - t0)
-                steps.append(t2 - t1)
-                if len(steps) >= 2 and time.monotonic() - started + (t2 - t0) > args.max_seconds:
-                    print(f"  (stopping: --max-seconds {args.max_seconds:g} reached)")
-                    break
+        waits, steps, batch = timed_iterations(lambda: next(loader), trainer.train_step, args.warmup,
+                                               args.iterations, log, out_of_time)
     gflop = 3 * forward_gflop(trainer.network, batch["data"])
-    pure = []
-    for _ in range(len(steps)):
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        pure.append(time.perf_counter() - t0)
+    pure = pure_step_seconds(trainer.train_step, batch, len(steps))
     totals = [w + s for w, s in zip(waits, steps)]
     per_iteration = statistics.median(totals)
     result = {"name": name, "patch": patch, "batch": config["batch_size"], "s_per_it": per_iteration,

@@ -864,7 +864,7 @@ def _autoseg_iterations_done(folder: Path) -> int | None:
 
 def child_throughput(args) -> None:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_training import forward_gflop, pure_step_seconds, timed_iterations
 
     from AutoSegLib.training.loader import BatchLoader
     from AutoSegLib.training.setup import TrainOptions, setup_run
@@ -875,31 +875,20 @@ def child_throughput(args) -> None:
     run = setup_run(root / "nnUNet_raw" / args.child_dataset, args.child_work or root / "autoseg_work",
                     TrainOptions(CONFIG, "0", overwrite=True, device="cpu"))
     trainer = Trainer(run)
-    waits, steps = [], []
+
+    def log(i, wait_s, step_s):
+        print(f"iteration {i + 1}: waited {wait_s:.2f} s, step {step_s:.2f} s", flush=True)
+
     with BatchLoader(run.train_cases, run.config, run.data_folder, seed=0, ignore_label=run.ignore_label) as loader:
         setup_s = time.perf_counter() - started
         workers = loader.num_workers
-        for i in range(args.warmup + args.iterations):
-            t0 = time.perf_counter()
-            batch = next(loader)
-            t1 = time.perf_counter()
-            trainer.train_step(batch)
-            t2 = time.perf_counter()
-            print(f"iteration {i + 1}: waited {t1 - t0:.2f} s, step {t2 - t1:.2f} s", flush=True)
-            if i >= args.warmup:
-                waits.append(t1 - t0)
-                steps.append(t2 - t1)
+        waits, steps, batch = timed_iterations(lambda: next(loader), trainer.train_step, args.warmup,
+                                               args.iterations, log)
     trainer.save("final")  # for the inference part
-    pure = []
-    for _ in range(args.iterations):
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        pure.append(time.perf_counter() - t0)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        trainer.network(batch["data"])
+    pure = pure_step_seconds(trainer.train_step, batch, args.iterations)
+    gflop = 3 * forward_gflop(trainer.network, batch["data"])
     Path(args.out).write_text(json.dumps({
-        "waits": waits, "steps": steps, "pure": pure, "gflop": 3 * counter.get_total_flops() / 1e9,
+        "waits": waits, "steps": steps, "pure": pure, "gflop": gflop,
         "setup_s": setup_s, "threads": torch.get_num_threads(), "data_workers": workers,
         "patch": list(run.config["patch_size"]), "batch": run.config["batch_size"],
         "features": list(run.config["features_per_stage"]),
