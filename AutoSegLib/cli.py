@@ -17,6 +17,9 @@ from pathlib import Path
 from AutoSegLib import __version__
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
+from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_ARCHITECTURE, DEFAULT_PRESET,
+                              DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PRESETS, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX,
+                              listing)
 
 
 class CommandFailed(ReportedFailure):
@@ -24,9 +27,9 @@ class CommandFailed(ReportedFailure):
 
 
 def default_work_dir(dataset: Path) -> Path:
-    """``<dataset folder name>.autoseg`` beside the dataset folder (DESIGN.md)."""
+    """``<dataset folder name>.autoseg`` beside the dataset folder (docs/work-folder.md)."""
     dataset = Path(dataset).resolve()
-    return dataset.parent / f"{dataset.name}.autoseg"
+    return dataset.parent / f"{dataset.name}{WORK_SUFFIX}"
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -156,9 +159,10 @@ def cmd_train(args, reporter: Reporter) -> None:
                            checkpoint_every_epochs=args.checkpoint_every_epochs, init_from=args.init_from,
                            optimizer=args.optimizer, initial_lr=args.lr)
     run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
-    reporter.log("train", f"Training {args.configuration} fold {args.fold}: {len(run.train_cases)} training, "
-                          f"{len(run.val_cases)} validation case(s); {run.schedule.epochs} epochs x "
-                          f"{run.schedule.iterations_per_epoch} iterations -> {run.run_folder}")
+    reporter.log("train", f"Training {args.configuration} fold {args.fold} with the {run.preset} schedule "
+                          f"({run.preset_reason}): {len(run.train_cases)} training, {len(run.val_cases)} validation "
+                          f"case(s); {run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations, "
+                          f"{run.schedule.optimizer} -> {run.run_folder}")
     result = Trainer(run, reporter).fit()
     if args.validate:
         from AutoSegLib.inference.validation import validate_fold
@@ -228,8 +232,6 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
 
 def cmd_find_best(args, reporter: Reporter) -> None:
     from AutoSegLib.evaluation.selection import PLAN_FILE, find_best, format_candidates
-    from AutoSegLib.training.setup import MODEL_DIR
-
     work = args.work or default_work_dir(args.dataset)
     plan = find_best(work, args.dataset, reporter=reporter, num_processes=args.num_processes)
     (sys.stderr if args.events else sys.stdout).write(format_candidates(plan) + "\n")
@@ -300,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="explain every planning decision in plain language")
     p.add_argument("--gpu-memory", default="8", metavar="GB|auto",
                    help="GPU memory to plan for (default 8, the method's reference; 'auto' = local GPU)")
-    p.add_argument("--architecture", default="PlainConvUNet",
-                   choices=["PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet"],
-                   help="network variant (default: the plain U-Net of the blueprint)")
+    p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES,
+                   help=f"network variant: {listing(ARCHITECTURES)} (default: {DEFAULT_ARCHITECTURE}, the plain "
+                        "U-Net of the blueprint)")
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
     p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
     p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_preprocess_flags(p):
         p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIG",
-                       help="configurations to preprocess (default: every planned one)")
+                       help=f"configurations to preprocess, of {listing(CONFIGURATIONS)} as planned "
+                            "(default: every planned one)")
 
     p = sub.add_parser("preprocess", help="crop, normalize and resample every case for the planned configurations")
     p.add_argument("dataset", type=Path)
@@ -333,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--work", type=Path, default=None)
     p.add_argument("--explain", action="store_true")
     p.add_argument("--gpu-memory", default="8", metavar="GB|auto")
-    p.add_argument("--architecture", default="PlainConvUNet",
-                   choices=["PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet"])
+    p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES)
     p.add_argument("--refresh-fingerprint", action="store_true")
     add_preprocess_flags(p)
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
@@ -343,12 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one fold of one configuration (resumable, observable)")
     p.add_argument("dataset", type=Path)
-    p.add_argument("configuration", help="2d, 3d_fullres or 3d_lowres (as planned)")
+    p.add_argument("configuration", help=f"{listing(TRAINABLE_CONFIGURATIONS)} (as planned); on a CPU train "
+                                         f"{CPU_CONFIGURATION}, sized for it")
     p.add_argument("fold", help="0-4, or 'all' to train on every case")
     p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
-    p.add_argument("--preset", default="paper", choices=["paper", "quick"],
-                   help="schedule: paper = 1000 epochs x 250 iterations with SGD (default); quick = 500 iterations "
-                        "with AdamW, minutes on a CPU with the 3d_cpu configuration, for trying")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
+                   help=f"schedule: auto (default) = paper on a GPU, quick on a CPU; paper = 1000 epochs x 250 "
+                        f"iterations with SGD; quick = 500 iterations with AdamW, minutes on a CPU with the "
+                        f"{CPU_CONFIGURATION} configuration. The first log line says which ran")
     p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
@@ -356,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewer than 10 would fit (checked after 3 iterations); same decay to ~0")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run of this fold and start over")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--num-workers", type=int, default=None, help="data-augmentation processes (default: by machine)")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],
@@ -374,14 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment images with a trained model folder",
                        description="Predict label maps in the input's own grid, geometry and file format. "
-                                   "Without -c, uses the model's inference_plan.json (from find-best) if present, "
-                                   "else 3d_fullres with every trained fold.")
+                                   f"Without -c: the model's {INFERENCE_PLAN_FILE} (from find-best) if present, else "
+                                   "the one configuration with finished folds (with every finished fold); with "
+                                   "several and no inference plan, it says which -c to add.")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="folder of {case}_{XXXX}{ending} images (XXXX = channel), or one image file")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="output folder (for one input file, also a file name such as out/case.nii.gz)")
-    p.add_argument("-m", "--model", type=Path, required=True, help="model folder (WORK/model)")
-    p.add_argument("-c", "--configuration", default=None, help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres")
+    p.add_argument("-m", "--model", type=Path, required=True, help=f"model folder (WORK/{MODEL_DIR})")
+    p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS, metavar="CONFIG",
+                   help=f"{listing(CONFIGURATIONS)} (default: the inference plan's, else the one trained)")
     p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
                    help="folds to ensemble, e.g. 0 1 2 or all (default: the inference plan's, else every "
                         "trained fold)")
@@ -389,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint of each fold (default final, or the inference plan's)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (up to 8x faster)")
     p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write {case}.npz with the class probabilities (float16)")
     p.add_argument("--uncertainty", action="store_true",

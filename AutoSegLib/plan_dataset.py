@@ -13,9 +13,8 @@ from AutoSegLib.dataset import open_dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json, write_json
 from AutoSegLib.fingerprint import FINGERPRINT_VERSION, dataset_signature, extract_fingerprint
+from AutoSegLib.names import FINGERPRINT_FILE, PLANS_FILE  # noqa: F401 (re-exported)
 
-FINGERPRINT_FILE = "dataset_fingerprint.json"
-PLANS_FILE = "plans.json"
 
 
 def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_processes: int = 2,

@@ -13,7 +13,7 @@ from AutoSegLib.fileutil import TMP_PREFIX
 from AutoSegLib.imageio import Geometry, read_header, read_image, write_image
 from AutoSegLib.inference import PredictionError, predict_files
 from AutoSegLib.inference import files as files_module
-from test_inference_predictor import blob_image, make_model_folder, oblique_geometry
+from test_inference_predictor import blob_image, make_model_folder, oblique_geometry, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_channel_model(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("model2"), folds=(0,), channels=2)
+    # one configuration only: predict chooses it without -c
+    return make_model_folder(tmp_path_factory.mktemp("model2"), {"3d_fullres": tiny_config((2.0, 1.0, 1.0), (8, 16, 16))},
+                             folds=(0,), channels=2)
 
 
 @pytest.fixture(autouse=True)

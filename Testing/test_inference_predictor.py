@@ -240,8 +240,17 @@ def test_an_explicit_configuration_ignores_the_inference_plan(tmp_path):
     assert predictor.postprocessing is None
 
 
-def test_without_an_inference_plan_3d_fullres_is_used(model_dir):
-    assert Predictor.from_model_dir(model_dir, device="cpu").configurations == ["3d_fullres"]
+def test_without_an_inference_plan_two_trained_configurations_need_a_choice(model_dir):
+    with pytest.raises(ModelFolderError) as info:
+        Predictor.from_model_dir(model_dir, device="cpu")
+    assert "-c 2d or -c 3d_fullres" in str(info.value) and "find-best" in str(info.value)
+
+
+def test_without_an_inference_plan_the_only_trained_configuration_is_used(tmp_path):
+    model = make_model_folder(tmp_path, {"2d": tiny_config((1.0, 1.0), (16, 16))}, folds=("all",))
+    predictor = Predictor.from_model_dir(model, device="cpu")
+    assert predictor.configurations == ["2d"] and predictor.stages[0].folds == ["all"]
+    assert predictor.choice.reason == "the only trained configuration"
 
 
 def test_an_inference_plan_with_problems_is_refused_naming_them(tmp_path):

@@ -6,6 +6,7 @@ from AutoSegLib.training.schedule import (
     PAPER,
     PRESETS,
     QUICK,
+    preset_for_device,
     Schedule,
     epochs_within_budget,
     estimate_eta,
@@ -35,10 +36,20 @@ def test_presets():
     assert (QUICK.optimizer, QUICK.initial_lr) == ("adamw", 3e-3)
     assert QUICK.total_iterations < PAPER.total_iterations / 100
     assert get_preset("quick") is QUICK
-    with pytest.raises(ValueError, match="unknown schedule preset 'fast'; choose one of: paper, quick"):
+    with pytest.raises(ValueError, match="unknown schedule preset 'fast'; choose one of: auto, paper, quick"):
         get_preset("fast")
     with pytest.raises(dataclasses.FrozenInstanceError):
         QUICK.epochs = 5
+
+
+def test_auto_preset_is_the_papers_on_a_gpu_and_quick_on_a_cpu():
+    assert preset_for_device("auto", "cuda")[0] == "paper"
+    assert preset_for_device("auto", "mps")[0] == "paper"
+    name, reason = preset_for_device("auto", "cpu")
+    assert name == "quick" and "no GPU" in reason
+    assert preset_for_device("paper", "cpu") == ("paper", "--preset paper")  # an explicit choice is kept
+    with pytest.raises(ValueError, match="unknown schedule preset"):
+        preset_for_device("fast", "cpu")
 
 
 def test_resolve_schedule_overrides_only_what_is_given():

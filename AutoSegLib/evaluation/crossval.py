@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-VALIDATION_DIR = "validation"
+from AutoSegLib.names import VALIDATION_DIR  # noqa: F401 (re-exported)
+
 PROBABILITIES_KEY = "probabilities"
 
 

@@ -237,6 +237,8 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
         raise PredictionError(f"{output_path}: choose an output folder other than the input folder")
     outputs = [output_paths(case, output_path, single_target) for case in cases]
     stages = ", ".join(f"{s.name} folds {s.folds}" for s in predictor.stages)
+    if predictor.choice is not None:
+        stages += f" ({predictor.choice.reason})"
     reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
                         f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
     failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)

@@ -16,66 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from AutoSegLib.dataset import DatasetError, DatasetSpec
-from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.planning import Plans, PlanningError
-from AutoSegLib.training.checkpoint import BEST, FINAL, LATEST, CheckpointError, load_checkpoint
-from AutoSegLib.training.splits import ALL_FOLDS, SplitsError, parse_fold
+from AutoSegLib.modelchoice import (INFERENCE_PLAN_VERSION, ModelFolderError, fold_sort_key, parse_folds,  # noqa: F401
+                                    read_inference_plan, trained_folds)
+from AutoSegLib.names import (CHECKPOINT_FILES, DATASET_FILE, GPU_CONFIGURATION, INFERENCE_PLAN_FILE, PLANS_FILE,
+                              fold_dir_name)
+from AutoSegLib.training.checkpoint import CheckpointError, load_checkpoint
 
-PLANS_FILE = "plans.json"
-DATASET_FILE = "dataset.json"
-INFERENCE_PLAN_FILE = "inference_plan.json"
-INFERENCE_PLAN_VERSION = 1
-CHECKPOINTS = {"final": FINAL, "best": BEST, "latest": LATEST}
-DEFAULT_CONFIGURATION = "3d_fullres"
-
-
-class ModelFolderError(ReportedFailure):
-    """The model folder cannot be used as asked; the message names the file and what exists."""
+CHECKPOINTS = CHECKPOINT_FILES
+# Kept for callers of earlier versions; the rule itself is modelchoice.choose.
+DEFAULT_CONFIGURATION = GPU_CONFIGURATION
 
 
 class ModelCheckpointError(ModelFolderError, CheckpointError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the plans' network."""
-
-
-def _fold_key(fold) -> tuple:
-    return (1, 0) if fold == ALL_FOLDS else (0, int(fold))
-
-
-def parse_folds(folds) -> list:
-    """Fold numbers or ``"all"`` from ints or strings (``[0, "1", "all"]``), in order, each once."""
-    try:
-        parsed = [parse_fold(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
-    except SplitsError as exc:
-        raise ModelFolderError(str(exc)) from None
-    return sorted(set(parsed), key=_fold_key)
-
-
-def read_inference_plan(path: Path) -> dict:
-    """Read and check ``inference_plan.json`` (written by find-best); unknown keys are ignored."""
-    try:
-        plan = read_json(path)
-    except ValueError as exc:
-        raise ModelFolderError(str(exc)) from None
-    problems = []
-    if not isinstance(plan, dict):
-        raise ModelFolderError(f"{path}: must be a JSON object")
-    if plan.get("version") != INFERENCE_PLAN_VERSION:
-        problems.append(f"version {plan.get('version')!r} is not supported (expected {INFERENCE_PLAN_VERSION})")
-    names = plan.get("configurations")
-    if not (isinstance(names, list) and 1 <= len(names) <= 2 and all(isinstance(n, str) for n in names)):
-        problems.append(f"'configurations' must list one or two configuration names, found {names!r}")
-    if not isinstance(plan.get("folds"), list) or not plan.get("folds"):
-        problems.append(f"'folds' must be a non-empty list like [0, 1, 2, 3, 4] or [\"all\"], "
-                        f"found {plan.get('folds')!r}")
-    if plan.get("checkpoint", "final") not in CHECKPOINTS:
-        problems.append(f"'checkpoint' {plan.get('checkpoint')!r}; allowed: {', '.join(CHECKPOINTS)}")
-    if not isinstance(plan.get("postprocessing", {}), dict):
-        problems.append("'postprocessing' must be an object")
-    if problems:
-        raise ModelFolderError(f"{path}: " + "; ".join(problems))
-    return {**plan, "folds": parse_folds(plan["folds"]), "checkpoint": plan.get("checkpoint", "final"),
-            "postprocessing": plan.get("postprocessing", {})}
 
 
 @dataclass
@@ -138,20 +93,11 @@ class ModelFolder:
         return self.n_channels + (len(self.foreground_values) if config.get("previous_stage") else 0)
 
     def fold_dir(self, configuration: str, fold) -> Path:
-        return self.path / configuration / f"fold_{fold}"
+        return self.path / configuration / fold_dir_name(fold)
 
     def trained_folds(self, configuration: str, checkpoint: str = "final") -> list:
         """Folds of ``configuration`` whose folder holds ``checkpoint``."""
-        folder = self.path / configuration
-        found = []
-        for entry in sorted(folder.glob("fold_*")) if folder.is_dir() else []:
-            try:
-                fold = parse_fold(entry.name[len("fold_"):])
-            except SplitsError:
-                continue
-            if (entry / CHECKPOINTS[checkpoint]).is_file():
-                found.append(fold)
-        return sorted(found, key=_fold_key)
+        return trained_folds(self.path, configuration, checkpoint)
 
     def describe_checkpoints(self, configuration: str) -> str:
         """What is there, e.g. ``fold_0: final, best; fold_1: latest``, or that nothing is."""

@@ -44,7 +44,8 @@ import torch
 
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.imageio import Geometry
-from AutoSegLib.inference.model import DEFAULT_CONFIGURATION, ModelCheckpointError, ModelFolder, ModelFolderError
+from AutoSegLib.inference.model import ModelCheckpointError, ModelFolder, ModelFolderError
+from AutoSegLib.modelchoice import choose
 from AutoSegLib.inference.probabilities import labels_from_probabilities, one_hot_foreground
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
@@ -116,6 +117,7 @@ class Predictor:
         self.tta, self.step, self.batch_size = bool(tta), _check_step(step), batch_size
         self.postprocessing = postprocessing
         self.host_accumulator_fallbacks = 0  # stages predicted again with accumulators in host memory
+        self.choice = None  # the ModelChoice from_model_dir made (how the configuration was chosen)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
@@ -125,8 +127,9 @@ class Predictor:
 
         Args:
             model_dir: ``WORK/model`` (plans.json, dataset.json, ``{configuration}/fold_{k}/``).
-            configuration: one name, or two for an ensemble. None: ``inference_plan.json``'s
-                choice (with its folds, checkpoint and postprocessing) if present, else 3d_fullres.
+            configuration: one name, or two for an ensemble. None: the rule of
+                :func:`AutoSegLib.modelchoice.choose` - ``inference_plan.json``'s choice (with its
+                folds, checkpoint and postprocessing), else the one trained configuration.
             folds: e.g. ``[0, 1]`` or ``["all"]``; None: the inference plan's, else every
                 fold that has the checkpoint.
             checkpoint: ``final`` (default), ``best`` or ``latest``.
@@ -142,20 +145,14 @@ class Predictor:
         from AutoSegLib.training.setup import resolve_device
 
         model = ModelFolder.open(model_dir)
-        plan, postprocessing = model.inference_plan, None
-        if configuration is None and plan is not None:
-            names = plan["configurations"]
-            folds = plan["folds"] if folds is None else folds
-            checkpoint = checkpoint or plan["checkpoint"]
-            postprocessing = plan["postprocessing"]
-        else:
-            names = [configuration or DEFAULT_CONFIGURATION] if not isinstance(configuration, (list, tuple)) \
-                else list(configuration)
-        checkpoint = checkpoint or "final"
+        choice = choose(model.path, configuration, folds, checkpoint)
         _check_step(step)
         torch_device = resolve_device(device)
-        stages = [_load_stage(model, name, folds, checkpoint, torch_device) for name in names]
-        return cls(model, stages, torch_device, tta, step, batch_size, postprocessing)
+        stages = [_load_stage(model, name, choice.folds, choice.checkpoint, torch_device)
+                  for name in choice.configurations]
+        predictor = cls(model, stages, torch_device, tta, step, batch_size, choice.postprocessing or None)
+        predictor.choice = choice
+        return predictor
 
     @property
     def configurations(self) -> list[str]:

@@ -20,10 +20,9 @@ from AutoSegLib.events import Reporter
 from AutoSegLib.inference.files import CaseOutputs, InputCase, PredictionError, predict_cases
 from AutoSegLib.inference.model import CHECKPOINTS, ModelFolderError
 from AutoSegLib.training.splits import parse_fold
+from AutoSegLib.names import SUMMARY_FILE, VALIDATION_DIR  # noqa: F401 (re-exported)
 
 STAGE = "validate"
-VALIDATION_DIR = "validation"
-SUMMARY_FILE = "summary.json"
 
 
 def validation_checkpoint(fold_dir: Path) -> str:

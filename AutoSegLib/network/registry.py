@@ -12,13 +12,13 @@ from typing import Callable
 from torch import nn
 
 from AutoSegLib.network.unet import UNet, UNetSpec, conv_skip_unet, plain_conv_unet, residual_encoder_unet
+from AutoSegLib.names import DEFAULT_ARCHITECTURE  # noqa: F401 (re-exported)
 
 ARCHITECTURES: dict[str, Callable[[UNetSpec], UNet]] = {
     "PlainConvUNet": plain_conv_unet,
     "ResidualEncoderUNet": residual_encoder_unet,
     "ConvSkipUNet": conv_skip_unet,
 }
-DEFAULT_ARCHITECTURE = "PlainConvUNet"
 # Options the planner writes into ``network`` that have exactly one supported value: a plan
 # naming anything else is refused rather than silently trained with the blueprint.
 FIXED_OPTIONS = {"norm": "InstanceNorm", "nonlinearity": "LeakyReLU",

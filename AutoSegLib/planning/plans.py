@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 
+from AutoSegLib.names import ARCHITECTURES, CONFIGURATIONS  # noqa: F401 (re-exported)
+
 PLANS_VERSION = 1
-ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet")
 NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
-CONFIGURATION_NAMES = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cpu")
+CONFIGURATION_NAMES = CONFIGURATIONS
 
 
 class PlanningError(ValueError):

@@ -25,9 +25,9 @@ from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.case import PROPERTIES_VERSION, preprocess_case
 from AutoSegLib.preprocessing.sampling import MAX_LOCATIONS_PER_CLASS, MIN_FRACTION, sample_foreground_locations
 from AutoSegLib.workers import run_tasks
+from AutoSegLib.names import PLANS_FILE  # noqa: F401 (re-exported)
 
 PREPROCESSED = "preprocessed"
-PLANS_FILE = "plans.json"
 # Plan fields that change the preprocessed arrays; batch and patch size do not, so replanning
 # for another GPU keeps the preprocessed data.
 _DATA_FIELDS = ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling")

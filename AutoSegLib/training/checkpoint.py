@@ -41,11 +41,12 @@ import torch
 
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
+from AutoSegLib.names import CHECKPOINT_FILES  # noqa: F401 (re-exported)
 
 CHECKPOINT_VERSION = 1
-LATEST = "checkpoint_latest.pt"
-BEST = "checkpoint_best.pt"
-FINAL = "checkpoint_final.pt"
+LATEST = CHECKPOINT_FILES["latest"]
+BEST = CHECKPOINT_FILES["best"]
+FINAL = CHECKPOINT_FILES["final"]
 REQUIRED_KEYS = ("network_weights", "optimizer_state", "epoch")
 # Preference among equal epochs; the highest epoch wins first.
 RESUME_ORDER = (FINAL, LATEST, BEST)

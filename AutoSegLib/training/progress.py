@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 
 from AutoSegLib.fileutil import atomic_path
+from AutoSegLib.names import PROGRESS_PLOT_FILE, TRAINING_LOG_FILE  # noqa: F401 (re-exported)
 
-LOG_FILE = "training_log.jsonl"
-PLOT_FILE = "progress.png"
+LOG_FILE = TRAINING_LOG_FILE
+PLOT_FILE = PROGRESS_PLOT_FILE
 
 
 def append_epoch(folder: Path, record: dict) -> None:

@@ -74,6 +74,22 @@ PAPER = Schedule(epochs=1000, iterations_per_epoch=250, val_iterations=50)
 # hard-codes these numbers.
 QUICK = Schedule(epochs=20, iterations_per_epoch=25, val_iterations=5, optimizer="adamw", initial_lr=3e-3)
 PRESETS: dict[str, Schedule] = {"paper": PAPER, "quick": QUICK}
+AUTO = "auto"  # names.DEFAULT_PRESET: the paper's recipe on a GPU, the quick one on a CPU
+
+
+def preset_for_device(preset: str, device_type: str) -> tuple[str, str]:
+    """The preset to train with, and why: ``auto`` follows the device, any other name is kept.
+
+    The paper's schedule (250,000 SGD iterations) is what a GPU is for; on a CPU it would run
+    for weeks, and cut short by ``--time-budget`` its SGD learns little (validation Dice 0.185
+    after 4 minutes on the MR phantoms, against 0.384 for the quick preset, issue 13).
+    """
+    if preset != AUTO:
+        get_preset(preset)
+        return preset, f"--preset {preset}"
+    if device_type in ("cuda", "mps"):
+        return "paper", f"auto: the paper's recipe on the {device_type.upper()} GPU"
+    return "quick", "auto: no GPU, so the quick recipe for CPUs (--preset paper for the paper's)"
 
 
 # Starting learning rate of each optimizer when --optimizer overrides a preset's.
@@ -85,7 +101,7 @@ def get_preset(name: str) -> Schedule:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown schedule preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown schedule preset {name!r}; choose one of: {', '.join([AUTO, *PRESETS])}") from None
 
 
 def resolve_schedule(preset: str = "paper", epochs: int | None = None, iterations_per_epoch: int | None = None,

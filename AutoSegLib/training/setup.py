@@ -16,11 +16,10 @@ from AutoSegLib.fileutil import write_json
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
-from AutoSegLib.training.schedule import Schedule, resolve_schedule
+from AutoSegLib.training.schedule import Schedule, preset_for_device, resolve_schedule
 from AutoSegLib.training import splits as splitting
 
-MODEL_DIR = "model"
-DEVICES = ("auto", "cuda", "mps", "cpu")
+from AutoSegLib.names import CASCADE_CONFIGURATION, DEFAULT_PRESET, DEVICES, MODEL_DIR, fold_dir_name
 
 
 class TrainingSetupError(ValueError):
@@ -33,7 +32,7 @@ class TrainOptions:
 
     configuration: str
     fold: str  # "0".."4" or "all"
-    preset: str = "paper"
+    preset: str = DEFAULT_PRESET  # "auto": by device (schedule.preset_for_device)
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     time_budget_min: float | None = None
@@ -67,6 +66,8 @@ class RunSetup:
     n_classes: int
     ignore_label: int | None
     notes: list[str] = field(default_factory=list)
+    preset: str = "paper"  # the preset actually used ("auto" resolved)
+    preset_reason: str = ""
 
 
 def resolve_device(requested: str):
@@ -143,7 +144,7 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     dataset = open_dataset(dataset_folder)
     plans = load_plans(work_dir)
     # Checked before "is it planned": the phantom plans have no cascade, and the reason matters more.
-    if options.configuration == "3d_cascade_fullres":
+    if options.configuration == CASCADE_CONFIGURATION:
         raise TrainingSetupError("3d_cascade_fullres training needs the 3d_lowres predictions as input, which "
                                  "arrives with the inference stage; train 3d_fullres or 3d_lowres for now")
     if options.configuration not in plans.configurations:
@@ -156,15 +157,17 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     check_preprocessed(data_folder, sorted(set(train_cases) | set(val_cases)), options.configuration, dataset_folder)
     # The run folder is judged before anything is written: a refused run (a trained fold without
     # --resume/--overwrite) must leave the model folder exactly as it was, plans.json included.
-    run_folder = Path(work_dir) / MODEL_DIR / options.configuration / f"fold_{fold}"
+    run_folder = Path(work_dir) / MODEL_DIR / options.configuration / fold_dir_name(fold)
     check_run_folder(run_folder, options)
     model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
     run_folder.mkdir(parents=True, exist_ok=True)
-    schedule = resolve_schedule(options.preset, options.epochs, options.iterations_per_epoch,
+    preset, preset_reason = preset_for_device(options.preset, resolve_device(options.device).type)
+    schedule = resolve_schedule(preset, options.epochs, options.iterations_per_epoch,
                                 optimizer=options.optimizer, initial_lr=options.initial_lr)
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
-                    schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value)
+                    schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
+                    preset=preset, preset_reason=preset_reason)
 
 
 def configure_cpu_threads() -> int:

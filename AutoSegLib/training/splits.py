@@ -37,8 +37,8 @@ from typing import Callable, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 from AutoSegLib.fileutil import read_json, write_json
+from AutoSegLib.names import SPLITS_FILE  # noqa: F401 (re-exported)
 
-SPLITS_FILE = "splits_final.json"
 GROUPS_KEY = "case_groups"
 ALL_FOLDS = "all"
 DEFAULT_SEED = 12345
