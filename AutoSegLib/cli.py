@@ -160,7 +160,7 @@ def cmd_train(args, reporter: Reporter) -> None:
                            optimizer=args.optimizer, initial_lr=args.lr)
     run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
     reporter.log("train", f"Training {args.configuration} fold {args.fold} with the {run.preset} schedule "
-                          f"({run.preset_reason}): {len(run.train_cases)} training, {len(run.val_cases)} validation "
+                          f"[{run.preset_reason}]: {len(run.train_cases)} training, {len(run.val_cases)} validation "
                           f"case(s); {run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations, "
                           f"{run.schedule.optimizer} -> {run.run_folder}")
     result = Trainer(run, reporter).fit()
@@ -170,6 +170,7 @@ def cmd_train(args, reporter: Reporter) -> None:
         # The fold's held-out cases through the real predictor, scored in their original geometry:
         # the numbers find-best compares (pseudo-Dice only samples patches).
         summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
+        warn_never_predicted(summary, reporter, "train")
         dice = (summary.get("foreground_mean") or {}).get("Dice")
         result["validation_dice"] = dice
         if dice is not None:
@@ -216,6 +217,14 @@ def _evaluation_labels(args, reporter: Reporter) -> dict[str, int]:
     return labels
 
 
+def warn_never_predicted(summary: dict, reporter: Reporter, stage: str) -> None:
+    """A warning (and ``warning`` event, which the Slicer module shows) per class never predicted."""
+    from AutoSegLib.evaluation.summary import never_predicted_warnings
+
+    for message in never_predicted_warnings(summary):
+        reporter.warning(stage, message)
+
+
 def cmd_evaluate(args, reporter: Reporter) -> None:
     from AutoSegLib.evaluation import evaluate_folders
     from AutoSegLib.evaluation.summary import format_table
@@ -225,6 +234,7 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     summary = evaluate_folders(args.pred_dir, args.gt_dir, labels, output=output, num_processes=args.num_processes,
                                reporter=reporter, tolerance_mm=args.nsd_tolerance)
     (sys.stderr if args.events else sys.stdout).write(format_table(summary) + "\n")
+    warn_never_predicted(summary, reporter, "evaluate")
     reporter.log("evaluate", f"Wrote {output}")
     reporter.done("evaluate", summary=str(output), cases=len(summary["metric_per_case"]),
                   foreground_mean=summary["foreground_mean"])
@@ -383,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several and no inference plan, it says which -c to add.")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="folder of {case}_{XXXX}{ending} images (XXXX = channel), or one image file")
-    p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output folder (for one input file, also a file name such as out/case.nii.gz)")
+    # Kept a string: a trailing "/" (a folder, even if named like a file) would be lost in a Path.
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (for one input file, also a file name such as out/case.nii.gz; "
+                        "a name ending in / is always a folder)")
     p.add_argument("-m", "--model", type=Path, required=True, help=f"model folder (WORK/{MODEL_DIR})")
     p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS, metavar="CONFIG",
                    help=f"{listing(CONFIGURATIONS)} (default: the inference plan's, else the one trained)")
@@ -438,20 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def passive_openmp_waits() -> None:
-    """Let idle OpenMP threads sleep instead of spinning, unless the user chose otherwise.
-
-    Must run before torch is imported (commands import it lazily). With spinning threads a
-    CPU run collapses as soon as anything else wants a core - the Slicer GUI, a second job, a
-    data worker: one training iteration of 3d_cpu on 2 cores took 12.7 s with the default and
-    1.8 s with PASSIVE while another process held one core (2026-11-30, BENCHMARKS.md).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> int:
-    passive_openmp_waits()
-    parser = build_parser()
+    parser = build_parser()  # OpenMP's passive waits are set by importing AutoSegLib
     args = parser.parse_args(argv)
     reporter = Reporter(events=args.events)
     try:

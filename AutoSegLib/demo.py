@@ -92,10 +92,11 @@ def stage_train(state: DemoState) -> str:
     options = TrainOptions(configuration=DEMO_CONFIGURATION, fold=DEMO_FOLD, preset="quick", overwrite=True,
                            device=state.device)
     run = setup_run(state.dataset, state.work_dir, options, log=lambda m: state.reporter.log("train", m))
-    state.reporter.log("train", f"Training {DEMO_CONFIGURATION} on {len(run.train_cases)} cases, quick preset "
-                                f"({run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations)")
-    trainer = Trainer(run, state.reporter)
-    result = trainer.fit()
+    with run.lock:  # the fold folder's, given back when training ends (later stages only read it)
+        state.reporter.log("train", f"Training {DEMO_CONFIGURATION} on {len(run.train_cases)} cases, quick preset "
+                                    f"({run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations)")
+        trainer = Trainer(run, state.reporter)
+        result = trainer.fit()
     state.results["model"] = run.model_folder
     last = trainer.records[-1]
     state.results["pseudo_dice"] = last["pseudo_dice"]
@@ -118,10 +119,13 @@ def stage_predict(state: DemoState) -> str:
 def stage_evaluate(state: DemoState) -> str:
     from AutoSegLib.dataset import load_spec
     from AutoSegLib.evaluation import evaluate_folders
+    from AutoSegLib.evaluation.summary import never_predicted_warnings
 
     spec = load_spec(state.dataset)
     summary = evaluate_folders(state.results["predictions"], state.dataset / "labelsTs", labels=dict(spec.labels),
                                output=state.work / "predictions" / "summary.json", reporter=state.reporter)
+    for message in never_predicted_warnings(summary):
+        state.reporter.warning("evaluate", message)
     dice = {name: metrics.get("Dice") for name, metrics in summary["mean"].items()}
     state.results["dice"] = dice
     state.results["mean_dice"] = summary["foreground_mean"].get("Dice")
@@ -144,9 +148,16 @@ STAGES: list[tuple[str, Callable[[DemoState], str]]] = [
 def run_demo(work: str | Path, reporter: Reporter | None = None, cases: int = 12, seed: int = 0,
              device: str = "auto") -> dict:
     """Run every stage that exists on a phantom CT dataset in ``work`` and print a result table."""
+    from AutoSegLib.locks import lock_folder
+
     reporter = reporter or Reporter()
     state = DemoState(Path(work).resolve(), cases, seed, reporter, device)
-    state.work.mkdir(parents=True, exist_ok=True)
+    # One demo per folder; its stages lock their own folders too (re-entrant in this process).
+    with lock_folder(state.work, "running the demo in this folder"):
+        return _run_stages(state, reporter)
+
+
+def _run_stages(state: DemoState, reporter: Reporter) -> dict:
     reporter.start("demo", of=len(STAGES))
     rows = []
     for index, (name, run) in enumerate(STAGES, start=1):

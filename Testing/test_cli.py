@@ -132,11 +132,19 @@ def test_make_phantoms_refuses_to_overwrite(phantom_ct):
 
 
 def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch):
-    from AutoSegLib import cli
+    import AutoSegLib
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    cli.passive_openmp_waits()
+    AutoSegLib.passive_openmp_waits()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    cli.passive_openmp_waits()
+    AutoSegLib.passive_openmp_waits()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_importing_the_engine_before_torch_sets_passive_waits_for_the_python_api():
+    # Slicer's console: the first import is AutoSegLib's, so OpenMP starts with passive waits.
+    code = "import os; import AutoSegLib.inference; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "PASSIVE"

@@ -12,7 +12,7 @@ import pytest
 from AutoSegLib.cli import main
 from AutoSegLib.evaluation import EvaluationError, case_metrics, evaluate_folders
 from AutoSegLib.evaluation.metrics import surface_distances, surface_metrics
-from AutoSegLib.evaluation.summary import class_means, foreground_mean, format_table
+from AutoSegLib.evaluation.summary import class_means, foreground_mean, format_table, never_predicted
 from AutoSegLib.imageio import Geometry, write_image
 
 LABELS = {"background": 0, "organ": 1}
@@ -195,3 +195,28 @@ def test_cli_evaluate_prints_the_table_and_reports_done(folders, capsys):
     assert (root / "pred" / "summary.json").is_file()
     assert main(["evaluate", str(root / "pred"), str(root / "gt"), "-o", str(root / "s.json"), "-np", "1"]) == 0
     assert "tumour" in capsys.readouterr().out
+
+
+# -- a class never predicted ---------------------------------------------------------------
+def test_a_class_present_in_references_but_never_predicted_is_named():
+    per_case = [{"metrics": {"organ": {"n_pred": 5, "n_ref": 4}, "tumour": {"n_pred": 0, "n_ref": 3}}},
+                {"metrics": {"organ": {"n_pred": 0, "n_ref": 2}, "tumour": {"n_pred": 0, "n_ref": 0}}}]
+    assert never_predicted(per_case, ["organ", "tumour"]) == {"tumour": 1}
+    # absent from every reference: nothing to learn, no warning
+    assert never_predicted([{"metrics": {"tumour": {"n_pred": 0, "n_ref": 0}}}], ["tumour"]) == {}
+
+
+def test_cli_evaluate_warns_naming_the_class_never_predicted(tmp_path, capsys):
+    labels = {"background": 0, "organ": 1, "tumour": 2}
+    reference = cube()
+    reference[2, 2, 2] = 2
+    _write_pair(tmp_path, "a", cube(), reference)  # the prediction has no tumour voxel
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "-np", "1", "--events"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "class 'tumour' was never predicted" in warnings[0]
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["never_predicted"] == {"tumour": 1}
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "-np", "1"]) == 0
+    assert "WARNING: class 'tumour' was never predicted" in capsys.readouterr().err

@@ -39,11 +39,36 @@ def foreground_mean(means: dict[str, dict]) -> dict:
     return {key: nanmean(m.get(key) for m in means.values()) for key in keys}
 
 
+def never_predicted(per_case: list[dict], label_names: Iterable[str]) -> dict[str, int]:
+    """Classes present in some reference but predicted in no case: name -> reference cases holding it.
+
+    A model that never outputs a class scores it 0 wherever it is present; in a mean over
+    classes that is easy to miss (issue 13: kidneys at 0.00 inside a mean of 0.65), so the
+    summary names them and the commands warn.
+    """
+    missing = {}
+    for name in label_names:
+        rows = [entry["metrics"][name] for entry in per_case if name in entry["metrics"]]
+        in_references = sum(1 for row in rows if (row.get("n_ref") or 0) > 0)
+        if in_references and not any((row.get("n_pred") or 0) > 0 for row in rows):
+            missing[name] = in_references
+    return missing
+
+
+def never_predicted_warnings(summary: dict) -> list[str]:
+    """One message per class of ``summary["never_predicted"]``, for logs and the Slicer module."""
+    cases = len(summary.get("metric_per_case", []))
+    return [f"class '{name}' was never predicted, though {count} of {cases} reference case(s) contain it: the model "
+            "has not learned it (train longer or on more cases with it; docs/evaluation.md)"
+            for name, count in summary.get("never_predicted", {}).items()]
+
+
 def summary_document(per_case: list[dict], labels: dict[str, int], label_names: list[str], **fields: Any) -> dict:
     """The summary file's content (JSON-ready: NaN becomes None)."""
     means = class_means(per_case, label_names)
     return json_ready({"version": SUMMARY_VERSION, **fields, "labels": dict(labels),
-                       "metric_per_case": per_case, "mean": means, "foreground_mean": foreground_mean(means)})
+                       "metric_per_case": per_case, "mean": means, "foreground_mean": foreground_mean(means),
+                       "never_predicted": never_predicted(per_case, label_names)})
 
 
 def json_ready(value: Any) -> Any:

@@ -7,7 +7,8 @@ Modules, pure in the middle and I/O at the edges:
 - ``probabilities``: labels, normalized entropy, one-hot cascade inputs (numpy).
 - ``model``: the model folder: plans, labels, inference plan, folds, checkpoints.
 - ``predictor``: :class:`Predictor`, in-memory arrays in, labels and probabilities out.
-- ``files``: :func:`predict_files` (``autoseg predict``), atomic outputs.
+- ``files``: :func:`predict_files` (``autoseg predict``), atomic outputs; :func:`find_input_cases`
+  groups a folder's ``{case}_{XXXX}`` files into cases by channel, :func:`read_input_case` reads one.
 - ``validation``: :func:`validate_fold`, run after training.
 
 Example:
@@ -16,10 +17,10 @@ Example:
     >>> labels, _ = predictor.predict([ct_array], geometry)  # doctest: +SKIP
 """
 
-from AutoSegLib.inference.files import PredictionError, predict_files
+from AutoSegLib.inference.files import InputCase, PredictionError, find_input_cases, predict_files, read_input_case
 from AutoSegLib.inference.model import ModelCheckpointError, ModelFolderError
 from AutoSegLib.inference.predictor import InputError, Predictor
 from AutoSegLib.inference.validation import validate_fold
 
-__all__ = ["Predictor", "predict_files", "validate_fold", "PredictionError", "ModelFolderError",
-           "ModelCheckpointError", "InputError"]
+__all__ = ["Predictor", "predict_files", "find_input_cases", "read_input_case", "InputCase", "validate_fold",
+           "PredictionError", "ModelFolderError", "ModelCheckpointError", "InputError"]

@@ -88,8 +88,8 @@ def preset_for_device(preset: str, device_type: str) -> tuple[str, str]:
         get_preset(preset)
         return preset, f"--preset {preset}"
     if device_type in ("cuda", "mps"):
-        return "paper", f"auto: the paper's recipe on the {device_type.upper()} GPU"
-    return "quick", "auto: no GPU, so the quick recipe for CPUs (--preset paper for the paper's)"
+        return "paper", f"auto: a {device_type.upper()} GPU, so the paper's recipe"
+    return "quick", "auto: no GPU found, so the quick recipe for CPUs; --preset paper forces the paper's"
 
 
 # Starting learning rate of each optimizer when --optimizer overrides a preset's.
