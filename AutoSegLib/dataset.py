@@ -26,6 +26,10 @@ from AutoSegLib.imageio import SUPPORTED_ENDINGS, file_ending
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 IGNORE_LABEL_NAME = "ignore"
+# Each channel is a network input and each label a network output (a full-resolution map):
+# beyond these a dataset.json is damaged rather than ambitious (TotalSegmentator has 118 labels).
+MAX_CHANNELS = 256
+MAX_LABELS = 1000
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -97,17 +101,24 @@ def _spec_problems(data) -> list[str]:
     if "channel_names" in data:
         if not isinstance(channels, dict) or not channels:
             problems.append("'channel_names' must be a non-empty object like {\"0\": \"CT\"}")
+        elif len(channels) > MAX_CHANNELS:
+            problems.append(f"'channel_names' has {len(channels)} channels; at most {MAX_CHANNELS} are supported")
         elif sorted(channels) != [str(i) for i in range(len(channels))]:
             problems.append(f"'channel_names' keys must be 0..{len(channels) - 1}, found {sorted(channels)}")
+        elif not all(isinstance(v, str) and v.strip() for v in channels.values()):
+            problems.append(f"'channel_names' values must be non-empty names like \"CT\", found {channels}")
     labels = data.get("labels")
     if "labels" in data:
         if not isinstance(labels, dict) or not labels:
             problems.append("'labels' must be a non-empty object like {\"background\": 0, \"liver\": 1}")
+        elif len(labels) > MAX_LABELS:
+            problems.append(f"'labels' has {len(labels)} entries; at most {MAX_LABELS} are supported")
         else:
             problems.extend(_label_problems(labels))
     if "file_ending" in data and data["file_ending"] not in SUPPORTED_ENDINGS:
         problems.append(f"'file_ending' is {data['file_ending']!r}; supported: {', '.join(SUPPORTED_ENDINGS)}")
-    if "numTraining" in data and not (isinstance(data["numTraining"], int) and data["numTraining"] >= 0):
+    if "numTraining" in data and not (isinstance(data["numTraining"], int) and not isinstance(data["numTraining"], bool)
+                                      and data["numTraining"] >= 0):
         problems.append(f"'numTraining' must be a non-negative integer, found {data['numTraining']!r}")
     return problems
 

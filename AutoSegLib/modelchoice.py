@@ -77,16 +77,23 @@ def read_inference_plan(path: Path) -> dict:
         problems.append(f"'configurations' must list one or two configuration names, found {names!r}")
     elif any(n not in CONFIGURATIONS for n in names):
         problems.append(f"'configurations' {names!r}: known configurations are {listing(CONFIGURATIONS)}")
-    if not isinstance(plan.get("folds"), list) or not plan.get("folds"):
-        problems.append(f"'folds' must be a non-empty list like [0, 1, 2, 3, 4] or [\"all\"], "
-                        f"found {plan.get('folds')!r}")
+    elif len(set(names)) != len(names):
+        problems.append(f"'configurations' {names!r}: an ensemble needs two different configurations")
+    folds = plan.get("folds")
+    if not isinstance(folds, list) or not folds:
+        problems.append(f"'folds' must be a non-empty list like [0, 1, 2, 3, 4] or [\"all\"], found {folds!r}")
+    else:
+        try:
+            folds = parse_folds(folds)
+        except ModelFolderError as exc:
+            problems.append(f"'folds' {plan['folds']!r}: {exc}")
     if plan.get("checkpoint", DEFAULT_CHECKPOINT) not in CHECKPOINT_FILES:
         problems.append(f"'checkpoint' {plan.get('checkpoint')!r}; allowed: {', '.join(CHECKPOINT_FILES)}")
     if not isinstance(plan.get("postprocessing", {}), dict):
         problems.append("'postprocessing' must be an object")
     if problems:
         raise ModelFolderError(f"{path}: " + "; ".join(problems))
-    return {**plan, "folds": parse_folds(plan["folds"]), "checkpoint": plan.get("checkpoint", DEFAULT_CHECKPOINT),
+    return {**plan, "folds": folds, "checkpoint": plan.get("checkpoint", DEFAULT_CHECKPOINT),
             "postprocessing": plan.get("postprocessing", {})}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from AutoSegLib.dataset import DatasetError, DatasetSpec
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.planning import Plans, PlanningError
+from AutoSegLib.planning.validate import configuration_problems, model_folder_problems, summarize
 from AutoSegLib.modelchoice import (INFERENCE_PLAN_VERSION, ModelFolderError, fold_sort_key, parse_folds,  # noqa: F401
                                     read_inference_plan, trained_folds)
 from AutoSegLib.names import (CHECKPOINT_FILES, DATASET_FILE, GPU_CONFIGURATION, INFERENCE_PLAN_FILE, PLANS_FILE,
@@ -61,6 +62,9 @@ class ModelFolder:
             spec = DatasetSpec.from_dict(read_json(path / DATASET_FILE), source=str(path / DATASET_FILE))
         except (ValueError, DatasetError) as exc:
             raise ModelFolderError(str(exc)) from None
+        mismatch = model_folder_problems(raw, spec.channel_names, spec.labels)
+        if mismatch:
+            raise ModelFolderError(f"{path / DATASET_FILE}: {summarize(mismatch)}")
         plan_path = path / INFERENCE_PLAN_FILE
         inference_plan = read_inference_plan(plan_path) if plan_path.is_file() else None
         return cls(path, plans, spec, raw.get("configurations", {}), inference_plan)
@@ -86,6 +90,10 @@ class ModelFolder:
         config = self.plans.configurations[name].to_dict()
         if "mirror_axes" in self.raw_configurations.get(name, {}):
             config["mirror_axes"] = self.raw_configurations[name]["mirror_axes"]
+        problems = configuration_problems(name, config, len(self.plans.channel_names),
+                                          list(self.plans.configurations), self.n_classes)
+        if problems:
+            raise ModelFolderError(f"{self.path / PLANS_FILE}: {summarize(problems)}")
         return config
 
     def network_input_channels(self, config: dict) -> int:

@@ -132,12 +132,20 @@ class Plans:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plans":
-        """Read a plans dict back, checking version, configuration names and registries."""
+        """Read a plans dict back, checked against the schema (planning/validate.py) first.
+
+        Raises:
+            PlanningError: one line naming each offending key and value.
+        """
+        from AutoSegLib.planning.validate import plans_problems, summarize
+
+        if not isinstance(data, dict):
+            raise PlanningError(summarize(plans_problems(data)))
         if data.get("version") != PLANS_VERSION:
             raise PlanningError(f"plans version {data.get('version')!r} is not supported (expected {PLANS_VERSION})")
-        unknown = [k for k in data.get("configurations", {}) if k not in CONFIGURATION_NAMES]
-        if unknown:
-            raise PlanningError(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGURATION_NAMES)}")
+        problems = plans_problems(data)
+        if problems:
+            raise PlanningError(summarize(problems))
         configurations = {k: Configuration.from_dict(k, v) for k, v in data.get("configurations", {}).items()}
         known = {f.name for f in fields(cls)} - {"configurations"}
         try:
