@@ -21,7 +21,7 @@ AXIS_NAMES = ("z", "y", "x")
 REQUIRED_KEYS = ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
                  "median_relative_size_after_cropping")
 CT_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
-# The blueprint network every configuration uses (DESIGN.md); only its size is planned.
+# The blueprint network every configuration uses (docs/architecture.md); only its size is planned.
 NETWORK = {"architecture": "PlainConvUNet", "norm": "InstanceNorm", "nonlinearity": "LeakyReLU",
            "downsampling": "strided_conv", "upsampling": "transposed_conv", "deep_supervision": True}
 MEMORY_MODEL = "nnU-Net v1 feature-map estimate vs reference budget (per batch of 2)"
