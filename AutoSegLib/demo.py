@@ -38,7 +38,7 @@ class DemoState:
 
     @property
     def work_dir(self) -> Path:
-        # The engine's work folder for this dataset (DESIGN.md: <dataset>.autoseg beside it).
+        # The engine's work folder for this dataset (docs/architecture.md: <dataset>.autoseg beside it).
         return self.work / f"{DATASET_NAME}.autoseg"
 
 
