@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from AutoSegLib.fileutil import read_json, write_json
+from AutoSegLib.fileutil import TMP_PREFIX, read_json, write_json
 from AutoSegLib.imageio import SUPPORTED_ENDINGS, file_ending
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -168,10 +168,24 @@ def _split_name(path: Path) -> tuple[str, str | None]:
     return (path.name[: -len(ending)], ending) if ending else (path.name, None)
 
 
-def _list_files(folder: Path) -> list[Path]:
+def _list_files(folder: Path, scan: FolderScan) -> list[Path]:
+    """The visible files of ``folder``; hidden ones that look like images are recorded as unexpected."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    scan.unexpected += [(p, _HIDDEN_REASON) for p in files if _is_hidden_image(p)]
+    return [p for p in files if not p.name.startswith(".")]
+
+
+# A case hidden by a leading dot would be skipped without a word; macOS' "._" Finder files
+# (copied along to other systems) look like images too. Our own temporaries are written and
+# renamed by one process (fileutil.atomic_path) and are not the user's files.
+_HIDDEN_REASON = ("hidden file (name starts with '.') with an image ending, which would be skipped: delete it "
+                  "('._' files are macOS Finder metadata) or rename it if it is a case")
+
+
+def _is_hidden_image(path: Path) -> bool:
+    return path.name.startswith(".") and not path.name.startswith(TMP_PREFIX) and file_ending(path) is not None
 
 
 def _group_images(files: list[Path], spec: DatasetSpec, scan: FolderScan) -> dict[str, dict[int, list[Path]]]:
@@ -222,9 +236,9 @@ def scan_folder(folder: str | Path, spec: DatasetSpec, split: str = "Tr") -> Fol
     """
     folder = Path(folder)
     scan = FolderScan([], {}, [], [], [], [])
-    images = _group_images(_list_files(folder / f"images{split}"), spec, scan)
+    images = _group_images(_list_files(folder / f"images{split}", scan), spec, scan)
     labelled = split == "Tr"
-    labels = _group_labels(_list_files(folder / f"labels{split}"), spec, scan) if labelled else {}
+    labels = _group_labels(_list_files(folder / f"labels{split}", scan), spec, scan) if labelled else {}
 
     for case_id, channels in images.items():
         for paths in channels.values():

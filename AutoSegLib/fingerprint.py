@@ -11,23 +11,23 @@ meanings: ``spacings``, ``shapes_after_crop``, ``foreground_intensity_properties
 Axis order is numpy's (z, y, x) throughout.
 
 Pure functions (``crop_bbox``, ``case_measurements``, ``aggregate``) do the work; only
-``extract_fingerprint`` reads files and runs a process pool.
+``extract_fingerprint`` reads files (through ``verify``'s per-case checks) and runs worker processes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from AutoSegLib.dataset import Case, Dataset, open_dataset
+from AutoSegLib.dataset import Dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.imageio import read_image
 from AutoSegLib.preprocessing.cropping import crop_bbox, nonzero_mask
+from AutoSegLib.verify import case_job, open_checked_dataset
+from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
+from AutoSegLib.workers import run_tasks
 
 FINGERPRINT_VERSION = 1
 # The intensity statistics are estimated from at most this many foreground voxels in total,
@@ -113,18 +113,12 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
     }
 
 
-def _measure_case(case: Case, label_values: list[int], foreground_values: list[int], samples_per_case: int,
+def _measure_case(job: CaseJob, label_values: list[int], foreground_values: list[int], samples_per_case: int,
                   seed: int) -> dict:
-    channels, geometries = [], []
-    for path in case.images:
-        array, geometry = read_image(path)
-        channels.append(array)
-        geometries.append(geometry)
-    label, _ = read_image(case.label)
-    if any(c.shape != label.shape for c in channels):
-        raise FingerprintError(f"case '{case.case_id}': image shapes {[c.shape for c in channels]} "
-                               f"differ from label shape {label.shape} (run `autoseg verify`)")
-    return case_measurements(channels, label, geometries[0].spacing, label_values, foreground_values,
+    # read_case runs verify's checks on the arrays as read: a case verify rejects stops here,
+    # named, before bincount sizes anything by a label value.
+    case = read_case(job)
+    return case_measurements(case.channels, case.label, case.geometry.spacing, label_values, foreground_values,
                              samples_per_case, seed)
 
 
@@ -137,57 +131,34 @@ def extract_fingerprint(dataset: Dataset | str | Path, num_processes: int = 2,
                         reporter: Reporter | None = None) -> dict:
     """Measure every training case (in parallel) and return the fingerprint dict.
 
+    Each case is checked as ``verify`` checks it while it is read; a case that fails, or
+    whose worker process dies, is reported with its own cause and the others still run.
+
     Raises:
+        DatasetError: dataset.json or the folder layout is unusable (as ``verify`` reports it).
         FingerprintError: one or more cases failed; the message names each case and cause.
     """
     if not isinstance(dataset, Dataset):
-        dataset = open_dataset(dataset)
+        dataset = open_checked_dataset(dataset)
     reporter = reporter or Reporter(quiet=True)
     cases = list(dataset.cases)
     label_values = sorted(dataset.spec.labels.values())
     foreground_values = sorted(dataset.spec.foreground_labels.values())
     samples = max(1, TOTAL_INTENSITY_SAMPLES // len(cases))
-    results: dict[str, dict] = {}
-    failures: dict[str, str] = {}
+    tasks = [(c.case_id, (case_job(dataset.folder, dataset.spec, c), label_values, foreground_values, samples,
+                          _case_seed(c.case_id))) for c in cases]
     with reporter.task("fingerprint", len(cases), desc="Fingerprint") as step:
-        if num_processes <= 1:
-            for case in cases:
-                try:
-                    results[case.case_id] = _measure_case(case, label_values, foreground_values, samples,
-                                                         _case_seed(case.case_id))
-                except (OSError, ValueError) as exc:
-                    failures[case.case_id] = str(exc)
-                step()
-        else:
-            _run_pool(cases, (label_values, foreground_values), samples, num_processes, results, failures, step)
+        results = run_tasks(_measure_case, tasks, num_processes, on_result=lambda r: step(case=r.task_id, ok=r.ok))
+    failures = {r.task_id: r.error for r in results if not r.ok}
     if failures:
         detail = "; ".join(f"case '{cid}': {msg}" for cid, msg in sorted(failures.items()))
         raise FingerprintError(f"fingerprint failed for {len(failures)} of {len(cases)} case(s): {detail}")
+    measured = {r.task_id: r.value for r in results}
     ordered = [c.case_id for c in cases]
-    fingerprint = aggregate(ordered, [results[c] for c in ordered], dataset.spec.channel_names, dataset.spec.labels)
+    fingerprint = aggregate(ordered, [measured[c] for c in ordered], dataset.spec.channel_names, dataset.spec.labels)
     fingerprint["dataset_signature"] = dataset_signature(dataset)
+    fingerprint["content_checks"] = CHECKS_VERSION
     return fingerprint
-
-
-def _run_pool(cases, values, samples, num_processes, results, failures, step) -> None:
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(cases))) as pool:
-        futures = {pool.submit(_measure_case, c, *values, samples, _case_seed(c.case_id)): c for c in cases}
-        for future in as_completed(futures):
-            case = futures[future]
-            try:
-                results[case.case_id] = future.result()
-            except BrokenProcessPool:
-                # A killed worker (often the out-of-memory killer) takes the pool down; name
-                # what was running rather than hanging or blaming the wrong case.
-                pending = sorted(c.case_id for f, c in futures.items() if c.case_id not in results
-                                 and c.case_id not in failures)
-                for cid in pending:
-                    failures[cid] = ("a worker process died while these cases were being measured "
-                                     "(out of memory?); rerun with -np 1 to find the culprit")
-                return
-            except Exception as exc:  # a bad case must not stop the others
-                failures[case.case_id] = f"{type(exc).__name__}: {exc}"
-            step()
 
 
 def dataset_signature(dataset: Dataset) -> str:

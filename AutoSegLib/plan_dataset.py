@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from AutoSegLib.dataset import open_dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json, write_json
 from AutoSegLib.fingerprint import FINGERPRINT_VERSION, dataset_signature, extract_fingerprint
+from AutoSegLib.verify import open_checked_dataset
+from AutoSegLib.verify_checks import CHECKS_VERSION
 from AutoSegLib.names import FINGERPRINT_FILE, PLANS_FILE  # noqa: F401 (re-exported)
 
 
@@ -21,14 +22,17 @@ def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_pr
                         reporter: Reporter | None = None, force: bool = False) -> dict:
     """Return the dataset's fingerprint, extracting it unless a current one is in ``work_dir``."""
     reporter = reporter or Reporter(quiet=True)
-    dataset = open_dataset(dataset_folder)
+    dataset = open_checked_dataset(dataset_folder)  # numTraining, hidden files...: as verify, every time
     path = Path(work_dir) / FINGERPRINT_FILE
     if path.is_file() and not force:
         try:
             existing = read_json(path)
         except ValueError:
             existing = {}
+        # Reused only if made from these files by today's per-case checks (an older one may
+        # hold a case they now reject).
         if (existing.get("version") == FINGERPRINT_VERSION
+                and existing.get("content_checks") == CHECKS_VERSION
                 and existing.get("dataset_signature") == dataset_signature(dataset)):
             reporter.log("fingerprint", f"Dataset unchanged; reusing {path}")
             return existing
@@ -47,7 +51,7 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     reporter = reporter or Reporter(quiet=True)
     dataset_folder = Path(dataset_folder)
     fingerprint = fingerprint_dataset(dataset_folder, work_dir, num_processes, reporter, force_fingerprint)
-    spec = open_dataset(dataset_folder).spec
+    spec = open_checked_dataset(dataset_folder).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
                  dataset_name=dataset_folder.resolve().name, architecture=architecture)
     path = Path(work_dir) / PLANS_FILE

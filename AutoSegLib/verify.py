@@ -15,13 +15,12 @@ Example:
 
 from __future__ import annotations
 
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from AutoSegLib.dataset import DatasetError, DatasetSpec, FolderScan, load_spec, scan_folder
+from AutoSegLib.dataset import Case, Dataset, DatasetError, DatasetSpec, FolderScan, load_spec, scan_folder
 from AutoSegLib.events import Reporter
 from AutoSegLib.verify_checks import CaseJob, CaseResult, Problem, check_case
 
@@ -39,7 +38,7 @@ CHECK_TITLES = {
     "spacing": "unusual spacing", "lost_geometry": "possibly lost geometry",
 }
 
-__all__ = ["Problem", "VerifyReport", "verify_dataset"]
+__all__ = ["Problem", "VerifyReport", "case_job", "open_checked_dataset", "verify_dataset"]
 
 
 @dataclass
@@ -120,29 +119,55 @@ def verify_dataset(folder: str | Path, num_processes: int = 2, reporter: Reporte
         return report  # without labels, channels and file ending nothing else can be checked
 
     train = scan_folder(folder, spec, "Tr")
-    report.problems += _count_problems(folder, spec, train)
-    report.problems += _layout_problems(folder, spec, train, "Tr")
-    jobs = [_job(folder, spec, case.case_id, case.images, case.label) for case in train.cases]
+    report.problems += training_layout_problems(folder, spec, train)
+    jobs = [case_job(folder, spec, case) for case in train.cases]
     report.training_cases = len(jobs)
     if (folder / "imagesTs").is_dir():
         test = scan_folder(folder, spec, "Ts")
         report.problems += _layout_problems(folder, spec, test, "Ts")
-        jobs += [_job(folder, spec, case.case_id, case.images, None) for case in test.cases]
+        jobs += [case_job(folder, spec, case) for case in test.cases]
         report.test_cases = len(test.cases)
 
     results, retry_warnings = _run_jobs(jobs, num_processes, reporter or Reporter(quiet=True))
     for result in results:
         report.problems += result.problems
     report.problems += retry_warnings
-    report.problems += _cross_case_problems(jobs, results, report.training_cases)
+    report.problems += _cross_case_problems(results, report.training_cases)
     return report
 
 
-def _job(folder: Path, spec: DatasetSpec, case_id: str, images, label) -> CaseJob:
-    return CaseJob(case_id, tuple(images), label, folder, tuple(sorted(spec.labels.values())), spec.ignore_value)
+def case_job(folder: Path, spec: DatasetSpec, case: Case) -> CaseJob:
+    """What the per-case checks need to know about one case of ``folder``."""
+    return CaseJob(case.case_id, tuple(case.images), case.label, Path(folder), tuple(sorted(spec.labels.values())),
+                   spec.ignore_value)
+
+
+def open_checked_dataset(folder: str | Path) -> Dataset:
+    """:func:`~AutoSegLib.dataset.open_dataset` with ``verify``'s checks of dataset.json and layout.
+
+    The entry of every stage that reads training cases (fingerprint, preprocessing): what
+    ``verify`` rejects by name and count (numTraining, missing channels or labels, hidden or
+    misnamed files) they reject too, with the same messages. Content is checked per case as
+    it is read (:func:`~AutoSegLib.verify_checks.read_case`).
+
+    Raises:
+        DatasetError: naming dataset.json or each offending file.
+    """
+    folder = Path(folder)
+    spec = load_spec(folder)
+    scan = scan_folder(folder, spec, "Tr")
+    errors = [p.message for p in training_layout_problems(folder, spec, scan) if p.severity == "error"]
+    if errors:
+        raise DatasetError(f"{folder}: " + "; ".join(errors) + " (run `autoseg verify` for a full report)")
+    return Dataset(folder, spec, tuple(scan.cases))
 
 
 # -- layout ------------------------------------------------------------------------------------
+def training_layout_problems(folder: Path, spec: DatasetSpec, scan: FolderScan) -> list[Problem]:
+    """Problems of imagesTr/labelsTr found from names alone, numTraining included."""
+    return _count_problems(folder, spec, scan) + _layout_problems(folder, spec, scan, "Tr")
+
+
 def _count_problems(folder: Path, spec: DatasetSpec, scan: FolderScan) -> list[Problem]:
     found = {c.case_id for c in scan.cases} | set(scan.missing_channels) | set(scan.missing_labels)
     json_path = folder / "dataset.json"
@@ -249,18 +274,9 @@ def _run_alone(job: CaseJob) -> CaseResult:
 
 
 # -- across cases --------------------------------------------------------------------------------
-def _cross_case_problems(jobs: list[CaseJob], results: list[CaseResult], num_training: int) -> list[Problem]:
+def _cross_case_problems(results: list[CaseResult], num_training: int) -> list[Problem]:
+    # Mixed 2D/3D datasets need no check here: every file must be 3D (verify_checks._ndim_ok).
     problems = []
-    headers = {job.case_id: r.reference for job, r in zip(jobs, results) if r.reference is not None}
-    dims = Counter(len(h.shape) for h in headers.values())
-    if len(dims) > 1:
-        usual = dims.most_common(1)[0][0]
-        for case_id, header in headers.items():
-            if len(header.shape) != usual:
-                problems.append(Problem(
-                    "error", f"case '{case_id}': images are {len(header.shape)}D (shape "
-                             f"{'x'.join(map(str, header.shape))}, {header.path.name}) while {dims[usual]} other "
-                             f"case(s) are {usual}D", header.path, case_id, "dimension"))
     training = [r.reference for r in results[:num_training]]
     if training and all(h is not None and _looks_like_lost_geometry(h) for h in training):
         problems.append(Problem(
@@ -271,7 +287,6 @@ def _cross_case_problems(jobs: list[CaseJob], results: list[CaseResult], num_tra
 
 
 def _looks_like_lost_geometry(header) -> bool:
-    # 2D datasets (PNG-like) legitimately have unit spacing; only 3D is suspicious.
     g = header.geometry
     return (len(header.shape) == 3 and all(s == 1.0 for s in g.spacing) and all(o == 0.0 for o in g.origin)
             and all(d == (1.0 if i % 4 == 0 else 0.0) for i, d in enumerate(g.direction)))

@@ -1,9 +1,13 @@
-"""Content checks of one case for ``verify``: headers first, then voxels, one file in memory at a time.
+"""Content checks of one case: headers first, then voxels. One implementation, two entry points.
 
-:func:`check_case` runs in a worker process (or in-process with ``num_processes=1``); it never
-raises on bad data and returns plain picklable values. Every message starts with the file
-(relative to the dataset folder) and states the offending values, so a user can act on it
-without opening the file.
+* :func:`check_case` is ``verify``'s: it never raises on bad data, keeps one file in memory at
+  a time and returns every problem as plain picklable values.
+* :func:`read_case` is the fingerprint's and preprocessing's: it runs the same checks on the
+  arrays it reads for them, and raises :class:`CaseError` on the first case error, so no
+  command accepts a case that ``verify`` rejects (and none allocates by a label's value).
+
+Every message starts with the file (relative to the dataset folder) and states the offending
+values, so a user can act on it without opening the file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from AutoSegLib.imageio import ImageHeader, NonFiniteVoxelsError, read_header, read_image
+from AutoSegLib.errors import ReportedFailure
+from AutoSegLib.imageio import Geometry, ImageHeader, NonFiniteVoxelsError, read_header, read_image
+from AutoSegLib.preprocessing.slabs import slabs
 
 # Tolerances for "the label lies on the image grid". NIfTI stores spacing, origin and the
 # direction (as a quaternion) in float32, so files written by different tools from the same
@@ -29,6 +35,8 @@ ORTHONORMAL_ATOL = 1e-3  # max |D @ D.T - I|
 # clinical CT and MR lie well inside it. Only a warning: micro-CT legitimately goes below.
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 _MAX_LISTED = 12  # values listed in one message before "..."
+# Bump when a check is added, so fingerprints made before it are not reused unchecked.
+CHECKS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -92,9 +100,57 @@ class _Findings:
     def warning(self, check: str, path: Path, text: str) -> None:
         self.add("warning", check, path, text)
 
+    def has_errors(self) -> bool:
+        return any(p.severity == "error" for p in self.problems)
+
+
+class CaseError(ReportedFailure, ValueError):
+    """A case fails the content checks; the message names each file and its offending values."""
+
+    def __init__(self, case_id: str, messages: list[str]):
+        self.case_id, self.messages = case_id, list(messages)
+        # Each message starts with its file (imagesTr/..., labelsTr/...), which names the case;
+        # the caller says which case and stage it was.
+        super().__init__("; ".join(messages) + " (run `autoseg verify` for a full report)")
+
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
+        return type(self), (self.case_id, self.messages)
+
+
+@dataclass
+class LoadedCase:
+    """A case that passed the checks, as read: channels (z, y, x) and label, geometry of channel 0."""
+
+    channels: list[np.ndarray]
+    label: np.ndarray | None
+    geometry: Geometry
+    warnings: list[Problem]
+
 
 def check_case(job: CaseJob) -> CaseResult:
     """Check one case's files alone and against each other; never raises on bad data."""
+    return _inspect(job, keep=False)[0]
+
+
+def read_case(job: CaseJob) -> LoadedCase:
+    """Read one case for training use, checked exactly as ``verify`` checks it.
+
+    Headers are checked before any voxel is read, and label values before anything is sized
+    by them.
+
+    Raises:
+        CaseError: the case has errors; its message lists each one with its file and values.
+    """
+    result, channels, label = _inspect(job, keep=True)
+    errors = [p.message for p in result.problems if p.severity == "error"]
+    if errors:
+        raise CaseError(job.case_id, errors)
+    warnings = [p for p in result.problems if p.severity == "warning"]
+    return LoadedCase(channels, label, result.reference.geometry, warnings)
+
+
+def _inspect(job: CaseJob, keep: bool) -> tuple[CaseResult, list[np.ndarray], np.ndarray | None]:
+    """Every check of one case; with ``keep``, also the arrays read (and no voxels after a header error)."""
     out = _Findings(job)
     files = [*job.images, *([job.label] if job.label else [])]
     headers = {path: _read_header(path, out) for path in files}
@@ -110,12 +166,19 @@ def check_case(job: CaseJob) -> CaseResult:
         if job.label in usable:
             _compare(reference, usable[job.label], "label", out)
         _check_spacing_range(reference, out)
+    channels, label = [], None
+    if keep and out.has_errors():
+        return CaseResult(out.problems, reference), channels, label
     for path in job.images:
         if headers[path] is not None:
-            _check_image_voxels(path, out)
+            # read_image refuses NaN/Inf voxels in every format, NIfTI included (where ITK
+            # itself would silently turn them into 0), so they are reported here.
+            array = _read_voxels(path, out)
+            if keep:
+                channels.append(array)
     if job.label is not None and headers[job.label] is not None:
-        _check_label_voxels(headers[job.label], out)
-    return CaseResult(out.problems, reference)
+        label = _check_label_voxels(headers[job.label], out)
+    return CaseResult(out.problems, reference), channels, (label if keep else None)
 
 
 # -- headers ---------------------------------------------------------------------------------
@@ -132,15 +195,18 @@ def _ndim(header: ImageHeader) -> int:
 
 
 def _ndim_ok(header: ImageHeader) -> bool:
-    return _ndim(header) in (2, 3)
+    # Fingerprint, planning and preprocessing work on (z, y, x) volumes; the 2d configuration
+    # trains on slices of them. A 2D file (PNG-like) would be refused by planning: say so here.
+    return _ndim(header) == 3
 
 
 def _check_header(header: ImageHeader, is_label: bool, out: _Findings) -> None:
     what, path, ndim = ("label" if is_label else "image"), header.path, _ndim(header)
     if not _ndim_ok(header):
-        hint = " - store each volume of a series as its own channel file (_0000, _0001, ...)" if ndim == 4 else ""
+        hints = {2: " - save a 2D image as a 3D volume of one slice (shape 1xHxW)",
+                 4: " - store each volume of a series as its own channel file (_0000, _0001, ...)"}
         out.error("dimension", path, f"{what} is {ndim}D (shape {_shape(header.shape)}); "
-                                     f"AutoSeg takes 2D or 3D images{hint}")
+                                     f"AutoSeg takes 3D images{hints.get(ndim, '')}")
     if header.components > 1:
         out.error("components", path, f"{what} has {header.components} components per voxel "
                                       f"({header.pixel_type}), e.g. RGB; convert it to a single-component "
@@ -188,8 +254,6 @@ def _check_spacing_range(header: ImageHeader, out: _Findings) -> None:
 
 # -- voxels ----------------------------------------------------------------------------------
 def _read_voxels(path: Path, out: _Findings) -> np.ndarray | None:
-    # read_image refuses NaN/Inf voxels in every format, NIfTI included (where ITK itself
-    # would silently turn them into 0), so they are reported here.
     try:
         return read_image(path)[0]
     except NonFiniteVoxelsError as exc:
@@ -201,44 +265,53 @@ def _read_voxels(path: Path, out: _Findings) -> np.ndarray | None:
         return None
 
 
-def _check_image_voxels(path: Path, out: _Findings) -> None:
-    _read_voxels(path, out)
-
-
-def _check_label_voxels(header: ImageHeader, out: _Findings) -> None:
+def _check_label_voxels(header: ImageHeader, out: _Findings) -> np.ndarray | None:
+    """Check a label's values against dataset.json; return the array as read (None if unreadable)."""
     path = header.path
     array = _read_voxels(path, out)
     if array is None or header.components > 1:
-        return  # a multi-component label was reported from its header; its values mean nothing
+        return array  # a multi-component label was reported from its header; its values mean nothing
+    values = _distinct_values(array)
     if array.dtype.kind in "fc":
-        array = _whole_values_of_float_label(array, header, out)
-    found = [int(v) for v in np.unique(array)]
+        found = _whole_values_of_float_label(array, values, header, out)
+    else:
+        found = [int(v) for v in values]
     declared = set(out.job.declared_labels)
     undeclared = [v for v in found if v not in declared]
     if undeclared:
         hint = " (a mask saved as 0/255? store it as 0/1)" if 255 in undeclared else ""
+        hint += " (label values are never negative)" if undeclared[0] < 0 else ""
         out.error("label_values", path, f"label value(s) {_values(undeclared)} not declared in dataset.json "
                                         f"'labels' (found: {_values(found)}; declared: {_values(sorted(declared))})"
                                         + hint)
     elif not set(found) - {0, out.job.ignore_value}:
         out.warning("empty_label", path, f"label has no foreground voxel (values found: {_values(found)}); "
                                          "the case teaches background only")
+    return array
 
 
-def _whole_values_of_float_label(array: np.ndarray, header: ImageHeader, out: _Findings) -> np.ndarray:
+def _distinct_values(array: np.ndarray) -> np.ndarray:
+    """Sorted distinct values, a slab at a time: memory is bounded by a slab, never by a value."""
+    parts = [np.unique(array[s]) for s in slabs(array.shape)]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, array.dtype)
+
+
+def _whole_values_of_float_label(array: np.ndarray, values: np.ndarray, header: ImageHeader,
+                                 out: _Findings) -> list[int]:
     """Report a float label (error with non-integer values, else a warning); return its whole values."""
     path = header.path
-    finite = array[np.isfinite(array)]  # read_image has already refused non-finite voxels
-    fractional = finite[finite != np.round(finite)]
+    values = values[np.isfinite(values)]  # read_image has already refused non-finite voxels
+    fractional = values[values != np.round(values)]
     if fractional.size:
-        examples = ", ".join(f"{v:g}" for v in np.unique(fractional)[:5])
-        out.error("label_type", path, f"label has float pixel type ({header.pixel_type}) and {fractional.size} "
+        count = sum(int(np.count_nonzero(array[s] != np.round(array[s]))) for s in slabs(array.shape))
+        examples = ", ".join(f"{v:g}" for v in fractional[:5])
+        out.error("label_type", path, f"label has float pixel type ({header.pixel_type}) and {count} "
                                       f"voxel(s) with non-integer values (e.g. {examples}); labels must be whole "
                                       "numbers - was it resampled with linear interpolation?")
     else:
         out.warning("label_type", path, f"label is stored as {header.pixel_type}; its values are whole numbers, "
                                         "so it can be used, but save labels with an integer pixel type")
-    return finite[finite == np.round(finite)].astype(np.int64)
+    return [int(v) for v in values[values == np.round(values)]]
 
 
 # -- formatting ------------------------------------------------------------------------------

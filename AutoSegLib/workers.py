@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable
 
+from AutoSegLib.errors import ReportedFailure
+
 
 @dataclass(frozen=True)
 class TaskResult:
@@ -34,12 +36,24 @@ def _child(conn, fn, args) -> None:
         value = fn(*args)
         conn.send((True, value))
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent as text
-        summary = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, (OSError, ValueError)):
+        summary = describe_error(exc)
+        if not isinstance(exc, EXPECTED_ERRORS):
             summary += "\n" + "".join(traceback.format_exception(exc)[-4:]).rstrip()
         conn.send((False, summary))
     finally:
         conn.close()
+
+
+# Failures of one task that its message explains (bad file, bad value, too big for this machine):
+# reported as the task's result without a traceback; anything else is a bug and keeps one.
+EXPECTED_ERRORS = (OSError, ValueError, MemoryError, ReportedFailure)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The text a failed task reports: its own message, with the error type unless that says it all."""
+    if isinstance(exc, ReportedFailure):
+        return str(exc)  # written for the user, naming the case and file already
+    return f"{type(exc).__name__}: {exc}"
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -58,8 +72,8 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[str, tuple]], num_processes: i
               on_result: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
     """Run ``fn(*args)`` for each ``(task_id, args)``; at most ``num_processes`` at once.
 
-    ``num_processes <= 1`` runs in this process (debuggable; exceptions other than OSError
-    and ValueError propagate with their traceback). Results arrive in completion order
+    ``num_processes <= 1`` runs in this process (debuggable; exceptions other than
+    :data:`EXPECTED_ERRORS` propagate with their traceback). Results arrive in completion order
     through ``on_result`` and are also returned.
     """
     tasks = list(tasks)
@@ -74,8 +88,8 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple[str, tuple]], num_processes: i
         for task_id, args in tasks:
             try:
                 finish(TaskResult(task_id, True, fn(*args)))
-            except (OSError, ValueError) as exc:
-                finish(TaskResult(task_id, False, error=f"{type(exc).__name__}: {exc}"))
+            except EXPECTED_ERRORS as exc:
+                finish(TaskResult(task_id, False, error=describe_error(exc)))
         return results
 
     ctx = mp.get_context()

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from AutoSegLib.dataset import Case, open_dataset
+from AutoSegLib.dataset import Case
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.imageio import read_image
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.case import PROPERTIES_VERSION, preprocess_case
 from AutoSegLib.preprocessing.sampling import MAX_LOCATIONS_PER_CLASS, MIN_FRACTION, sample_foreground_locations
+from AutoSegLib.verify import case_job, open_checked_dataset
+from AutoSegLib.verify_checks import CaseJob, read_case
 from AutoSegLib.workers import run_tasks
 from AutoSegLib.names import PLANS_FILE  # noqa: F401 (re-exported)
 
@@ -70,18 +71,14 @@ def _case_seed(case_id: str) -> int:
     return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:4], "little")
 
 
-def preprocess_one(case: Case, config: dict, transpose: list[int], intensity: dict, classes: list[int],
+def preprocess_one(case: CaseJob, config: dict, transpose: list[int], intensity: dict, classes: list[int],
                    folder: str, signature: str) -> dict:
-    """Read, preprocess and write one case (runs in a worker process)."""
+    """Read (checked as ``verify`` checks it), preprocess and write one case (runs in a worker process)."""
     started = time.monotonic()
-    channels, geometry = [], None
-    for path in case.images:
-        array, geometry_c = read_image(path)
-        channels.append(array)
-        geometry = geometry or geometry_c
-    label = read_image(case.label)[0] if case.label is not None else None
-    data, seg, properties = preprocess_case(channels, label, geometry, config, transpose, intensity)
-    del channels, label
+    loaded = read_case(case)  # raises CaseError naming the case and file before anything is written
+    data, seg, properties = preprocess_case(loaded.channels, loaded.label, loaded.geometry, config, transpose,
+                                            intensity)
+    del loaded
     if seg is not None:
         foreground = sample_foreground_locations(seg[0], classes, _case_seed(case.case_id))
     else:
@@ -106,7 +103,7 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
         PreprocessError: one or more cases failed; all others were still processed.
     """
     reporter = reporter or Reporter(quiet=True)
-    dataset = open_dataset(dataset_folder)
+    dataset = open_checked_dataset(dataset_folder)  # as verify: numTraining, hidden files, ...
     plans = load_plans(work_dir)
     names = configurations or list(plans.configurations)
     unknown = [n for n in names if n not in plans.configurations]
@@ -128,7 +125,8 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
         for case in dataset.cases:
             signature = case_signature(plans, name, case, classes)
             if not storage.is_current(folder, case.case_id, signature):
-                todo.append((case.case_id, (case, config, plans.transpose_forward,
+                job = case_job(dataset.folder, dataset.spec, case)
+                todo.append((case.case_id, (job, config, plans.transpose_forward,
                                             plans.foreground_intensity_properties_per_channel, classes,
                                             str(folder), signature)))
         skipped = len(dataset.cases) - len(todo)
@@ -144,5 +142,8 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
         summary[name] = {"processed": sum(r.ok for r in results), "skipped": skipped,
                          "failed": sum(not r.ok for r in results), "folder": str(folder)}
     if failures:
-        raise PreprocessError(f"preprocessing failed for {len(failures)} case(s):\n  " + "\n  ".join(failures))
+        # One line for one case (what a GUI shows as the reason); a list for several.
+        separator = " " if len(failures) == 1 else "\n  "
+        raise PreprocessError(f"preprocessing failed for {len(failures)} case(s):{separator}"
+                              + separator.join(failures))
     return summary
