@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import time
 
 import pytest
 
@@ -287,14 +285,9 @@ def test_bad_labels_channels_or_budget_are_clear_errors(labels, channels, gpu, m
         plan(uniform(**HEART), channels, labels, gpu_memory_gb=gpu)
 
 
-def test_planning_all_configurations_takes_under_a_second():
-    # Liver is the slowest case: 4 configurations and a ~90-step low-resolution search.
+def test_liver_plans_every_configuration():
+    # Liver is the slowest case to plan (a ~90-step low-resolution search, ~0.14 s); its speed is a
+    # benchmark figure, not a test: a timed assertion failed on a loaded CI machine (issue 13).
     fp = uniform(**LIVER, intensity=CT_STATS)
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        plans = plan(fp, {0: "CT"}, {"background": 0, "liver": 1, "cancer": 2})
-        timings.append(time.perf_counter() - start)
-    assert len(plans.configurations) == 5  # 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres, 3d_cpu
-    assert min(timings) < 1.0, timings
-    assert math.isfinite(sum(timings))
+    plans = plan(fp, {0: "CT"}, {"background": 0, "liver": 1, "cancer": 2})
+    assert list(plans.configurations) == ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres", "3d_cpu"]
