@@ -9,7 +9,6 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 from AutoSegLib import __version__
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
-from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_ARCHITECTURE, DEFAULT_PRESET,
+from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DATASET_FILE, DEFAULT_ARCHITECTURE,
+                              DEFAULT_PRESET,
                               DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PRESETS, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX,
                               listing)
 
@@ -130,7 +130,8 @@ def cmd_preprocess(args, reporter: Reporter) -> None:
 
     work = args.work or default_work_dir(args.dataset)
     summary = preprocess_dataset(args.dataset, work, configurations=args.configurations,
-                                 num_processes=args.num_processes, reporter=reporter)
+                                 num_processes=args.num_processes, reporter=reporter, strict=args.strict,
+                                 available_memory=_available_memory_override())
     for name, counts in summary.items():
         if "shared_with" in counts:
             reporter.log("preprocess", f"{name}: uses the {counts['shared_with']} data")
@@ -188,7 +189,7 @@ def cmd_predict(args, reporter: Reporter) -> None:
     result = predict_files(args.input, args.output, args.model, configuration=args.configuration, folds=folds,
                            checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
                            save_probabilities=args.save_probabilities, uncertainty=args.uncertainty,
-                           reporter=reporter)
+                           reporter=reporter, strict=args.strict, available_memory=_available_memory_override())
     reporter.done("predict", **result)
 
 
@@ -198,7 +199,7 @@ def _evaluation_labels(args, reporter: Reporter) -> dict[str, int]:
     from AutoSegLib.fileutil import read_json
 
     path = args.labels
-    beside = Path(args.gt_dir).parent / "dataset.json"
+    beside = Path(args.gt_dir).parent / DATASET_FILE
     if path is None and beside.is_file():
         path = beside
         reporter.log("evaluate", f"Labels from {path}")
@@ -262,6 +263,16 @@ def _str(path) -> str | None:
 
 
 # -- parser --------------------------------------------------------------------------------
+STRICT_HELP = ("refuse to start when the memory or disk estimate (printed first) does not fit; default: warn. "
+               "AUTOSEG_AVAILABLE_MEMORY_MB replaces the measured available memory")
+
+
+def _available_memory_override() -> int | None:
+    from AutoSegLib.resources import available_memory_override
+
+    return available_memory_override()  # the environment is read here, at the command line only
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", action="store_true",
                    help="print progress as JSON lines on stdout (for the Slicer module and scripts)")
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIG",
                        help=f"configurations to preprocess, of {listing(CONFIGURATIONS)} as planned "
                             "(default: every planned one)")
+        p.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
     p = sub.add_parser("preprocess", help="crop, normalize and resample every case for the planned configurations")
     p.add_argument("dataset", type=Path)
@@ -412,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write {case}.npz with the class probabilities (float16)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write {case}_uncertainty{ending}: normalized entropy, 0 = certain, 1 = uniform")
+    p.add_argument("--strict", action="store_true", help=STRICT_HELP)
     _add_common(p)
     p.set_defaults(func=cmd_predict, stage="predict")
 

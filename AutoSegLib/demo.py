@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from AutoSegLib.events import Reporter
+from AutoSegLib.names import CPU_CONFIGURATION, DATASET_FILE
 
 DATASET_NAME = "Dataset001_PhantomCT"
 # The demo trains the configuration planned for this machine's compute with the quick preset:
 # minutes on a laptop CPU (see AutoSegLib/planning/cpu.py), on every training case (fold "all").
-DEMO_CONFIGURATION = "3d_cpu"
+DEMO_CONFIGURATION = CPU_CONFIGURATION
 DEMO_FOLD = "all"
 # Stages the demo does not run yet, with the reason shown in its table.
 NOT_YET: dict[str, str] = {}
@@ -45,7 +46,7 @@ class DemoState:
 def stage_make_phantoms(state: DemoState) -> str:
     from AutoSegLib.synthetic import make_phantom_dataset
 
-    if (state.dataset / "dataset.json").is_file():
+    if (state.dataset / DATASET_FILE).is_file():
         return f"reused {state.dataset}"
     make_phantom_dataset(state.dataset, kind="ct", cases=state.cases, seed=state.seed,
                          test_cases=max(2, state.cases // 4), reporter=state.reporter)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from AutoSegLib.dataset import DatasetSpec, open_dataset
 from AutoSegLib.fileutil import write_json
+from AutoSegLib.locks import LOCK_FILE, FolderLock, lock_folder
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
 from AutoSegLib.training.schedule import Schedule, preset_for_device, resolve_schedule
 from AutoSegLib.training import splits as splitting
 
-from AutoSegLib.names import CASCADE_CONFIGURATION, DEFAULT_PRESET, DEVICES, MODEL_DIR, fold_dir_name
+from AutoSegLib.names import (CASCADE_CONFIGURATION, DATASET_FILE, DEFAULT_PRESET, DEVICES, MODEL_DIR, PLANS_FILE,
+                              fold_dir_name)
 
 
 class TrainingSetupError(ValueError):
@@ -68,6 +70,7 @@ class RunSetup:
     notes: list[str] = field(default_factory=list)
     preset: str = "paper"  # the preset actually used ("auto" resolved)
     preset_reason: str = ""
+    lock: FolderLock | None = None  # the fold folder's, held as long as this object (AutoSegLib/locks.py)
 
 
 def resolve_device(requested: str):
@@ -113,8 +116,8 @@ def prepare_model_folder(work_dir: Path, dataset_folder: Path, plans: Plans, spe
     """The self-contained model folder: plans.json and dataset.json travel with the weights."""
     model = Path(work_dir) / MODEL_DIR
     model.mkdir(parents=True, exist_ok=True)
-    write_json(model / "plans.json", plans.to_dict())
-    write_json(model / "dataset.json", spec.to_dict())
+    write_json(model / PLANS_FILE, plans.to_dict())
+    write_json(model / DATASET_FILE, spec.to_dict())
     return model
 
 
@@ -158,16 +161,23 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     # The run folder is judged before anything is written: a refused run (a trained fold without
     # --resume/--overwrite) must leave the model folder exactly as it was, plans.json included.
     run_folder = Path(work_dir) / MODEL_DIR / options.configuration / fold_dir_name(fold)
-    check_run_folder(run_folder, options)
-    model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
-    run_folder.mkdir(parents=True, exist_ok=True)
-    preset, preset_reason = preset_for_device(options.preset, resolve_device(options.device).type)
-    schedule = resolve_schedule(preset, options.epochs, options.iterations_per_epoch,
-                                optimizer=options.optimizer, initial_lr=options.initial_lr)
+    # Locked first: a second trainer of this fold is refused before it judges, deletes
+    # (--overwrite) or resumes anything of the running one's; a dead run's temp files go.
+    lock = lock_folder(run_folder, "training this fold", recursive=True)
+    try:
+        check_run_folder(run_folder, options)
+        model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
+        run_folder.mkdir(parents=True, exist_ok=True)
+        preset, preset_reason = preset_for_device(options.preset, resolve_device(options.device).type)
+        schedule = resolve_schedule(preset, options.epochs, options.iterations_per_epoch,
+                                    optimizer=options.optimizer, initial_lr=options.initial_lr)
+    except BaseException:
+        lock.release(tidy=True)  # a refused run leaves no fold folder it made
+        raise
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
                     schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
-                    preset=preset, preset_reason=preset_reason)
+                    preset=preset, preset_reason=preset_reason, lock=lock)
 
 
 def configure_cpu_threads() -> int:
@@ -190,7 +200,17 @@ def configure_cpu_threads() -> int:
 
 
 def remove_run(run_folder: Path) -> None:
-    """Start a fold over: only ever called for a fresh (not resumed) run."""
+    """Start a fold over: only ever called for a fresh (not resumed) run.
+
+    The lock file stays: deleting it would let another process lock a new one while this
+    run still holds the old.
+    """
     if run_folder.exists():
-        shutil.rmtree(run_folder)
-    run_folder.mkdir(parents=True)
+        for entry in run_folder.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    run_folder.mkdir(parents=True, exist_ok=True)
