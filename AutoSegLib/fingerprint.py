@@ -152,7 +152,8 @@ def extract_fingerprint(dataset: Dataset | str | Path, num_processes: int = 2,
     failures = {r.task_id: r.error for r in results if not r.ok}
     if failures:
         detail = "; ".join(f"case '{cid}': {msg}" for cid, msg in sorted(failures.items()))
-        raise FingerprintError(f"fingerprint failed for {len(failures)} of {len(cases)} case(s): {detail}")
+        raise FingerprintError(f"fingerprint failed for {len(failures)} of {len(cases)} case(s): {detail} "
+                               "(`autoseg verify` reports every problem of the dataset at once)")
     measured = {r.task_id: r.value for r in results}
     ordered = [c.case_id for c in cases]
     fingerprint = aggregate(ordered, [measured[c] for c in ordered], dataset.spec.channel_names, dataset.spec.labels)

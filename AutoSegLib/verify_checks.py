@@ -111,7 +111,7 @@ class CaseError(ReportedFailure, ValueError):
         self.case_id, self.messages = case_id, list(messages)
         # Each message starts with its file (imagesTr/..., labelsTr/...), which names the case;
         # the caller says which case and stage it was.
-        super().__init__("; ".join(messages) + " (run `autoseg verify` for a full report)")
+        super().__init__("; ".join(messages))
 
     def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
         return type(self), (self.case_id, self.messages)

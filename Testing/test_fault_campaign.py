@@ -21,7 +21,9 @@ one model is trained once for a single iteration for the predict rows.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -315,18 +317,23 @@ def test_broken_dataset_is_refused_naming_the_file(broken, tmp_path, capsys, com
 
 
 def test_plan_and_preprocess_rejects_everything_verify_rejects(base, tmp_path, capsys):
-    verdicts = {}
-    for fault, (breakage, texts) in DATASET_FAULTS.items():
+    """Same broken datasets through both commands: verify's every error is plan-and-preprocess' too, word for word."""
+    verdicts, unsaid = {}, {}
+    for fault, (breakage, _) in DATASET_FAULTS.items():
         root = Path(shutil.copytree(base, tmp_path / fault / NAME))
         breakage(root)
         verify = run(["verify", root, "-np", "1"], capsys, tmp_path / fault)
         plan = run(["plan-and-preprocess", root, "-np", "1", "-c", "3d_fullres"], capsys, tmp_path / fault)
-        verdicts[fault] = (verify.code, plan.code, texts[0] in " ".join(plan.errors))
-    assert all(v[0] == 1 for v in verdicts.values()), verdicts  # every row is an error for verify
-    accepted = [f for f, (v, p, _) in verdicts.items() if v != 0 and p == 0]
+        verdicts[fault] = (verify.code, plan.code)
+        # One implementation of the checks: each problem verify names (all but its closing
+        # count) is in plan-and-preprocess' error as verify words it.
+        problems = [m for m in verify.errors if "verification found" not in m]
+        unsaid[fault] = [m for m in problems if m not in " ".join(plan.errors)]
+    assert all(v == 1 for v, _ in verdicts.values()), verdicts  # every dataset here is broken for verify
+    accepted = [fault for fault, (v, p) in verdicts.items() if v != 0 and p == 0]
     assert not accepted, f"plan-and-preprocess accepted what verify rejects: {accepted}"
-    unnamed = [f for f, (_, _, named) in verdicts.items() if not named]
-    assert not unnamed, f"plan-and-preprocess did not name the file or case for: {unnamed}"
+    unsaid = {fault: messages for fault, messages in unsaid.items() if messages}
+    assert not unsaid, f"verify's words missing from plan-and-preprocess' error: {unsaid}"
 
 
 def test_worker_processes_report_the_case_s_own_error(broken, tmp_path, capsys):
@@ -335,6 +342,22 @@ def test_worker_processes_report_the_case_s_own_error(broken, tmp_path, capsys):
     outcome = run(["plan", root, "-np", "2"], capsys, tmp_path)
     assert_failed_cleanly(outcome, 1, ["case 'case_1'", IMAGE, "2 NaN and 0 infinite voxel(s)"])
     assert "worker process" not in outcome.errors[-1]
+
+
+def test_a_killed_fingerprint_worker_is_named_and_the_others_are_measured(broken, tmp_path, capsys, monkeypatch):
+    from AutoSegLib import fingerprint
+
+    real = fingerprint._measure_case
+
+    def dies_on_case_1(job, *args):
+        if job.case_id == "case_1":
+            os.kill(os.getpid(), signal.SIGKILL)  # like the out-of-memory killer: no exception, no cleanup
+        return real(job, *args)
+
+    monkeypatch.setattr(fingerprint, "_measure_case", dies_on_case_1)  # workers are forked: they see it
+    root = broken("image_nan")  # case_1 is also broken: the death, not a guess, is what gets reported
+    outcome = run(["plan", root, "-np", "2"], capsys, tmp_path)
+    assert_failed_cleanly(outcome, 1, ["1 of 3 case(s)", "case 'case_1': the worker process was killed by SIGKILL"])
 
 
 def test_the_real_command_exits_1_without_a_traceback(broken, tmp_path):
