@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_PREFIX = ".tmp-"
+# Exactly the names atomic_path makes: other files that happen to start with ".tmp-" are not ours.
+_TMP_NAME = re.compile(rf"^{re.escape(TMP_PREFIX)}[0-9a-f]{{8}}-.")
 
 
 def _fsync_file(path: Path) -> None:
@@ -61,6 +64,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` that a killed writer left in ``folder``.
+
+    Only safe when no live process writes there: call it holding the folder's lock
+    (:func:`AutoSegLib.locks.lock_folder` does). Returns the files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.rglob(f"{TMP_PREFIX}*") if recursive else folder.glob(f"{TMP_PREFIX}*")):
+        if _TMP_NAME.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

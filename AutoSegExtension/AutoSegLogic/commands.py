@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from AutoSegLib import modelchoice
 from AutoSegLib.dataset import load_spec
 from AutoSegLib.fileutil import read_json
+from AutoSegLib.names import (CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_PRESET, DEVICES, GPU_CONFIGURATION, MODEL_DIR,
+                              PLANS_FILE, PRESETS, TRAINABLE_CONFIGURATIONS, listing)
+from AutoSegLib.training.schedule import get_preset, preset_for_device, seconds_per_epoch
 
 from AutoSegLogic.jobs import Step
 
-CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
-PRESETS = ("quick", "paper")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-MODEL_DIR = "model"
+AUTO = "auto"  # the configuration picker's device-aware choice (see resolve_configuration)
+TRAIN_CHOICES = (AUTO, *TRAINABLE_CONFIGURATIONS)
+PREDICT_CHOICES = (AUTO, *CONFIGURATIONS)  # auto: the engine's rule (AutoSegLib.modelchoice)
 FINE_TUNE_DIR = "fine_tune"
 # A short schedule for fine-tuning from trained weights: a tenth of the quick preset's epochs
 # would be too few to adapt, the paper's 1000 far more than corrections need.
@@ -90,9 +93,9 @@ class TrainSettings:
 
     dataset: Path
     work: Path | None = None
-    configuration: str = "3d_fullres"
+    configuration: str = CPU_CONFIGURATION
     folds: list[str] = field(default_factory=lambda: ["0"])
-    preset: str = "quick"
+    preset: str = DEFAULT_PRESET
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     time_budget_min: float | None = None
@@ -100,10 +103,11 @@ class TrainSettings:
     overwrite: bool = False
 
     def check(self) -> None:
-        for name, value, allowed in [("configuration", self.configuration, CONFIGURATIONS),
+        for name, value, allowed in [("configuration", self.configuration, TRAINABLE_CONFIGURATIONS),
                                      ("preset", self.preset, PRESETS), ("device", self.device, DEVICES)]:
             if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}"
+                                 + (" (resolve 'auto' with resolve_configuration first)" if value == AUTO else ""))
 
 
 def training_steps(settings: TrainSettings) -> list[Step]:
@@ -174,12 +178,8 @@ def prediction_step(input_folder, output_folder, model, configuration: str | Non
 
 
 def trained_folds(model, configuration: str) -> list[str]:
-    """Folds of ``configuration`` in a model folder that finished training."""
-    root = Path(model) / configuration
-    if not root.is_dir():
-        return []
-    found = [p.name[len("fold_"):] for p in sorted(root.glob("fold_*")) if (p / "checkpoint_final.pt").is_file()]
-    return sorted(found, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+    """Folds of ``configuration`` in a model folder that finished training (the engine's rule)."""
+    return [str(f) for f in modelchoice.trained_folds(model, configuration)]
 
 
 def fine_tune_steps(dataset, configuration: str, work=None, folds: Sequence[str] | None = None,
@@ -229,3 +229,119 @@ def _check_same_labels(dataset: Path, model: Path) -> None:
         raise ValueError(f"the dataset's labels {current} differ from the model's {trained}"
                          + (f" (new: {new})" if new else "") + "; fine-tuning keeps the model's outputs, so "
                          "train a new model instead")
+
+
+# -- choosing a configuration -----------------------------------------------------------------------
+def is_gpu(device_type: str | None) -> bool:
+    return device_type in ("cuda", "mps")
+
+
+def resolve_configuration(configuration: str, device_type: str | None) -> str:
+    """``auto`` -> the configuration for the device: 3d_fullres on a GPU (the paper's), 3d_cpu on a CPU.
+
+    3d_fullres on a CPU costs 14-25 s per iteration on 2 cores (53.7 s reported on a user's
+    CPU); 3d_cpu is the same method sized for a CPU (AutoSegLib/planning/cpu.py), ~0.45 s.
+    """
+    if configuration != AUTO:
+        return configuration
+    if device_type is None:
+        raise ValueError("the device is not known yet (still checking for a GPU); try again in a moment, or choose "
+                         "a configuration and a device")
+    return GPU_CONFIGURATION if is_gpu(device_type) else CPU_CONFIGURATION
+
+
+def describe_auto(device_type: str | None) -> str:
+    """What ``auto`` means on this machine, in words for the picker."""
+    if device_type is None:
+        return "auto: checking for a GPU..."
+    configuration = resolve_configuration(AUTO, device_type)
+    preset, _ = preset_for_device(AUTO, device_type)
+    where = f"the {device_type.upper()} GPU" if is_gpu(device_type) else "the CPU (no GPU found)"
+    return f"auto: {configuration} with the {preset} schedule on {where}"
+
+
+# Seconds per training iteration measured on this project's 2-core CI CPU (benchmarks/bench_training.py,
+# AutoSegLib/planning/cpu.py): 3d_cpu of the CT phantoms ~0.45 s (patch 24x48x56, batch 2, 16 base
+# features), 3d_fullres ~19.5 s (14-25 s; patch 40x80x96, batch 2, 32 features). Time grows faster than
+# the convolutions' arithmetic (memory traffic), so the estimate is a power law through those two points.
+_CPU_REFERENCE_S, _CPU_REFERENCE_WORK, _CPU_EXPONENT = 0.45, 33.0e6, 1.3
+
+
+def convolution_work(configuration: dict) -> float:
+    """Per-sample convolution work of a planned network: sum over stages of voxels x features^2."""
+    patch = [float(p) for p in configuration["patch_size"]]
+    work, scale = 0.0, [1.0] * len(patch)
+    for stride, features in zip(configuration["strides"], configuration["features_per_stage"]):
+        scale = [s * st for s, st in zip(scale, stride)]
+        voxels = 1.0
+        for p, s in zip(patch, scale):
+            voxels *= max(1.0, p / s)
+        work += voxels * features * features
+    return work
+
+
+def cpu_seconds_per_iteration(configuration: dict) -> float:
+    """Rough CPU time of one training iteration of a planned configuration (2-core reference, +-2x)."""
+    work = convolution_work(configuration) * int(configuration.get("batch_size", 2)) / 2
+    return _CPU_REFERENCE_S * (work / _CPU_REFERENCE_WORK) ** _CPU_EXPONENT
+
+
+@dataclass(frozen=True)
+class PlanOffer:
+    """One trainable configuration of a plan, as the picker shows it."""
+
+    configuration: str
+    patch_size: list
+    batch_size: int
+    cpu_seconds_per_epoch: float  # the quick schedule's epoch on the reference CPU
+
+    def describe(self) -> str:
+        patch = " x ".join(str(p) for p in self.patch_size)
+        return (f"{self.configuration}: patch {patch}, batch {self.batch_size}, about "
+                f"{_duration(self.cpu_seconds_per_epoch)} per quick epoch on a 2-core CPU")
+
+
+def plan_offers(work) -> list[PlanOffer]:
+    """The trainable configurations ``WORK/plans.json`` holds, with an epoch-time estimate each.
+
+    Empty before the dataset has been planned (the first Start training plans it).
+    """
+    path = Path(work) / PLANS_FILE
+    if not path.is_file():
+        return []
+    planned = read_json(path).get("configurations", {})
+    quick = get_preset("quick")
+    offers = []
+    for name in TRAINABLE_CONFIGURATIONS:
+        configuration = planned.get(name)
+        if not configuration or "patch_size" not in configuration:
+            continue
+        per_iteration = cpu_seconds_per_iteration(configuration)
+        offers.append(PlanOffer(name, list(configuration["patch_size"]), int(configuration.get("batch_size", 2)),
+                                seconds_per_epoch(quick, per_iteration)))
+    return offers
+
+
+def predict_choice(model, configuration: str | None = None, folds=None) -> modelchoice.ModelChoice:
+    """What ``autoseg predict`` will use (the engine's rule), known before a process starts.
+
+    Raises:
+        ValueError: the model folder cannot predict as asked (no trained fold, several
+            configurations without an inference plan, ...), in the engine's words.
+    """
+    if configuration == AUTO:
+        configuration = None
+    if configuration and configuration not in CONFIGURATIONS:
+        raise ValueError(f"configuration {configuration!r} is not one of {listing(CONFIGURATIONS)}")
+    try:
+        return modelchoice.choose(model, configuration, folds)
+    except modelchoice.ModelFolderError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -34,6 +34,7 @@ from AutoSegLib.dataset import DatasetSpec, IGNORE_LABEL_NAME, load_spec, save_s
 from AutoSegLib.imageio import Geometry, write_image
 
 from AutoSegLogic import labels as label_rules
+from AutoSegLogic import terminology as terms
 from AutoSegLogic.volumes import (GeometryError, array_from_node, node_geometry, resample_onto, same_grid,
                                   temporary_nodes)
 
@@ -62,6 +63,18 @@ class _Prepared:
     index: np.ndarray  # segment index + 1 per voxel (0 = no segment)
     segment_names: list[str]
     notes: list[str] = field(default_factory=list)
+    terminology: dict = field(default_factory=dict)  # segment name -> entry the user chose in Slicer
+
+
+@dataclass
+class PreparedExport:
+    """Cases read from the scene and checked, ready to be written (by :func:`write_export`, in any thread)."""
+
+    folder: Path
+    spec: DatasetSpec
+    items: list
+    added: list[str]
+    ignore_unannotated: bool
 
 
 @dataclass
@@ -82,7 +95,7 @@ class CaseInfo:
 
 # -- public API ------------------------------------------------------------------------------
 def export_cases(folder, cases: Sequence[SceneCase], scene, channel_names: Sequence[str] | None = None,
-                 ignore_unannotated: bool = False) -> ExportResult:
+                 ignore_unannotated: bool = False, terminology: dict | None = None) -> ExportResult:
     """Append ``cases`` to the dataset at ``folder`` (created if needed); returns what was added.
 
     Args:
@@ -94,10 +107,23 @@ def export_cases(folder, cases: Sequence[SceneCase], scene, channel_names: Seque
         ignore_unannotated: voxels outside every segment become ``ignore`` (not learned from)
             instead of background: for partially annotated cases. A segment named
             ``background`` then marks the voxels known to be background.
+        terminology: ``{label name: entry}`` (see :mod:`.terminology`) to give labels a meaning
+            of the user's choice. Otherwise a label takes the terminology its segment was given
+            in Slicer, else the standard one of its name (liver, left kidney, ...); dataset.json
+            keeps it, and predictions get it back.
 
     Raises:
         ExportError: naming the case (or the dataset) and the problem; nothing was written.
+
+    :func:`prepare_export` (scene access, GUI thread) and :func:`write_export` (files, any
+    thread) do the same in two parts, so the module writes in the background.
     """
+    return write_export(prepare_export(folder, cases, scene, channel_names, ignore_unannotated, terminology))
+
+
+def prepare_export(folder, cases: Sequence[SceneCase], scene, channel_names: Sequence[str] | None = None,
+                   ignore_unannotated: bool = False, terminology: dict | None = None) -> PreparedExport:
+    """Read and check the cases from the scene (no file is written); see :func:`export_cases`."""
     folder = Path(folder)
     spec = _open_or_new_spec(folder, channel_names)
     taken = {c.case_id.lower() for c in list_cases(folder)} if (folder / "dataset.json").is_file() else set()
@@ -113,14 +139,52 @@ def export_cases(folder, cases: Sequence[SceneCase], scene, channel_names: Seque
         except label_rules.LabelError as exc:
             raise ExportError(str(exc)) from None
         added += fresh
-    spec = DatasetSpec(spec.channel_names, table, spec.num_training, spec.file_ending, spec.extra)
+    extra = dict(spec.extra)
+    extra[terms.DATASET_KEY] = _label_terminology(table, spec.extra.get(terms.DATASET_KEY) or {}, prepared,
+                                                  terminology or {})
+    spec = DatasetSpec(spec.channel_names, table, spec.num_training, spec.file_ending, extra)
+    return PreparedExport(folder, spec, prepared, added, ignore_unannotated)
+
+
+def write_export(prepared: PreparedExport, job=None) -> ExportResult:
+    """Write prepared cases (thread-safe: files only); ``job`` (a ThreadJob) gets progress and may cancel."""
+    folder, spec = prepared.folder, prepared.spec
+    folder.mkdir(parents=True, exist_ok=True)
     save_spec(folder, spec)  # labels first: a case file never holds a value dataset.json lacks
     notes = []
-    for item in prepared:
-        _write_case(folder, spec, item, ignore_unannotated)
+    for n, item in enumerate(prepared.items):
+        if job is not None and job.cancel_requested:
+            break
+        _write_case(folder, spec, item, prepared.ignore_unannotated)
         notes += item.notes
+        if job is not None:
+            job.report(n + 1, len(prepared.items), f"wrote case {item.case_id}")
     _update_count(folder)
-    return ExportResult(folder, [p.case_id for p in prepared], added, table, notes)
+    return ExportResult(folder, [p.case_id for p in prepared.items], prepared.added, dict(spec.labels), notes)
+
+
+def _label_terminology(table: dict, stored: dict, prepared, explicit: dict) -> dict:
+    """Per label: what the caller gave, else what is stored, else the segment's, else the standard."""
+    out = {}
+    chosen = {}
+    for item in prepared:
+        for name, entry in item.terminology.items():
+            chosen.setdefault(label_rules.normalise(name), entry)
+    lookup = {label_rules.normalise(k): v for k, v in stored.items()}
+    given = {label_rules.normalise(k): v for k, v in explicit.items()}
+    for name in table:
+        key = label_rules.normalise(name)
+        entry = given.get(key) or lookup.get(key) or chosen.get(key) or terms.standard_entry(name)
+        if entry and name not in (label_rules.BACKGROUND, IGNORE_LABEL_NAME):
+            try:
+                out[name] = terms.check_entry(entry, name)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from None
+    unknown = sorted(set(given) - {label_rules.normalise(n) for n in table})
+    if unknown:
+        raise ExportError(f"terminology given for {unknown}, which no label of the dataset has (labels: "
+                          f"{', '.join(table)})")
+    return out
 
 
 def list_cases(folder) -> list[CaseInfo]:
@@ -152,6 +216,9 @@ def remove_case(folder, case_id: str) -> list[Path]:
     The engine drops a removed case from ``splits_final.json`` at the next training run.
     """
     folder = Path(folder)
+    if not isinstance(case_id, str) or not _CASE_ID_RE.fullmatch(case_id) or case_id in (".", ".."):
+        raise ExportError(f"{folder}: '{case_id}' is not a case name (letters, digits, '_', '-' and '.'; no "
+                          "folders); nothing was removed")
     spec = load_spec(folder)
     images = [p for p in (folder / "imagesTr").glob(f"{_glob_escape(case_id)}_*{spec.file_ending}")
               if re.fullmatch(re.escape(case_id) + r"_\d{4}" + re.escape(spec.file_ending), p.name)]
@@ -167,10 +234,25 @@ def remove_case(folder, case_id: str) -> list[Path]:
 
 def write_prediction_input(folder, volumes: Sequence, case_id: str = "case", file_ending: str = DEFAULT_ENDING) -> Path:
     """Write the channels of one case for ``autoseg predict -i`` (further channels on the first's grid)."""
-    folder = Path(folder)
+    return write_prediction_channels(folder, prediction_input(volumes, case_id), file_ending=file_ending)
+
+
+def prediction_input(volumes: Sequence, case_id: str = "case") -> tuple[str, list[np.ndarray], Geometry]:
+    """The voxels of one case's channels copied out of the scene (GUI thread): (case id, images, geometry)."""
     images, geometry, _ = _channels(volumes, case_id)
+    return case_id, images, geometry
+
+
+def write_prediction_channels(folder, channels: tuple, job=None, file_ending: str = DEFAULT_ENDING) -> Path:
+    """Write :func:`prediction_input`'s result as ``autoseg predict -i`` files (any thread)."""
+    folder = Path(folder)
+    case_id, images, geometry = channels
     for c, image in enumerate(images):
+        if job is not None and job.cancel_requested:
+            break
         write_image(image, geometry, folder / f"{case_id}_{c:04d}{file_ending}")
+        if job is not None:
+            job.report(c + 1, len(images))
     return folder
 
 
@@ -206,8 +288,9 @@ def _prepare(case: SceneCase, spec: DatasetSpec, scene, taken: set[str]) -> _Pre
     if case.segmentation is None:
         raise ExportError(f"case '{case_id}': no segmentation given")
     images, geometry, notes = _channels(volumes, case_id)
-    index, names = rasterize(scene, case.segmentation, volumes[0], case_id)
-    return _Prepared(case_id, images, geometry, index, names, notes)
+    chosen: dict = {}
+    index, names = rasterize(scene, case.segmentation, volumes[0], case_id, chosen)
+    return _Prepared(case_id, images, geometry, index, names, notes, chosen)
 
 
 def _channels(volumes: Sequence, case_id: str) -> tuple[list[np.ndarray], Geometry, list[str]]:
@@ -227,12 +310,14 @@ def _channels(volumes: Sequence, case_id: str) -> tuple[list[np.ndarray], Geomet
     return images, reference, notes
 
 
-def rasterize(scene, segmentation, reference_volume, case_id: str = "") -> tuple[np.ndarray, list[str]]:
+def rasterize(scene, segmentation, reference_volume, case_id: str = "",
+              terminology: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """Segments on the reference volume's grid: (array of segment index + 1, segment names).
 
     Where segments overlap, the later segment in the node's list wins (as in Slicer's own
-    labelmap export). A labelmap node is first turned into segments (names from its colour
-    table, as Slicer names them).
+    labelmap export). A labelmap node is first turned into segments named by its colour table
+    (the names Slicer shows for its values). ``terminology``, when given, receives
+    ``{segment name: entry}`` for the segments whose terminology the user set in Slicer.
     """
     import slicer
     import vtk
@@ -244,6 +329,7 @@ def rasterize(scene, segmentation, reference_volume, case_id: str = "") -> tuple
             node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{segmentation.GetName()} (segments)")
             if not logic.ImportLabelmapToSegmentationNode(segmentation, node):
                 raise ExportError(f"case '{case_id}': labelmap '{segmentation.GetName()}' could not be read as segments")
+            _name_from_colour_table(segmentation, node)
             segmentation_node = node
         else:
             segmentation_node = segmentation
@@ -252,6 +338,11 @@ def rasterize(scene, segmentation, reference_volume, case_id: str = "") -> tuple
         if not ids:
             raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' has no segments")
         names = [content.GetSegment(i).GetName() for i in ids]
+        if terminology is not None:
+            for segment_id in ids:
+                entry = terms.segment_entry(content.GetSegment(segment_id))
+                if entry is not None:
+                    terminology.setdefault(content.GetSegment(segment_id).GetName(), entry)
         id_array = vtk.vtkStringArray()
         for segment_id in ids:
             id_array.InsertNextValue(segment_id)
@@ -269,6 +360,31 @@ def rasterize(scene, segmentation, reference_volume, case_id: str = "") -> tuple
         raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' is empty (no segment has "
                           f"voxels inside volume '{reference_volume.GetName()}')")
     return index.astype(np.uint16), names
+
+
+_GENERIC_NAME = re.compile(r"(?i)^(label[_ ]?\d*|invalid|none|)$")
+
+
+def _name_from_colour_table(labelmap, segmentation_node) -> None:
+    """Name imported segments as the labelmap's colour table names their values (not Label_1, ...).
+
+    Entries with a terminology (Slicer 5.8+ colour tables can carry one) pass it on to the segment.
+    """
+    display = labelmap.GetDisplayNode()
+    colours = display.GetColorNode() if display is not None else None
+    if colours is None:
+        return
+    content = segmentation_node.GetSegmentation()
+    for i in range(content.GetNumberOfSegments()):
+        segment = content.GetNthSegment(i)
+        value = segment.GetLabelValue()
+        name = colours.GetColorName(value) if 0 <= value < colours.GetNumberOfColors() else ""
+        if name and not _GENERIC_NAME.match(name.strip()):
+            segment.SetName(name)
+        get_terminology = getattr(colours, "GetTerminologyAsString", None)
+        text = get_terminology(value) if get_terminology is not None else ""
+        if text and terms.parse(text) is not None:
+            segment.SetTerminology(text)
 
 
 def _check_untransformed(node, case_id: str) -> None:
@@ -296,7 +412,7 @@ def segmentations_logic(scene):
 
 def _choose_case_id(explicit: str | None, name: str, taken: set[str]) -> str:
     if explicit is not None:
-        if not _CASE_ID_RE.match(explicit):
+        if not _CASE_ID_RE.fullmatch(explicit):
             raise ExportError(f"case id '{explicit}' may hold only letters, digits, '_', '-' and '.'")
         if explicit.lower() in taken:
             raise ExportError(f"case '{explicit}' is already in the dataset; existing cases are never replaced "

@@ -1,10 +1,12 @@
 """Which Python packages the engine needs that this Python lacks; installing is the GUI's call.
 
 Slicer's Python already has numpy, SimpleITK and VTK; the engine also needs PyTorch and a few
-pure-Python packages. Nothing is installed at import time or when the module loads: the
-widget asks the user first (``slicer.util.confirmOkCancelDisplay``), installs PyTorch through
-the PyTorch extension's ``PyTorchUtils`` when it is present (it picks the build matching the
-GPU driver) and the rest with ``slicer.util.pip_install``.
+pure-Python packages. Nothing is installed at import time or when the module loads. PyTorch
+comes only from the PyTorch extension (the extension depends on it, as SlicerNNUNet and
+SlicerTotalSegmentator do; its ``PyTorchUtils`` picks the build matching the GPU driver), never
+from a plain ``pip install torch``. The other packages are installed after the user agreed,
+by ``python -m pip install`` in a background process (:func:`install_step`), so Slicer stays
+responsive.
 
 Keep :data:`REQUIREMENTS` in step with ``pyproject.toml``'s dependencies (a test checks it).
 """
@@ -73,3 +75,27 @@ def missing(requirements: Sequence[Requirement] = REQUIREMENTS,
 
 def describe(requirements: Sequence[Requirement]) -> str:
     return ", ".join(r.pip_spec for r in requirements)
+
+
+TORCH = "torch"
+
+
+def torch_reason(requirements: Sequence[Requirement] = REQUIREMENTS, find=importlib.util.find_spec,
+                 version_of=importlib.metadata.version) -> str:
+    """Why the engine cannot run here ('' if PyTorch is usable): for messages and skipped self-tests."""
+    torch = [r for r in missing([r for r in requirements if r.module == TORCH], find, version_of)]
+    if not torch:
+        return ""
+    return (f"PyTorch ({torch[0].pip_spec}) is not installed in Slicer's Python: install the PyTorch extension "
+            "(Extensions Manager), then use its module, or press Start training to install it through it")
+
+
+def install_step(requirements: Sequence[Requirement]):
+    """The ``pip install`` of the non-PyTorch requirements (run with ``python -m``, see Session)."""
+    from AutoSegLogic.jobs import Step
+
+    rest = [r for r in requirements if r.module != TORCH]
+    if not rest:
+        raise ValueError("nothing to install with pip (PyTorch comes from the PyTorch extension)")
+    return Step(["install", "--disable-pip-version-check", *[r.pip_spec for r in rest]],
+                f"install {describe(rest)}")

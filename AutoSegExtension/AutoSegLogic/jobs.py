@@ -18,7 +18,15 @@ the engine alone, not its group: data workers killed first would make the traine
 its next batch before it could save.
 
 A :class:`JobChain` runs several commands one after the other (verify, plan, train fold 0,
-fold 1, ...), stopping at the first failure.
+fold 1, ...), stopping at the first failure. A step may also be a :class:`ThreadJob`: work
+that must leave Slicer's GUI thread but needs no engine process (writing a prediction's input
+files, reading its result, writing a case), with the same interface.
+
+Progress never moves back: a command's stages share its bar (training 0-95%, its final
+validation 95-100%), a chain's steps share the chain's bar by weight, and a reported fraction
+below an earlier one is not shown. The ETA is the engine's; until the engine has one, it is
+estimated from the progress made since the stage started (so it is there after the first
+epoch, or the first few iterations).
 
 Example::
 
@@ -48,6 +56,13 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeede
 # The stage of the final `done` event, where it is not the command's own name.
 TOP_STAGE = {"plan-and-preprocess": "preprocess"}
 DEFAULT_GRACE_S = 30.0  # time to save a checkpoint after SIGTERM before SIGKILL
+# Where each stage of a command sits on the command's progress bar (fractions of it).
+STAGE_SHARES = {
+    "train": {"train": (0.0, 0.95), "validate": (0.95, 1.0)},
+    "plan-and-preprocess": {"fingerprint": (0.0, 0.4), "plan": (0.4, 0.45), "preprocess": (0.45, 1.0)},
+}
+_MIN_ESTIMATE_PROGRESS = 0.002  # progress (and ...)
+_MIN_ESTIMATE_S = 2.0  # ... seconds since the stage started before an own ETA is shown
 _EOF = object()
 _EOF_WAIT_S = 5.0  # after exit, how long to wait for stdout to close (workers may hold it briefly)
 
@@ -57,6 +72,11 @@ def engine_path() -> str:
     import AutoSegLib
 
     return str(Path(AutoSegLib.__file__).resolve().parent.parent)
+
+
+def logic_path() -> str:
+    """The folder holding this package (the Slicer module's folder)."""
+    return str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass(eq=False)  # a job is itself, not equal to another with the same arguments
@@ -80,6 +100,8 @@ class Job:
     grace_s: float = DEFAULT_GRACE_S
     title: str = ""
     cwd: str | None = None
+    module: str = "AutoSegLib"  # what ``python -m`` runs; e.g. "pip" for installing packages
+    events_protocol: bool = True  # False: any stdout is a log line; success is exit status 0 alone
 
     status: str = field(default=PENDING, init=False)
     events: list = field(default_factory=list, init=False)
@@ -102,19 +124,22 @@ class Job:
         self._cancel_sent: float | None = None
         self._killed = False
         self._fraction: float | None = None
+        self._shown: float | None = None  # the highest fraction reported so far
         self._eta: tuple[float, float] | None = None  # (eta_s, at monotonic time)
+        self._rate_from: tuple[float, float] | None = None  # (fraction, monotonic time) the own ETA counts from
         self._train_epochs: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def argv(self) -> list[str]:
-        return [self.python or sys.executable, "-m", "AutoSegLib", *self.args, "--events"]
+        return [self.python or sys.executable, "-m", self.module, *self.args,
+                *(["--events"] if self.events_protocol else [])]
 
     def start(self) -> "Job":
         if self._proc is not None:
             raise RuntimeError(f"job '{self.title}' was already started")
         env = dict(self.env if self.env is not None else os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [engine_path(), env.get("PYTHONPATH", "")] if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [engine_path(), logic_path(), env.get("PYTHONPATH", "")] if p)
         env["PYTHONUNBUFFERED"] = "1"
         if self.log_path is None:
             handle, name = tempfile.mkstemp(prefix="autoseg-", suffix=".log")
@@ -173,7 +198,7 @@ class Job:
         if "--resume" not in args:
             args.append("--resume")
         return Job(args, python=self.python, env=self.env, log_path=self.log_path, grace_s=self.grace_s,
-                   title=self.title, cwd=self.cwd)
+                   title=self.title, cwd=self.cwd, module=self.module, events_protocol=self.events_protocol)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -190,16 +215,26 @@ class Job:
 
     @property
     def progress(self) -> float | None:
-        """Fraction done (0-1) of the current stage, None until the engine has said."""
-        return 1.0 if self.succeeded else self._fraction
+        """Fraction done (0-1) of the whole command, None until the engine has said; never decreases."""
+        return 1.0 if self.succeeded else self._shown
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left by the engine's last estimate, counted down since it was made."""
-        if self._eta is None or self.finished:
+        """Seconds left: the engine's last estimate counted down since it was made, else estimated
+        from the progress rate since the stage started."""
+        if self.finished:
             return None
-        eta, at = self._eta
-        return max(0.0, eta - (time.monotonic() - at))
+        now = time.monotonic()
+        if self._eta is not None:
+            eta, at = self._eta
+            return max(0.0, eta - (now - at))
+        if self._rate_from is None or self._shown is None:
+            return None
+        start, since = self._rate_from
+        advanced, elapsed = self._shown - start, now - since
+        if advanced < _MIN_ESTIMATE_PROGRESS or elapsed < _MIN_ESTIMATE_S:
+            return None
+        return elapsed / advanced * (1.0 - self._shown)
 
     @property
     def failure(self) -> str:
@@ -234,6 +269,9 @@ class Job:
     def _take(self, event: dict) -> None:
         self.events.append(event)
         kind = event.get("event")
+        if kind == "start":
+            self._eta = None  # the previous stage's estimate says nothing about this one
+            self._rate_from = None
         if kind in ("log", "warning", "error") and event.get("message"):
             self.message = str(event["message"])
             if kind == "error":
@@ -243,22 +281,32 @@ class Job:
             self.done_event = event
         elif kind == "start" and event.get("stage") == "train" and event.get("of"):
             self._train_epochs = int(event["of"])
-            self._fraction = (event.get("epoch") or 0) / self._train_epochs
+            self._set_stage_fraction("train", (event.get("epoch") or 0) / self._train_epochs)
         elif kind == "epoch":
             self.epochs.append(event)
             self._train_epochs = event.get("of") or self._train_epochs
-            self._set_fraction(event.get("done"), event.get("of"))
+            self._set_fraction(event.get("stage", "train"), event.get("done"), event.get("of"))
         elif kind == "progress":
             if event.get("stage") == "train" and "iteration" in event and self._train_epochs:
-                self._fraction = min(1.0, (event["epoch"] + event["iteration"] / event["of"]) / self._train_epochs)
+                self._set_stage_fraction("train", (event["epoch"] + event["iteration"] / event["of"])
+                                         / self._train_epochs)
             else:
-                self._set_fraction(event.get("done"), event.get("of"))
+                self._set_fraction(event.get("stage"), event.get("done"), event.get("of"))
         if event.get("eta_s") is not None:
             self._eta = (float(event["eta_s"]), time.monotonic())
 
-    def _set_fraction(self, done, of) -> None:
+    def _set_fraction(self, stage, done, of) -> None:
         if done is not None and of:
-            self._fraction = min(1.0, done / of)
+            self._set_stage_fraction(stage, float(done) / float(of))
+
+    def _set_stage_fraction(self, stage, fraction: float) -> None:
+        """Place a stage's fraction on the command's bar; the bar never moves back."""
+        low, high = STAGE_SHARES.get(self.command, {}).get(stage, (0.0, 1.0))
+        self._fraction = low + (high - low) * min(1.0, max(0.0, fraction))
+        if self._shown is None or self._fraction > self._shown:
+            self._shown = self._fraction
+        if self._rate_from is None:
+            self._rate_from = (self._shown, time.monotonic())
 
     def _check_exit(self) -> None:
         code = self._proc.poll()
@@ -272,7 +320,7 @@ class Job:
         if not self._eof and now - self._exited_at < _EOF_WAIT_S:
             return  # let the reader hand over the last lines first
         self.exit_status = code
-        if code == 0 and self.done_event is not None:
+        if code == 0 and (self.done_event is not None or not self.events_protocol):
             self.status = SUCCEEDED
         elif self._cancel_sent is not None:
             self.status = CANCELLED
@@ -339,10 +387,114 @@ def _signal_name(number: int) -> str:
 # -- several commands in a row ---------------------------------------------------------------------
 @dataclass
 class Step:
-    """One command of a chain: its arguments and a title for the user."""
+    """One step of a chain: an engine command's arguments and a title for the user.
+
+    With ``work``, the step is a :class:`ThreadJob` running ``work(job)`` instead (``args``
+    then only name it). ``weight`` is its share of the chain's progress bar.
+    """
 
     args: list[str]
     title: str
+    work: Callable | None = None
+    weight: float = 1.0
+
+
+class ThreadJob:
+    """Work in a worker thread with a :class:`Job`'s interface (poll, cancel, progress, failure).
+
+    For what must leave the GUI thread but needs no engine: writing or reading image files
+    (SimpleITK and zlib release the GIL, so the GUI keeps running). ``work(job)`` may call
+    :meth:`report` and should return early when :attr:`cancel_requested` is set; what it
+    returns is :attr:`result`, what it raises is the failure. The state changes only in
+    :meth:`poll`, as a :class:`Job`'s does.
+    """
+
+    def __init__(self, work: Callable[["ThreadJob"], object], title: str = "", args: Sequence[str] = ()):
+        self.work, self.title = work, title or getattr(work, "__name__", "work")
+        self.args = list(args) or [self.title]
+        self.command = self.args[0]
+        self.status = PENDING
+        self.events: list = []
+        self.epochs: list = []
+        self.message = self.error = ""
+        self.errors: list = []
+        self.exit_status = None
+        self.done_event = None
+        self.log_path = None
+        self.pid = None
+        self.result = None
+        self.cancel_requested = False
+        self._outcome: tuple | None = None  # (status, result or message), set by the worker thread
+        self._fraction: float | None = None
+        self._started_at: float | None = None
+
+    def start(self) -> "ThreadJob":
+        if self.status != PENDING:
+            raise RuntimeError(f"job '{self.title}' was already started")
+        self.status, self._started_at = RUNNING, time.monotonic()
+        threading.Thread(target=self._run, daemon=True, name=f"autoseg-{self.command}").start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            result = self.work(self)
+            self._outcome = (CANCELLED, "cancelled") if self.cancel_requested else (SUCCEEDED, result)
+        except BaseException as exc:  # reported as the job's failure, like an engine error event
+            self._outcome = (CANCELLED if self.cancel_requested else FAILED, str(exc) or type(exc).__name__)
+
+    def report(self, done: float, of: float, message: str = "") -> None:
+        """From the worker: progress (and a message) for the GUI's next poll."""
+        if of:
+            self._fraction = max(self._fraction or 0.0, min(1.0, done / of))
+        if message:
+            self.message = message
+
+    def poll(self) -> list[dict]:
+        if self.status == RUNNING and self._outcome is not None:
+            status, value = self._outcome
+            self.status = status
+            if status == SUCCEEDED:
+                self.result, self.exit_status = value, 0
+                self.done_event = {"event": "done", "stage": self.command}
+            else:
+                self.error = self.message = value
+                self.errors.append(value)
+                self.exit_status = 1
+        return []
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+
+    kill = cancel
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (SUCCEEDED, FAILED, CANCELLED)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == SUCCEEDED
+
+    @property
+    def progress(self) -> float | None:
+        return 1.0 if self.succeeded else self._fraction
+
+    @property
+    def eta_s(self) -> float | None:
+        return None
+
+    @property
+    def failure(self) -> str:
+        if not self.finished or self.succeeded:
+            return ""
+        return f"cancelled: {self.title}" if self.status == CANCELLED else f"{self.title}: {self.error}"
+
+    @property
+    def resumable(self) -> bool:
+        return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        return self.error
 
 
 class JobChain:
@@ -362,6 +514,7 @@ class JobChain:
         self.jobs: list[Job] = []
         self.job: Job | None = None
         self._first_job = first_job
+        self._shown: float | None = None
 
     def start(self) -> "JobChain":
         self._launch(self._first_job or self.make_job(self.steps[0]))
@@ -408,6 +561,41 @@ class JobChain:
     @property
     def resumable(self) -> bool:
         return self.finished and self.job is not None and self.job.resumable
+
+    @property
+    def progress(self) -> float | None:
+        """The whole chain's fraction done, steps weighted by :attr:`Step.weight`; never decreases."""
+        if self.job is None:
+            return None
+        if self.succeeded:
+            return 1.0
+        total = sum(s.weight for s in self.steps)
+        current = self.job.progress
+        if current is None and self.index == 0:
+            return self._shown
+        done = sum(s.weight for s in self.steps[:self.index]) + self.steps[self.index].weight * (current or 0.0)
+        fraction = done / total if total else 0.0
+        self._shown = fraction if self._shown is None else max(self._shown, fraction)
+        return self._shown
+
+    @property
+    def eta_s(self) -> float | None:
+        return self.job.eta_s if self.job is not None else None
+
+    @property
+    def message(self) -> str:
+        return self.job.message if self.job is not None else ""
+
+    @property
+    def failure(self) -> str:
+        return self.job.failure if self.job is not None and self.finished else ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return self.job.log_tail(lines) if self.job is not None else ""
+
+    def find(self, command: str):
+        """The job of this chain that ran ``command`` (None if it has not started)."""
+        return next((j for j in self.jobs if j.command == command), None)
 
     @property
     def step_text(self) -> str:

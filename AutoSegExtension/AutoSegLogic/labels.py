@@ -10,8 +10,10 @@ A dataset's ``labels`` table (``dataset.json``) is the single source of label va
   rule), so once a dataset has it, a new structure cannot be added without renumbering it:
   that is refused, naming the new structures, instead of rewriting existing label files.
 
-Colours are fixed: a known structure name has its own colour, anything else takes a colour
-from a fixed palette by its label value, so a label looks the same in every case and result.
+Colours are fixed: a structure with a standard terminology (:mod:`.terminology`) has its
+recommended colour (Slicer's GenericAnatomyColors), a few other names a colour of their own,
+anything else a colour from a fixed palette by its label value, so a label looks the same in
+every case and result.
 """
 
 from __future__ import annotations
@@ -90,9 +92,14 @@ def extend_labels(labels: Mapping[str, int], names: Iterable[str], need_ignore: 
 
 def colour_of(name: str, value: int) -> tuple[float, float, float]:
     """The fixed display colour of a label (RGB, 0-1)."""
+    from AutoSegLogic.terminology import standard_entry
+
     key = normalise(name)
     if key == IGNORE_LABEL_NAME:
         return IGNORE_COLOUR
+    entry = standard_entry(name)
+    if entry and entry.get("color"):
+        return tuple(c / 255.0 for c in entry["color"])
     if key in _NAMED_COLOURS:
         return _NAMED_COLOURS[key]
     return _PALETTE[(max(value, 1) - 1) % len(_PALETTE)]

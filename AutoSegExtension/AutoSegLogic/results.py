@@ -2,8 +2,13 @@
 
 - The label map becomes a segmentation node with one segment per label of the model's
   ``dataset.json`` (empty ones included, so a missed structure can be painted at once),
-  ordered by label value, named by label and coloured by the fixed table of :mod:`.labels`;
-  its reference geometry is the input volume, so the Segment Editor edits on the input's grid.
+  ordered by label value, named by label, with the label's terminology (SNOMED CT codes kept
+  in ``dataset.json``, else the standard ones of its name, :mod:`.terminology`) and its
+  colour (the terminology's, else the fixed table of :mod:`.labels`); its reference geometry
+  is the input volume, so the Segment Editor edits on the input's grid and a DICOM SEG export
+  carries the codes.
+- Reading the files (:func:`read_outputs`, any thread) is apart from building the nodes
+  (:func:`outputs_into_scene`, GUI thread), so the module reads in the background.
 - The uncertainty map becomes a scalar volume shown over the input in the slice views with a
   transparent-to-hot colour table: low uncertainty is see-through, doubtful voxels glow.
 
@@ -22,6 +27,7 @@ from AutoSegLib.fileutil import read_json
 from AutoSegLib.imageio import SUPPORTED_ENDINGS, Geometry, read_image
 
 from AutoSegLogic import labels as label_rules
+from AutoSegLogic import terminology as terms
 from AutoSegLogic.dataset_export import segmentations_logic
 from AutoSegLogic.volumes import add_volume, temporary_nodes
 
@@ -33,11 +39,30 @@ UNCERTAINTY_SUFFIX = "_uncertainty"
 class Prediction:
     segmentation: object  # vtkMRMLSegmentationNode
     uncertainty: object | None  # vtkMRMLScalarVolumeNode
+    source_volume: object | None = None  # the input the Segment Editor edits it on
+
+
+@dataclass
+class Outputs:
+    """A prediction's files read into memory (no scene access)."""
+
+    label: np.ndarray
+    geometry: Geometry
+    labels: dict
+    terminology: dict
+    uncertainty: np.ndarray | None = None
+    uncertainty_geometry: Geometry | None = None
 
 
 def model_labels(model) -> dict[str, int]:
     """Label name -> value of a model folder (its ``dataset.json``)."""
     return {str(k): int(v) for k, v in read_json(Path(model) / "dataset.json")["labels"].items()}
+
+
+def model_terminology(model) -> dict[str, dict]:
+    """Label name -> terminology entry: the model's ``dataset.json`` entries, else the standard ones."""
+    spec = read_json(Path(model) / "dataset.json")
+    return terms.for_labels([n for n in spec["labels"]], spec.get(terms.DATASET_KEY) or {})
 
 
 def find_output(folder, case_id: str, suffix: str = "") -> Path | None:
@@ -56,23 +81,46 @@ def load_prediction(scene, output_folder, case_id: str, model, reference_volume,
     Raises:
         FileNotFoundError: the label file is missing (naming the folder).
     """
+    return outputs_into_scene(scene, read_outputs(output_folder, case_id, model, uncertainty), reference_volume, name)
+
+
+def read_outputs(output_folder, case_id: str, model, uncertainty: bool = True) -> Outputs:
+    """Read a prediction's label (and uncertainty) file and the model's labels; safe in a worker thread.
+
+    Raises:
+        FileNotFoundError: the label file is missing (naming the folder).
+    """
     path = find_output(output_folder, case_id)
     if path is None:
         raise FileNotFoundError(f"{output_folder}: no prediction for case '{case_id}'")
     label, geometry = read_image(path)
-    name = name or f"{reference_volume.GetName()} AutoSeg"
-    segmentation = segmentation_from_labels(scene, label, geometry, model_labels(model), name, reference_volume)
-    overlay = None
+    out = Outputs(label, geometry, model_labels(model), model_terminology(model))
     uncertainty_path = find_output(output_folder, case_id, UNCERTAINTY_SUFFIX) if uncertainty else None
     if uncertainty_path is not None:
-        values, uncertainty_geometry = read_image(uncertainty_path)
-        overlay = uncertainty_volume(scene, values, uncertainty_geometry, f"{name} uncertainty")
-    return Prediction(segmentation, overlay)
+        out.uncertainty, out.uncertainty_geometry = read_image(uncertainty_path)
+    return out
+
+
+def outputs_into_scene(scene, outputs: Outputs, reference_volume, name: str | None = None) -> Prediction:
+    """The nodes of a prediction read by :func:`read_outputs` (GUI thread: it changes the scene)."""
+    name = name or f"{reference_volume.GetName()} AutoSeg"
+    segmentation = segmentation_from_labels(scene, outputs.label, outputs.geometry, outputs.labels, name,
+                                            reference_volume, outputs.terminology)
+    overlay = None
+    if outputs.uncertainty is not None:
+        overlay = uncertainty_volume(scene, outputs.uncertainty, outputs.uncertainty_geometry, f"{name} uncertainty")
+    return Prediction(segmentation, overlay, reference_volume)
 
 
 def segmentation_from_labels(scene, label: np.ndarray, geometry: Geometry, labels: dict[str, int], name: str,
-                             reference_volume=None):
-    """A segmentation node with one segment per foreground label, in value order."""
+                             reference_volume=None, terminology: dict | None = None):
+    """A segmentation node with one segment per foreground label, in value order.
+
+    ``terminology`` (label name -> entry) gives segments their codes and colours; without it,
+    the standard terminology of each name (:func:`.terminology.for_labels`).
+    """
+    if terminology is None:
+        terminology = terms.for_labels(list(labels))
     logic = segmentations_logic(scene)
     named = dict(label_rules.foreground(labels))
     by_value = {v: n for n, v in named.items()}
@@ -102,6 +150,7 @@ def segmentation_from_labels(scene, label: np.ndarray, geometry: Geometry, label
             segment.SetColor(*colour)
         else:
             ids[value] = content.AddEmptySegment("", label_name, colour)
+        terms.apply(content.GetSegment(ids[value]), terminology.get(label_name))
     for index, value in enumerate(sorted(ids)):
         content.SetSegmentIndex(ids[value], index)
     if reference_volume is not None:

@@ -1,9 +1,15 @@
 """What the module's buttons do, without Qt: one object the widget calls and polls.
 
-A :class:`Session` owns at most one training chain and one prediction job at a time, turns
-their events into training curves and, when a prediction has *succeeded*, loads its result
-into the scene. The widget calls :meth:`Session.poll` from a ``QTimer`` and redraws from the
-session's state; nothing here ever waits for a process.
+A :class:`Session` owns at most one training chain, one prediction and one dataset change
+(adding cases, installing packages) at a time, turns their events into training curves and,
+when a prediction has *succeeded*, loads its result into the scene. The widget calls
+:meth:`Session.poll` from a ``QTimer`` and redraws from the session's state; nothing here
+ever waits for a process.
+
+What takes long never runs on the caller's (GUI) thread: a prediction is a chain of writing
+the input files (worker thread), ``autoseg predict`` (engine process), reading the result
+(worker thread); only building the nodes happens in :meth:`poll`. Adding a case reads the
+nodes on the caller's thread (MRML is not thread-safe) and writes its files in a worker.
 
 Example (Slicer's Python console)::
 
@@ -22,9 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from AutoSegLogic import commands, dataset_export, folds, results
+from AutoSegLogic import commands, dataset_export, dependencies, folds, results
 from AutoSegLogic.curves import TrainingCurves
-from AutoSegLogic.jobs import Job, JobChain, Step
+from AutoSegLogic.jobs import Job, JobChain, Step, ThreadJob
 
 PREDICTION_CASE = "case"
 
@@ -42,8 +48,11 @@ class Session:
         self.scene, self.python, self.env = scene, python, env
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="autoseg-logs-"))
         self.training: JobChain | None = None
-        self.prediction: Job | None = None
+        self.prediction: JobChain | None = None
         self.prediction_result: results.Prediction | None = None
+        self.prediction_choice = None  # the engine's choice of configuration and folds (modelchoice)
+        self.dataset_job: ThreadJob | Job | None = None  # adding a case, or installing packages
+        self.added: tuple | None = None  # (export result, {case: fold}) of the last case added
         self.curves: TrainingCurves | None = None
         self._curves_job: Job | None = None
         self._curves_seen = 0
@@ -51,7 +60,9 @@ class Session:
         self._counter = 0
 
     # -- jobs ------------------------------------------------------------------------------------
-    def make_job(self, step: Step) -> Job:
+    def make_job(self, step: Step) -> Job | ThreadJob:
+        if step.work is not None:
+            return ThreadJob(step.work, step.title, step.args)
         self._counter += 1
         log = self.log_dir / f"{self._counter:03d}-{step.args[0]}.log"
         return Job(step.args, python=self.python, env=self.env, log_path=log, title=step.title)
@@ -66,15 +77,17 @@ class Session:
             events += self.prediction.poll()
             if self.prediction.finished:
                 self._finish_prediction()
+        if self.dataset_job is not None and not self.dataset_job.finished:
+            events += self.dataset_job.poll()
         return events
 
     @property
     def busy(self) -> bool:
-        return any(j is not None and not j.finished for j in (self.training, self.prediction))
+        return any(j is not None and not j.finished for j in (self.training, self.prediction, self.dataset_job))
 
     def stop(self) -> None:
         """Cancel whatever runs (training saves a checkpoint first)."""
-        for job in (self.training, self.prediction):
+        for job in (self.training, self.prediction, self.dataset_job):
             if job is not None and not job.finished:
                 job.cancel()
 
@@ -90,13 +103,13 @@ class Session:
     def start_steps(self, steps: Sequence[Step], title: str = "") -> JobChain:
         """Run engine commands one after the other as the session's training chain."""
         self._refuse_if_running(self.training, "training")
+        self._refuse_if_running(self.dataset_job, "writing to the dataset")
         self.training = JobChain(steps, self.make_job, title).start()
         return self.training
 
     def start_fine_tune(self, dataset, configuration: str, work=None, folds_: Sequence[str] | None = None,
                         device: str = "auto", epochs: int = commands.FINE_TUNE_EPOCHS,
                         iterations_per_epoch: int = commands.FINE_TUNE_ITERATIONS) -> JobChain:
-        self._refuse_if_running(self.training, "training")
         self._refuse_if_running(self.training, "training")
         steps = commands.fine_tune_steps(dataset, configuration, work, folds_, epochs, iterations_per_epoch, device)
         return self.start_steps(steps, "fine-tune")
@@ -128,57 +141,124 @@ class Session:
     # -- prediction ------------------------------------------------------------------------------
     def start_prediction(self, volumes: Sequence, model, configuration: str | None = None,
                          folds_: Sequence[str] | None = None, tta: bool = True, device: str = "auto",
-                         uncertainty: bool = True) -> Job:
-        """Export the input volumes and start ``autoseg predict``; the result loads when it succeeds."""
+                         uncertainty: bool = True) -> JobChain:
+        """Segment ``volumes`` (one per channel) with ``model``; the result loads when it succeeds.
+
+        Without a ``configuration`` (or with ``auto``) the engine's rule decides (the model's
+        inference plan, else its only trained configuration); the choice is made here first, so
+        a model that cannot predict is refused before any process starts
+        (:attr:`prediction_choice` says what it will use).
+
+        Returns a chain (write the input, ``autoseg predict``, read the result); this call only
+        copies the voxels out of the scene.
+        """
         self._refuse_if_running(self.prediction, "prediction")
         volumes = [v for v in volumes if v is not None]
         if not volumes:
             raise ValueError("choose the input volume(s) to segment")
+        configuration = None if configuration in (None, "", commands.AUTO) else configuration
+        choice = commands.predict_choice(model, configuration, folds_)
         folder = Path(tempfile.mkdtemp(prefix="autoseg-predict-"))
         try:
             step = commands.prediction_step(folder / "input", folder / "output", model, configuration, folds_, tta,
                                             device, uncertainty)
-            dataset_export.write_prediction_input(folder / "input", volumes, PREDICTION_CASE)
+            channels = dataset_export.prediction_input(volumes, PREDICTION_CASE)  # voxels copied (GUI thread)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self.prediction_result = None
+        self.prediction_result, self.prediction_choice = None, choice
         self._prediction_input = {"folder": folder, "model": Path(model), "reference": volumes[0],
                                   "uncertainty": uncertainty}
-        self.prediction = self.make_job(step).start()
+        step.weight = 20.0  # the engine's work; writing and reading are a few seconds each
+
+        def write(job):
+            dataset_export.write_prediction_channels(folder / "input", channels, job)
+
+        def read(job):
+            return results.read_outputs(folder / "output", PREDICTION_CASE, model, uncertainty)
+
+        steps = [Step(["write-input"], "write the input files", write), step,
+                 Step(["read-result"], "read the result", read)]
+        self.prediction = JobChain(steps, self.make_job, "predict").start()
         return self.prediction
 
     def _finish_prediction(self) -> None:
         info = self._prediction_input
         try:
             if self.prediction.succeeded:  # a failed run's folder is never read
-                self.prediction_result = results.load_prediction(
-                    self.scene, info["folder"] / "output", PREDICTION_CASE, info["model"], info["reference"],
-                    uncertainty=info["uncertainty"])
+                outputs = self.prediction.job.result
+                self.prediction_result = results.outputs_into_scene(self.scene, outputs, info["reference"])
         finally:
             shutil.rmtree(info["folder"], ignore_errors=True)
 
     # -- dataset ---------------------------------------------------------------------------------
     def add_case(self, dataset, volumes: Sequence, segmentation, channel_names: Sequence[str] | None = None,
-                 ignore_unannotated: bool = False, work=None) -> tuple[dataset_export.ExportResult, dict]:
-        """Export one case and place it in the existing folds; returns (export result, {case: fold}).
+                 ignore_unannotated: bool = False, work=None,
+                 terminology: dict | None = None) -> tuple[dataset_export.ExportResult, dict]:
+        """Export one case and place it in the existing folds, in this thread (batch scripts, tests).
 
-        Refused while training runs: its later folds would meet a case that was not preprocessed.
+        The module uses :meth:`start_add_case`, which writes in a worker and returns at once.
         """
         self._refuse_if_running(self.training, "training")
-        result = dataset_export.export_cases(dataset, [dataset_export.SceneCase(list(volumes), segmentation)],
-                                             self.scene, channel_names, ignore_unannotated)
-        try:
-            placed = folds.add_new_cases(dataset, commands.work_folder(dataset, work))
-        except (ValueError, OSError) as exc:  # the case is added; the engine places it when it trains
-            result.notes.append(f"the folds (splits_final.json) were not updated: {exc}")
-            placed = {}
-        return result, placed
+        self._refuse_if_running(self.dataset_job, "writing to the dataset")
+        prepared = dataset_export.prepare_export(dataset, [dataset_export.SceneCase(list(volumes), segmentation)],
+                                                 self.scene, channel_names, ignore_unannotated, terminology)
+        return _write_and_place(prepared, dataset, commands.work_folder(dataset, work))
+
+    def start_add_case(self, dataset, volumes: Sequence, segmentation, channel_names: Sequence[str] | None = None,
+                       ignore_unannotated: bool = False, work=None, terminology: dict | None = None) -> ThreadJob:
+        """Check the case and copy it out of the scene now; write its files and folds in a worker.
+
+        The job's ``result`` is (export result, {case: fold}). Refused while training runs (its
+        later folds would meet a case that was not preprocessed) or another case is being written.
+
+        Raises:
+            dataset_export.ExportError: the case cannot be added (nothing is written).
+        """
+        self._refuse_if_running(self.training, "training")
+        self._refuse_if_running(self.dataset_job, "writing to the dataset")
+        prepared = dataset_export.prepare_export(dataset, [dataset_export.SceneCase(list(volumes), segmentation)],
+                                                 self.scene, channel_names, ignore_unannotated, terminology)
+        work_folder = commands.work_folder(dataset, work)
+
+        def write(job):
+            return _write_and_place(prepared, dataset, work_folder, job)
+
+        self.dataset_job = ThreadJob(write, f"add case {prepared.items[0].case_id}", ["add-case"]).start()
+        return self.dataset_job
+
+    def remove_case(self, dataset, case_id: str) -> list[Path]:
+        """Delete a case's files; refused while training reads the dataset or a case is being written."""
+        self._refuse_if_running(self.training, "training")
+        self._refuse_if_running(self.dataset_job, "writing to the dataset")
+        return dataset_export.remove_case(dataset, case_id)
+
+    # -- packages --------------------------------------------------------------------------------
+    def start_install(self, requirements: Sequence[dependencies.Requirement]) -> Job:
+        """``pip install`` the given packages in a background process (torch excluded: the PyTorch
+        extension installs it)."""
+        self._refuse_if_running(self.dataset_job, "another background task")
+        self._refuse_if_running(self.training, "training")
+        step = dependencies.install_step(requirements)
+        self._counter += 1
+        self.dataset_job = Job(step.args, python=self.python, env=self.env, title=step.title, module="pip",
+                               events_protocol=False, log_path=self.log_dir / f"{self._counter:03d}-pip.log").start()
+        return self.dataset_job
 
     @staticmethod
     def _refuse_if_running(job, what: str) -> None:
         if job is not None and not job.finished:
             raise RuntimeError(f"{what} is still running; wait for it to finish or stop it first")
+
+
+def _write_and_place(prepared, dataset, work_folder, job=None) -> tuple[dataset_export.ExportResult, dict]:
+    result = dataset_export.write_export(prepared, job)
+    try:
+        placed = folds.add_new_cases(dataset, work_folder)
+    except (ValueError, OSError) as exc:  # the case is added; the engine places it when it trains
+        result.notes.append(f"the folds (splits_final.json) were not updated: {exc}")
+        placed = {}
+    return result, placed
 
 
 def _run_of(job: Job) -> list[str]:

@@ -14,6 +14,7 @@ file that looks like its result. A failing case is reported and the others still
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
 from AutoSegLib.imageio import file_ending, read_image, write_image
 from AutoSegLib.inference.probabilities import normalized_entropy
+from AutoSegLib.locks import lock_folder
 
 STAGE = "predict"
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -206,7 +208,7 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     Args:
         input_path: folder of ``{case}_{XXXX}{ending}`` files, or one image (single-channel model).
         output_path: output folder; for a single input file it may also be the label file's
-            own name (e.g. ``out/liver.nii.gz``).
+            own name (e.g. ``out/liver.nii.gz``), unless it ends in ``/`` or is a folder.
         model_dir: the model folder (or pass a ready ``predictor``).
         predictor_options: :meth:`Predictor.from_model_dir` arguments (configuration, folds,
             checkpoint, device, tta, step, batch_size).
@@ -223,6 +225,7 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     from AutoSegLib.inference.predictor import Predictor
 
     reporter = reporter or Reporter(quiet=True)
+    as_folder = str(output_path).endswith(("/", os.sep))  # a Path drops the trailing separator
     input_path, output_path = Path(input_path), Path(output_path)
     if predictor is None:
         if model_dir is None:
@@ -231,7 +234,8 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     cases, warnings = find_input_cases(input_path, predictor.model.n_channels)
     for warning in warnings:
         reporter.warning(STAGE, warning)
-    single_target = input_path.is_file() and file_ending(output_path) is not None
+    single_target = (input_path.is_file() and file_ending(output_path) is not None and not as_folder
+                     and not output_path.is_dir())
     input_folder = input_path if input_path.is_dir() else input_path.parent
     if not single_target and output_path.resolve() == input_folder.resolve():
         raise PredictionError(f"{output_path}: choose an output folder other than the input folder")
@@ -241,7 +245,8 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
         stages += f" ({predictor.choice.reason})"
     reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
                         f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
-    failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
+    with lock_folder(outputs[0].labels.parent, "writing predictions to this folder"):  # AutoSegLib/locks.py
+        failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:
         raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s):\n  "
                               + "\n  ".join(failures))

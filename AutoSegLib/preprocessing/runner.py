@@ -19,6 +19,7 @@ from AutoSegLib.dataset import Case
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
+from AutoSegLib.locks import lock_folders
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.case import PROPERTIES_VERSION, preprocess_case
@@ -112,6 +113,9 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
     # Plan order (3d_fullres before the cascade stage that shares its data), each name once.
     names = [n for n in plans.configurations if n in names]
     classes = sorted(dataset.spec.foreground_labels.values())
+    # One process per configuration folder (AutoSegLib/locks.py), all held before any case is written.
+    held = lock_folders(dict.fromkeys(preprocessed_folder(work_dir, n, plans) for n in names),
+                        "preprocessing this configuration")
     summary, failures, done_folders = {}, [], {}  # folder -> configuration that filled it
     for name in names:
         folder = preprocessed_folder(work_dir, name, plans)
@@ -141,6 +145,7 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
             results = run_tasks(preprocess_one, todo, num_processes, on_result)
         summary[name] = {"processed": sum(r.ok for r in results), "skipped": skipped,
                          "failed": sum(not r.ok for r in results), "folder": str(folder)}
+    held.close()
     if failures:
         # One line for one case (what a GUI shows as the reason); a list for several.
         separator = " " if len(failures) == 1 else "\n  "

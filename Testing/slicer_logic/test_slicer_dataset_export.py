@@ -77,8 +77,10 @@ def test_export_writes_the_layout_with_labels_by_name_and_exact_oblique_geometry
     folder = tmp_path / "DS"
     assert files_of(folder) == {"dataset.json", "imagesTr/Patient_7_CT_0000.nii.gz", "labelsTr/Patient_7_CT.nii.gz"}
     spec = json.loads((folder / "dataset.json").read_text())
+    terminology = spec.pop("terminology")
     assert spec == {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
                     "numTraining": 1, "file_ending": ".nii.gz"}
+    assert [terminology[n]["type"][1] for n in ("liver", "spleen")] == ["10200004", "78961009"]
     written, _ = read_image(folder / "imagesTr/Patient_7_CT_0000.nii.gz")
     label, _ = read_image(folder / "labelsTr/Patient_7_CT.nii.gz")
     assert np.array_equal(written, image) and written.dtype == image.dtype

@@ -49,7 +49,8 @@ def test_train_predict_review_add_and_fine_tune(work_copy, scene):
     assert np.allclose(volumes.ijk_to_ras(result.uncertainty), volumes.ijk_to_ras(volume))
     values = volumes.array_from_node(result.uncertainty)
     assert values.shape == volumes.array_from_node(volume).shape and 0 <= values.min() and values.max() <= 1
-    assert not os.path.exists(job.args[job.args.index("-i") + 1])  # the exported input is cleaned up
+    engine = job.find("predict")
+    assert not os.path.exists(engine.args[engine.args.index("-i") + 1])  # the exported input is cleaned up
     assert scene.GetNumberOfNodes() > nodes_before
 
     # the clinician corrects it (here: the ground truth stands in for the correction) and adds it

@@ -179,6 +179,40 @@ def test_extensions_index_entries():
         assert key in s4ext, key
 
 
+def cmake_settings() -> dict[str, str]:
+    """``set(NAME "value")`` of the top-level CMakeLists.txt, ``${NAME}`` references expanded."""
+    values = {}
+    for name, value in re.findall(r'^set\((EXTENSION_\w+)\s+"([^"]*)"\)', (REPO / "CMakeLists.txt").read_text(), re.M):
+        values[name] = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], value)
+    return values
+
+
+def test_extension_metadata_is_complete_and_consistent():
+    cmake = cmake_settings()
+    homepage = cmake["EXTENSION_HOMEPAGE"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", homepage), homepage
+    for name in ("EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+        assert cmake[name], f"{name} is empty"
+    for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # derived from the homepage, naming real files
+        for url in cmake[name].split():
+            assert url.startswith(f"{homepage}/raw/main/"), url
+            assert (REPO / url[len(f"{homepage}/raw/main/"):]).is_file(), url
+    assert cmake["EXTENSION_DEPENDS"] == "PyTorch"
+    folder = REPO / "Resources" / "ExtensionsIndex"
+    entry = json.loads((folder / "AutoSeg.json").read_text())
+    assert entry["scm_url"] == f"{homepage}.git" and entry["build_dependencies"] == ["PyTorch"]
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"]
+    s4ext = dict((line.split(" ", 1) + [""])[:2] for line in (folder / "AutoSeg.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    assert s4ext["scmurl"] == entry["scm_url"] and s4ext["homepage"] == homepage
+    assert s4ext["depends"] == "PyTorch" and s4ext["iconurl"] == cmake["EXTENSION_ICONURL"]
+    assert s4ext["screenshoturls"].strip() == cmake["EXTENSION_SCREENSHOTURLS"]
+    assert s4ext["category"] == cmake["EXTENSION_CATEGORY"] and s4ext["description"] == cmake["EXTENSION_DESCRIPTION"]
+    assert s4ext["contributors"] == cmake["EXTENSION_CONTRIBUTORS"]
+    for text in [json.dumps(entry), (folder / "AutoSeg.s4ext").read_text(), (REPO / "CMakeLists.txt").read_text()]:
+        assert "REPLACE-WITH" not in text
+
+
 def test_the_logic_package_never_imports_qt():
     for path in (MODULE_DIR / "AutoSegLogic").glob("*.py"):
         imported = set()
