@@ -21,8 +21,16 @@ from test_training_checkpoint import make_state
 from AutoSegLib.plan_dataset import plan_dataset
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import preprocess_dataset
-from AutoSegLib.training.checkpoint import (CHECKSUM_KEY, LATEST, CheckpointError, content_checksum,
-                                            find_resume_checkpoint, load_checkpoint, previous_path, save_checkpoint)
+from AutoSegLib.training.checkpoint import (
+    CHECKSUM_KEY,
+    LATEST,
+    CheckpointError,
+    content_checksum,
+    find_resume_checkpoint,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from AutoSegLib.training.data import PatchSampler, SampleError, batch_rng, make_batch
 
 
@@ -200,7 +208,7 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_damage
 
     dataset, work = preprocessed
     work = Path(shutil.copytree(work, tmp_path / "work"))
-    options = dict(epochs=2, iterations_per_epoch=1, num_workers=0, device="cpu", checkpoint_every_epochs=1)
+    options = {"epochs": 2, "iterations_per_epoch": 1, "num_workers": 0, "device": "cpu", "checkpoint_every_epochs": 1}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny network on a shared machine
     try:

@@ -24,9 +24,14 @@ from AutoSegLib.fileutil import write_json
 from AutoSegLib.imageio import Geometry, write_image
 from AutoSegLib.inference import ModelFolderError
 from AutoSegLib.inference.model import ModelFolder
-from AutoSegLib.planning import Plans, PlanningError, plan
-from AutoSegLib.planning.validate import (MAX_ACTIVATIONS, MAX_PARAMETERS, configuration_problems, network_size,
-                                          plans_problems)
+from AutoSegLib.planning import PlanningError, Plans, plan
+from AutoSegLib.planning.validate import (
+    MAX_ACTIVATIONS,
+    MAX_PARAMETERS,
+    configuration_problems,
+    network_size,
+    plans_problems,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_JSON = {"channel_names": {"0": "MR0"}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
@@ -147,8 +152,8 @@ def test_predict_in_a_new_process_refuses_a_plans_file_holding_a_list(tmp_path):
     model = model_folder(tmp_path, [1, 2])
     (tmp_path / "in").mkdir()
     result = subprocess.run([sys.executable, "-m", "AutoSegLib", "predict", "-i", str(tmp_path / "in"), "-o",
-                             str(tmp_path / "out"), "-m", str(model)], capture_output=True, text=True, cwd=REPO,
-                            timeout=120)
+                             str(tmp_path / "out"), "-m", str(model)], check=False, capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert_one_line(result.stderr.strip().splitlines()[-1], str(model / "plans.json"), "(top level)", "[1, 2]",

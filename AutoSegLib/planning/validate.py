@@ -17,8 +17,10 @@ feature limit alone, because a wide bottleneck costs weights and a wide first st
 activations.
 
 Example:
-    >>> plans_problems({"version": 1, "configurations": []})[:1]
-    ["configurations: []: must be an object {name: configuration}"]
+    >>> plans_problems([1, 2])
+    ['(top level): [1, 2]: must be a JSON object, not a list']
+    >>> configuration_problems("2d", {**config, "spacing": [0.0, 1.0]})  # doctest: +SKIP
+    ['configurations.2d.spacing: [0.0, 1.0]: entries must be finite numbers from 1e-06 to 1e+06']
 """
 
 from __future__ import annotations
@@ -301,8 +303,8 @@ def size_problems(key: str, config: dict, n_channels: int, n_classes: int) -> li
         return [_problem(f"{key}.features_per_stage", config["features_per_stage"],
                          f"the network would have {weights:.3g} weights (limit {MAX_PARAMETERS:.0e})")]
     if activations > MAX_ACTIVATIONS:
-        return [f"{key}: {what}: a training batch would hold {activations:.3g} activations "
-                f"({activations * 4 / 1e9:,.0f} GB in float32; limit {MAX_ACTIVATIONS:.0e})"]
+        return [(f"{key}: {what}: a training batch would hold {activations:.3g} activations "
+                 f"({activations * 4 / 1e9:,.0f} GB in float32; limit {MAX_ACTIVATIONS:.0e})")]
     return []
 
 
