@@ -176,6 +176,7 @@ def _inspect(job: CaseJob, keep: bool) -> tuple[CaseResult, list[np.ndarray], np
             array = _read_voxels(path, out)
             if keep:
                 channels.append(array)
+            del array  # verify holds one file at a time
     if job.label is not None and headers[job.label] is not None:
         label = _check_label_voxels(headers[job.label], out)
     return CaseResult(out.problems, reference), channels, (label if keep else None)

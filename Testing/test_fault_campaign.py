@@ -437,6 +437,11 @@ def under_a_file(ctx: Ctx, name: str) -> Path:
     return bad_file(ctx, "occupied", "a file, not a folder") / name
 
 
+def hidden_copy(ctx: Ctx) -> Path:
+    shutil.copy(ctx.ds / IMAGE, ctx.ds / "imagesTr/._case_1_0000.nii.gz")
+    return ctx.ds
+
+
 PREDICT = ["predict", "-c", "3d_fullres", "-f", "all", "--no-tta", "--device", "cpu"]
 
 
@@ -499,6 +504,8 @@ COMMAND_FAULTS: dict[str, Row] = {
     "train_not_preprocessed": Row(lambda c: ["train", c.ds, "3d_fullres", "all", "-w", c.planned, "--epochs", "1",
                                              "--iterations-per-epoch", "1", "--num-workers", "0", "--device", "cpu",
                                              "--no-validation"], 1, ("preprocess",)),
+    "train_dataset_with_a_hidden_image": Row(lambda c: ["train", hidden_copy(c), "3d_fullres", "all", "-w", c.planned],
+                                             1, ("._case_1_0000.nii.gz", "hidden")),
     "train_missing_dataset": Row(lambda c: ["train", c.tmp / "nowhere", "3d_fullres", "0", "-w", c.planned], 1,
                                  ("nowhere",)),
     # predict
@@ -558,6 +565,8 @@ COMMAND_FAULTS: dict[str, Row] = {
                                                 xfail="AutoSegLib/evaluation/: a prediction holding a value that is "
                                                       "not a label is scored silently (exit 0); it should be refused "
                                                       "naming the file and the value, as verify does for labels"),
+    "evaluate_output_under_a_file": Row(lambda c: ["evaluate", predictions(c), c.ds / "labelsTr", "-o",
+                                                   under_a_file(c, "summary.json")], 1, ("occupied",)),
     "evaluate_labels_file_not_json": Row(lambda c: ["evaluate", predictions(c), c.ds / "labelsTr", "--labels",
                                                     bad_file(c, "labels.json", "[1, 2")], 1, ("labels.json",)),
     # make-phantoms
