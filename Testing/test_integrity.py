@@ -245,3 +245,19 @@ def test_preprocess_redoes_a_case_whose_array_has_a_flipped_byte(preprocessed, t
     assert (summary["processed"], summary["skipped"]) == (1, 2)
     assert p["seg"].read_bytes() == good  # redone: the same label map as before the damage
     assert storage.open_case(folder, "case_1").seg.shape[1:] == storage.open_case(folder, "case_1").data.shape[1:]
+
+
+def test_prediction_refuses_a_damaged_checkpoint_naming_it(tmp_path):
+    from test_inference_predictor import make_model_folder
+
+    from AutoSegLib.inference import ModelCheckpointError
+    from AutoSegLib.inference.model import ModelFolder
+
+    model = make_model_folder(tmp_path, folds=(0,))
+    path = model / "3d_fullres" / "fold_0" / "checkpoint_final.pt"
+    offset, size = tensor_record_offset(path)
+    flip_bytes(path, offset + size // 2, 4)
+    folder = ModelFolder.open(model)
+    assert folder.load_weights("2d", 0, "final")  # the undamaged one loads
+    with pytest.raises(ModelCheckpointError, match=rf"{path}: damaged"):
+        folder.load_weights("3d_fullres", 0, "final")
