@@ -19,7 +19,6 @@ import numpy as np
 
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.imageio import Geometry, ImageHeader, NonFiniteVoxelsError, read_header, read_image
-from AutoSegLib.preprocessing.slabs import slabs
 
 # Tolerances for "the label lies on the image grid". NIfTI stores spacing, origin and the
 # direction (as a quaternion) in float32, so files written by different tools from the same
@@ -35,6 +34,9 @@ ORTHONORMAL_ATOL = 1e-3  # max |D @ D.T - I|
 # clinical CT and MR lie well inside it. Only a warning: micro-CT legitimately goes below.
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 _MAX_LISTED = 12  # values listed in one message before "..."
+# Label values are gathered this many voxels at a time, so the check's memory is a few MiB
+# whatever the volume (np.unique of a whole 400x512x512 label would sort a full copy).
+_SLAB_VOXELS = 1 << 22
 # Bump when a check is added, so fingerprints made before it are not reused unchecked.
 CHECKS_VERSION = 2
 
@@ -291,9 +293,15 @@ def _check_label_voxels(header: ImageHeader, out: _Findings) -> np.ndarray | Non
     return array
 
 
+def _slabs(shape) -> list[slice]:
+    """Slices along axis 0 of about ``_SLAB_VOXELS`` voxels each (checks sit below preprocessing.slabs)."""
+    step = max(1, _SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
+    return [slice(z, z + step) for z in range(0, shape[0], step)]
+
+
 def _distinct_values(array: np.ndarray) -> np.ndarray:
     """Sorted distinct values, a slab at a time: memory is bounded by a slab, never by a value."""
-    parts = [np.unique(array[s]) for s in slabs(array.shape)]
+    parts = [np.unique(array[s]) for s in _slabs(array.shape)]
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, array.dtype)
 
 
@@ -304,7 +312,7 @@ def _whole_values_of_float_label(array: np.ndarray, values: np.ndarray, header: 
     values = values[np.isfinite(values)]  # read_image has already refused non-finite voxels
     fractional = values[values != np.round(values)]
     if fractional.size:
-        count = sum(int(np.count_nonzero(array[s] != np.round(array[s]))) for s in slabs(array.shape))
+        count = sum(int(np.count_nonzero(array[s] != np.round(array[s]))) for s in _slabs(array.shape))
         examples = ", ".join(f"{v:g}" for v in fractional[:5])
         out.error("label_type", path, f"label has float pixel type ({header.pixel_type}) and {count} "
                                       f"voxel(s) with non-integer values (e.g. {examples}); labels must be whole "
