@@ -306,6 +306,22 @@ def broken(base, tmp_path) -> Callable[[str], Path]:
     return make
 
 
+# -- controls: what the rows break is otherwise sound ----------------------------------------------
+def test_the_base_dataset_passes_every_entry(base, tmp_path, capsys):
+    root = Path(shutil.copytree(base, tmp_path / NAME))
+    assert run(["verify", root, "-np", "1"], capsys, tmp_path).code == 0
+    outcome = run(["plan-and-preprocess", root, "-np", "1", "-c", "3d_fullres"], capsys, tmp_path)
+    assert outcome.code == 0 and not outcome.errors, outcome
+
+
+def test_2d_images_saved_as_one_slice_volumes_plan_as_the_message_advises(tmp_path, capsys):
+    cases = {f"case_{i}": box_case(shape=(1, 32, 32), box=((0, 1), (8, 24), (8, 24)), seed=i) for i in range(3)}
+    root = write_dataset(tmp_path / NAME, cases, geometry=GEOMETRY)
+    assert run(["verify", root, "-np", "1"], capsys, tmp_path).code == 0
+    outcome = run(["plan-and-preprocess", root, "-np", "1"], capsys, tmp_path)
+    assert outcome.code == 0 and f"{NAME}.autoseg/preprocessed/2d/case_0.json" in outcome.new_files, outcome
+
+
 # -- verify and plan-and-preprocess over every broken dataset --------------------------------------
 @pytest.mark.parametrize("fault", DATASET_FAULTS)
 @pytest.mark.parametrize("command", ["verify", "plan-and-preprocess"])
