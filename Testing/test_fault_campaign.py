@@ -248,14 +248,14 @@ DATASET_FAULTS: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
 
 
 # -- running a command -------------------------------------------------------------------------
-@dataclass
+@dataclass(repr=False)
 class Outcome:
     code: int
     errors: list[str]  # messages of the "error" events
     stderr: str
     new_files: list[str] = field(default_factory=list)  # relative to the row's folder
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:  # what a failed assertion shows
         return f"exit {self.code}; errors: {self.errors}; new files: {self.new_files}; stderr:\n{self.stderr[-3000:]}"
 
 
