@@ -166,7 +166,7 @@ def _pid_alive(pid: int) -> bool:
 
 def busy_message(folder: Path, holder: dict | None, doing: str) -> str:
     """``FOLDER: another autoseg (pid P, started T) is DOING; wait for it or stop it``."""
-    if not holder or "pid" not in holder:
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):  # unreadable, or not ours
         return f"{folder}: another autoseg process is {doing}; wait for it or stop it"
     who = f"pid {holder['pid']}"
     if holder.get("host") and holder["host"] != socket.gethostname():
@@ -174,7 +174,7 @@ def busy_message(folder: Path, holder: dict | None, doing: str) -> str:
     with contextlib.suppress(TypeError, ValueError):
         who += f", started {datetime.fromisoformat(holder['started']).strftime('%Y-%m-%d %H:%M:%S')}"
     note = ""
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"])):
+    if holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"]):
         note = " (that process has ended; its worker processes are still finishing)"
     return f"{folder}: another autoseg ({who}) is {holder.get('doing', doing)}{note}; wait for it or stop it"
 
