@@ -202,7 +202,8 @@ def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs],
 
 def predict_files(input_path: str | Path, output_path: str | Path, model_dir: str | Path | None = None,
                   predictor=None, save_probabilities: bool = False, uncertainty: bool = False,
-                  reporter: Reporter | None = None, **predictor_options) -> dict:
+                  reporter: Reporter | None = None, strict: bool = False, available_memory: int | None = None,
+                  **predictor_options) -> dict:
     """Predict a folder of cases (or one file) into ``output_path``.
 
     Args:
@@ -210,6 +211,8 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
         output_path: output folder; for a single input file it may also be the label file's
             own name (e.g. ``out/liver.nii.gz``), unless it ends in ``/`` or is a folder.
         model_dir: the model folder (or pass a ready ``predictor``).
+        strict, available_memory: refuse instead of warning when the memory or disk estimate
+            does not fit; bytes to compare with (default: measured). See :mod:`.memory`.
         predictor_options: :meth:`Predictor.from_model_dir` arguments (configuration, folds,
             checkpoint, device, tta, step, batch_size).
 
@@ -245,6 +248,11 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
         stages += f" ({predictor.choice.reason})"
     reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
                         f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
+    from AutoSegLib.inference.memory import check_prediction_resources
+
+    # Before any case: the output folder writable with room, the largest case's memory told.
+    check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
+                               available_memory)
     with lock_folder(outputs[0].labels.parent, "writing predictions to this folder"):  # AutoSegLib/locks.py
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:

@@ -26,6 +26,7 @@ from AutoSegLib.preprocessing.case import PROPERTIES_VERSION, preprocess_case
 from AutoSegLib.preprocessing.sampling import MAX_LOCATIONS_PER_CLASS, MIN_FRACTION, sample_foreground_locations
 from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CaseJob, read_case
+from AutoSegLib.resources import check_preprocess_resources
 from AutoSegLib.workers import run_tasks
 from AutoSegLib.names import PLANS_FILE  # noqa: F401 (re-exported)
 
@@ -91,7 +92,8 @@ def preprocess_one(case: CaseJob, config: dict, transpose: list[int], intensity:
 
 
 def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configurations: list[str] | None = None,
-                       num_processes: int = 2, reporter: Reporter | None = None) -> dict:
+                       num_processes: int = 2, reporter: Reporter | None = None, strict: bool = False,
+                       available_memory: int | None = None) -> dict:
     """Preprocess the training cases for the chosen configurations (default: all planned).
 
     Returns per configuration the counts of cases processed and skipped as current.
@@ -116,6 +118,9 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
     # One process per configuration folder (AutoSegLib/locks.py), all held before any case is written.
     held = lock_folders(dict.fromkeys(preprocessed_folder(work_dir, n, plans) for n in names),
                         "preprocessing this configuration")
+    # Memory and disk told before any case; strict: refused when they do not fit (AutoSegLib/resources.py).
+    check_preprocess_resources(dataset.cases, {n: (plans.configurations[n].to_dict(), preprocessed_folder(
+        work_dir, n, plans)) for n in names}, plans.transpose_forward, num_processes, reporter, strict, available_memory)
     summary, failures, done_folders = {}, [], {}  # folder -> configuration that filled it
     for name in names:
         folder = preprocessed_folder(work_dir, name, plans)

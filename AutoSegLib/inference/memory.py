@@ -1,0 +1,302 @@
+"""Peak memory of predicting one case, from the plans and the image header alone; checks before predicting.
+
+:func:`estimate_prediction` counts the arrays the code path of :mod:`.predictor` keeps alive,
+phase by phase, for a case of ``N0`` voxels resampled to ``N1`` (per configuration), ``K``
+classes and ``C`` channels (bytes; CPU, where the accumulators are float32):
+
+=================  ===================================================================================
+read               the channels as read (``C*N0*b``) and ITK's copy of one of them
+preprocess         inputs, nonzero mask ``N0``, float32 scratch ``N0*4`` (if resampled), data ``C*N1*4``
+sliding window     inputs, data, weights ``N1*4``, logits ``K*N1*4``, [fold sum ``K*N1*4``],
+                   one batch of windows through the network (``ACTIVATIONS * batch * patch * f0 * 4``)
+softmax            inputs, data, logits, probabilities ``K*N1*4``, [fold sum]
+restore            inputs, fold mean ``K*N1*4``, probabilities on the input grid ``K*N0*4``
+labels             inputs, probabilities ``K*N0*4``, numpy's argmax copy of them ``K*N0*4`` (it moves
+                   the class axis last, contiguous), the int64 argmax ``N0*8``
+outputs            labels ``N0``, ITK's copy ``N0``; with probabilities kept ``K*N0*4``, their float16
+                   copy for the ``.npz`` ``K*N0*2``; uncertainty ``N0*4`` and two float32 temporaries
+=================  ===================================================================================
+
+An ensemble of two configurations holds the first one's ``K*N0*4`` through the second; a
+cascade's first stage runs as above and leaves its labels (``N0``) and their one-hot
+(``(K-1)*N1*4``) to the second. No cropping is assumed (headers do not say where the body is).
+
+On a 600x600x600 int16 CT with ``3d_cpu`` and 6 classes (N1 = 334x385x385) the labels phase
+peaks: 5.2 + 5.2 + 1.7 GB above 0.4 of input: the input grid, not the network, decides. Measured
+against ``/usr/bin/time -v`` in BENCHMARKS.md ("Memory estimate").
+
+Example:
+    >>> config = {"spacing": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "features_per_stage": [16, 32]}
+    >>> estimate = estimate_prediction({"3d": config}, ["3d"], n_classes=3, shape=(300, 300, 300),
+    ...                                spacing=(1.0, 1.0, 1.0), transpose_forward=[0, 1, 2])
+    >>> estimate.phase
+    'labels'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from AutoSegLib.resources import MemoryEstimate, planning_shape, peak_of
+
+# Peak bytes of one forward pass per (window voxel x first-stage feature x 4 bytes): 5.7-7.3 for
+# the phantom plans' 3D networks, 8.1-9.5 for 2D (measured with a fresh process's VmHWM around
+# predict_window_batch, TTA on and off); the larger value is taken.
+ACTIVATIONS = 9.5
+# What a process holds before predicting: Python, numpy, scipy, SimpleITK and torch imported
+# (329 MiB measured with AutoSeg's imports); the model's weights come on top (:func:`model_bytes`).
+BASE_PROCESS = 330 << 20
+CPU_BATCH_VOXELS = 2 ** 17  # as AutoSegLib.inference.predictor (not imported: it imports torch)
+
+
+def default_batch(config: Mapping, device: str = "cpu") -> int:
+    """Windows per forward pass as :func:`AutoSegLib.inference.predictor.default_batch_size` picks them."""
+    if device == "cuda":
+        return max(1, int(config.get("batch_size", 1)))
+    return max(1, CPU_BATCH_VOXELS // math.prod(int(p) for p in config["patch_size"]))
+
+
+def model_bytes(n_parameters: int, folds: int = 1) -> int:
+    """The network's float32 weights plus one state dict kept per fold."""
+    return 4 * int(n_parameters) * (1 + int(folds))
+
+
+def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, n_channels: int, n_classes: int,
+                  shape, spacing, transpose, folds: int, tta: bool, batch_size: int | None, device: str) -> list:
+    """Phases of one configuration (and its cascade's first stage, first); ``held`` is alive throughout."""
+    config = configurations[name]
+    phases = []
+    cascade = config.get("previous_stage")
+    n0 = math.prod(int(s) for s in shape)
+    k = n_classes
+    if cascade:
+        phases += _stage_phases(cascade, configurations, held, n_channels, n_classes, shape, spacing, transpose,
+                                folds, tta, batch_size, device)
+        phases.append((f"{cascade} labels", {**held, "probabilities": k * n0 * 4, "argmax copy": k * n0 * 4,
+                                            "argmax (int64)": n0 * 8}))
+        held = {**held, f"{cascade} labels": n0}
+    shape_t, new_shape = planning_shape(shape, spacing, config, transpose)
+    n1 = math.prod(new_shape)
+    resample = tuple(new_shape) != tuple(shape_t)
+    channels = n_channels + ((k - 1) if cascade else 0)
+    patch = [int(p) for p in config["patch_size"]]
+    lead = len(new_shape) - len(patch)
+    padded = list(new_shape[:lead]) + [max(s, p) for s, p in zip(new_shape[lead:], patch)]
+    n1p = math.prod(padded)
+    data = {"data (float32)": channels * n1 * 4}
+    if n1p != n1:
+        data["padded data"] = channels * n1p * 4
+    phases.append((f"{name} preprocess", {**held, "nonzero mask": n0, "scratch (float32)": n0 * 4 * resample,
+                                          "data (float32)": n_channels * n1 * 4}))
+    if cascade:
+        phases.append((f"{name} one-hot", {**held, "data (float32)": n_channels * n1 * 4,
+                                           "one-hot": (k - 1) * n1 * 4, "data with one-hot": channels * n1 * 4}))
+    network = {"network (one batch)": network_bytes(config, channels, k, batch_size, tta, device)}
+    fold_sum = {"fold sum": k * n1 * 4} if folds > 1 else {}
+    if device == "cpu":  # elsewhere the accumulators live in the device's memory, not here
+        phases.append((f"{name} sliding window", {**held, **data, "weights": n1p * 4, "logits": k * n1p * 4,
+                                                  **fold_sum, **network}))
+        phases.append((f"{name} softmax", {**held, **data, "logits": k * n1p * 4, "probabilities": k * n1 * 4,
+                                           **fold_sum}))
+    else:
+        phases.append((f"{name} sliding window", {**held, **data, **network}))
+    phases.append((f"{name} restore", {**held, "fold mean": k * n1 * 4, "probabilities (input grid)": k * n0 * 4,
+                                       **_retained(network["network (one batch)"])}))
+    return phases
+
+
+def _retained(network: float) -> dict:
+    # The network's activations are many allocations below glibc's mmap threshold: freed, they
+    # stay in the heap, so the process keeps about one batch's worth until it ends (measured:
+    # RSS after the sliding window 100 MiB above its arrays for a 65 MiB batch of 3d_cpu).
+    return {"retained by the allocator": network}
+
+
+def network_bytes(config: Mapping, channels: int, n_classes: int, batch_size: int | None = None, tta: bool = True,
+                  device: str = "cpu") -> float:
+    """Peak of one forward pass of a batch of windows (TTA: a flipped copy in, a flipped one out)."""
+    batch = batch_size or default_batch(config, device)
+    window = math.prod(int(p) for p in config["patch_size"])
+    features = int((config.get("features_per_stage") or [32])[0])
+    return ACTIVATIONS * batch * window * features * 4 + batch * (channels + n_classes) * window * 4 * bool(tta)
+
+
+def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[str], n_classes: int, shape,
+                        spacing, transpose_forward, n_channels: int = 1, input_bytes: int = 2, folds: int = 1,
+                        tta: bool = True, batch_size: int | None = None, save_probabilities: bool = False,
+                        uncertainty: bool = False, postprocessing: bool = False, device: str = "cpu",
+                        base: int = BASE_PROCESS) -> MemoryEstimate:
+    """Peak memory of :meth:`Predictor.predict` plus writing the outputs, for one case.
+
+    Args:
+        configurations: the plans' configurations (a cascade's first stage is looked up here).
+        names: the configuration(s) predicted (two: an ensemble).
+        n_classes: classes including background (K).
+        shape, spacing: the image's, (z, y, x), as its header gives them.
+        transpose_forward: the plans' axis order.
+        input_bytes: bytes per voxel of the image as read (2 for int16 CT).
+        folds: folds per configuration; tta, batch_size: as the predictor's.
+        save_probabilities, uncertainty, postprocessing: what happens after the argmax.
+        device: where the network and its accumulators run (``cpu`` or a GPU type).
+        base: the process before predicting (default :data:`BASE_PROCESS`; add :func:`model_bytes`).
+    """
+    n0 = math.prod(int(s) for s in shape)
+    k = int(n_classes)
+    inputs = {"inputs": n_channels * n0 * input_bytes}
+    phases = [("read", {"inputs": (n_channels + 1) * n0 * input_bytes})]
+    held = dict(inputs)
+    for i, name in enumerate(names):
+        phases += _stage_phases(name, configurations, held, n_channels, k, shape, spacing, transpose_forward,
+                                folds, tta, batch_size, device)
+        if i == 0 and len(names) > 1:
+            held = {**inputs, "ensemble sum": k * n0 * 4}
+    probabilities = {"probabilities (input grid)": k * n0 * 4}
+    inputs.update(_retained(max(network_bytes(configurations[name], n_channels, k, batch_size, tta, device)
+                                for name in names)))
+    phases.append(("labels", {**inputs, **probabilities, "argmax copy": k * n0 * 4, "argmax (int64)": n0 * 8}))
+    if postprocessing:
+        phases.append(("postprocessing", {**inputs, **probabilities, "labels": n0, "components": n0 * 9}))
+    kept = probabilities if (save_probabilities or uncertainty) else {}
+    if uncertainty:
+        phases.append(("uncertainty", {**kept, "labels": n0, "entropy": n0 * 4, "temporaries": n0 * 8}))
+    # Written one at a time, each through one copy: ITK's of an image, the float16 one of the .npz.
+    writer = max(n0 * (4 if uncertainty else 1), k * n0 * 2 * bool(save_probabilities))
+    phases.append(("outputs", {**kept, "labels": n0, "uncertainty": n0 * 4 * bool(uncertainty),
+                               "writer copy": writer}))
+    return peak_of(phases, base)
+
+
+# -- before `autoseg predict` starts -------------------------------------------------------------
+def output_bytes(n_voxels: int, n_classes: int, save_probabilities: bool, uncertainty: bool) -> int:
+    """Upper bound of one case's output files: uncompressed label, float16 probabilities, float32 uncertainty."""
+    header = 4096
+    labels = n_voxels * (1 if n_classes <= 256 else 2) + header
+    return labels + save_probabilities * (n_classes * n_voxels * 2 + header) + uncertainty * (n_voxels * 4 + header)
+
+
+def predictor_estimate(predictor, shape, spacing, input_bytes: int, save_probabilities: bool = False,
+                       uncertainty: bool = False, **changes) -> MemoryEstimate:
+    """:func:`estimate_prediction` for a loaded :class:`~AutoSegLib.inference.predictor.Predictor`.
+
+    ``changes`` override what the predictor would do (``names``, ``folds``, ``save_probabilities``
+    ...), to tell what a different command line would need.
+    """
+    from AutoSegLib.inference.predictor import wants_postprocessing
+
+    configurations = {}
+    for stage in predictor.stages:
+        while stage is not None:
+            configurations[stage.name] = stage.config
+            stage = stage.previous
+    configurations.update(changes.pop("configurations", {}))
+    parameters = sum(p.numel() for s in predictor.stages for p in s.network.parameters())
+    folds = max(len(s.weights) for s in predictor.stages)
+    options = dict(configurations=configurations, names=[s.name for s in predictor.stages],
+                   n_classes=predictor.model.n_classes, shape=shape, spacing=spacing,
+                   transpose_forward=predictor.model.plans.transpose_forward, n_channels=predictor.model.n_channels,
+                   input_bytes=input_bytes, folds=folds, tta=predictor.tta, batch_size=predictor.batch_size,
+                   save_probabilities=save_probabilities, uncertainty=uncertainty,
+                   postprocessing=wants_postprocessing(predictor.postprocessing), device=predictor.device.type,
+                   base=BASE_PROCESS + model_bytes(parameters, folds))
+    options.update(changes)
+    return estimate_prediction(**options)
+
+
+def _header(path):
+    from AutoSegLib.imageio import read_header
+
+    try:
+        return read_header(path)
+    except OSError:
+        return None  # the case fails when it is read, and is reported there with its cause
+
+
+def check_prediction_resources(predictor, cases, outputs, save_probabilities: bool = False, uncertainty: bool = False,
+                               reporter=None, strict: bool = False, available: int | None = None,
+                               stage: str = "predict") -> MemoryEstimate | None:
+    """Before any case is predicted: prove the output folder writable, check its disk has room for
+    every output, and tell the largest case's peak memory against what is available.
+
+    Args:
+        cases, outputs: :func:`AutoSegLib.inference.files.find_input_cases`'s cases and their paths.
+        available: bytes of memory to compare with (default: :func:`~AutoSegLib.resources.available_memory`).
+        strict: refuse (raise) instead of warning when memory or disk look too small.
+
+    Returns:
+        The largest case's estimate (None when no header could be read).
+
+    Raises:
+        ResourceError: the output folder is read-only or its disk full; with ``strict``, also
+            when the estimates do not fit.
+    """
+    from AutoSegLib.events import Reporter
+    from AutoSegLib.resources import (available_memory, check_disk, check_memory, check_writable, format_bytes,
+                                      pixel_bytes)
+
+    reporter = reporter or Reporter(quiet=True)
+    folder = outputs[0].labels.parent
+    check_writable(folder)
+    headers = [(case, _header(case.images[0])) for case in cases]
+    headers = [(case, paths, h) for (case, h), paths in zip(headers, outputs) if h is not None]
+    k = predictor.model.n_classes
+    needed = sum(output_bytes(math.prod(h.shape), k, save_probabilities, uncertainty) for _, _, h in headers)
+    needed -= sum(p.stat().st_size for _, paths, _ in headers for p in paths.all() if p.is_file())  # replaced
+    warning = check_disk(folder, needed, f"the outputs of {len(headers)} case(s)", strict)
+    if warning:
+        reporter.warning(stage, warning)
+    if not headers:
+        return None
+    sized = [(predictor_estimate(predictor, h.shape, h.geometry.spacing, pixel_bytes(h.pixel_type, h.components),
+                                 save_probabilities, uncertainty), case, h) for case, _, h in headers]
+    estimate, case, header = max(sized, key=lambda item: item[0].peak)
+    available = available_memory() if available is None else available
+    shape = "x".join(map(str, header.shape))
+    known = f"{format_bytes(available)} available" if available is not None else "available memory unknown"
+    reporter.log(stage, f"Memory: the largest case, '{case.case_id}' ({shape}), needs about "
+                        f"{format_bytes(estimate.peak)} at its peak ({estimate.describe()}); {known}",
+                 case=case.case_id, estimate_bytes=estimate.peak, added_bytes=estimate.added,
+                 available_bytes=available)
+    advice = _advice(predictor, estimate, header, save_probabilities, uncertainty)
+    warning = check_memory(estimate, available, f"Predicting case '{case.case_id}' ({shape})", advice, strict)
+    if warning:
+        reporter.warning(stage, warning, case=case.case_id)
+    return estimate
+
+
+def _advice(predictor, estimate: MemoryEstimate, header, save_probabilities: bool, uncertainty: bool) -> str:
+    """What would lower the peak, each with its estimate; and what would not."""
+    from AutoSegLib.resources import format_bytes, pixel_bytes
+
+    def added(**changes) -> int:
+        options = dict(save_probabilities=save_probabilities, uncertainty=uncertainty)
+        options.update(changes)
+        return predictor_estimate(predictor, header.shape, header.geometry.spacing,
+                                  pixel_bytes(header.pixel_type, header.components), **options).added
+
+    candidates = []
+    if save_probabilities or uncertainty:
+        candidates.append(("without --save-probabilities and --uncertainty",
+                           dict(save_probabilities=False, uncertainty=False)))
+    if max(len(s.weights) for s in predictor.stages) > 1:
+        candidates.append(("one fold (-f 0)", dict(folds=1)))
+    model, names = predictor.model, [s.name for s in predictor.stages]
+    for name in model.plans.configurations:
+        if (len(names) > 1 and name in names) or (name not in names and model.trained_folds(name)):
+            try:
+                configurations = {n: model.configuration(n) for n in model.plans.configurations}
+            except Exception:  # noqa: BLE001 - a broken other configuration is simply not suggested
+                continue
+            candidates.append((f"-c {name}", dict(names=[name], configurations=configurations)))
+    levers = []
+    for text, changes in candidates:
+        lower = added(**changes)
+        if lower < 0.95 * estimate.added:
+            levers.append(f"{text}: {format_bytes(lower)}")
+    n0, k = math.prod(header.shape), model.n_classes
+    grid = 2 * k * n0 * 4 + n0 * 8
+    advice = ("What lowers it: " + "; ".join(levers) + ". ") if levers else ""
+    advice += (f"Of the estimate, {format_bytes(grid)} is the {k} class probabilities on the input grid (and their "
+               "argmax), whatever the configuration: crop the image to the region of interest or resample it "
+               "coarser, or use a machine with more memory. --step and --no-tta change the time, not the memory.")
+    return advice
