@@ -115,7 +115,7 @@ def _key(folder: Path) -> str:
 def _open_locked(path: Path) -> int | None:
     """Open and lock ``path`` (created if missing); None when another process holds it."""
     for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)  # O_BINARY: Windows
         if not _try_lock(fd):
             os.close(fd)
             return None
