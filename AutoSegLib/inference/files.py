@@ -248,12 +248,14 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
         stages += f" ({predictor.choice.reason})"
     reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
                         f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
+    # One process per output folder (AutoSegLib/locks.py), before the resource check's probe file.
+    held = lock_folder(outputs[0].labels.parent, "writing predictions to this folder")
     from AutoSegLib.inference.memory import check_prediction_resources
 
     # Before any case: the output folder writable with room, the largest case's memory told.
     check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
                                available_memory)
-    with lock_folder(outputs[0].labels.parent, "writing predictions to this folder"):  # AutoSegLib/locks.py
+    with held:
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:
         raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s):\n  "
