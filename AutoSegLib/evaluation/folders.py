@@ -51,8 +51,21 @@ def evaluate_case(pred_path: Path, ref_path: Path, labels: dict[str, int], toler
     pred, pred_geometry = read_image(pred_path)
     ref, ref_geometry = read_image(ref_path)
     check_same_grid(pred_path, pred.shape, pred_geometry, ref_path, ref.shape, ref_geometry)
+    check_declared_values(pred_path, pred, labels, "prediction")
     metrics = case_metrics(pred, ref, labels, ref_geometry.spacing, labels.get(IGNORE_LABEL_NAME), tolerance_mm)
     return {"case": _case_id(ref_path), "prediction": str(pred_path), "reference": str(ref_path), "metrics": metrics}
+
+
+def check_declared_values(path: Path, labels_array: np.ndarray, labels: dict[str, int], what: str) -> None:
+    """A value the labels do not declare means a label file of another dataset or model: scoring
+    it would silently count its voxels as background."""
+    found = np.unique(labels_array)
+    undeclared = sorted(int(v) for v in found if int(v) not in set(labels.values()))
+    if undeclared:
+        shown = ", ".join(map(str, undeclared[:10])) + (" ..." if len(undeclared) > 10 else "")
+        raise EvaluationError(f"{path}: {what} holds value(s) {shown} that the labels do not declare "
+                              f"({', '.join(f'{k}={v}' for k, v in labels.items())}); is it from another dataset "
+                              "or model? (give the right labels with --labels)")
 
 
 def _case_id(path: Path) -> str:
