@@ -18,7 +18,7 @@ from AutoSegLib import modelchoice
 from AutoSegLib.dataset import load_spec
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.names import (CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_PRESET, DEVICES, GPU_CONFIGURATION, MODEL_DIR,
-                              PLANS_FILE, PRESETS, TRAINABLE_CONFIGURATIONS, listing)
+                              PLANS_FILE, PRESETS, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
 from AutoSegLib.training.schedule import get_preset, preset_for_device, seconds_per_epoch
 
 from AutoSegLogic.jobs import Step
@@ -37,12 +37,12 @@ class EngineFeatureMissing(RuntimeError):
 
 
 def work_folder(dataset, work=None) -> Path:
-    """The engine's default: ``<dataset folder name>.autoseg`` beside the dataset."""
+    """The engine's default: ``<dataset folder name>.autoseg`` beside the dataset (as
+    ``AutoSegLib.cli.default_work_dir``, without importing the CLI in the GUI process)."""
     if work:
         return Path(work)
-    from AutoSegLib.cli import default_work_dir
-
-    return default_work_dir(Path(dataset))
+    dataset = Path(dataset).resolve()
+    return dataset.parent / f"{dataset.name}{WORK_SUFFIX}"
 
 
 def model_folder(dataset, work=None) -> Path:

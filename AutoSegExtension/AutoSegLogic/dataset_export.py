@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class _Prepared:
     case_id: str
     images: list[np.ndarray]
     geometry: Geometry
-    index: np.ndarray  # segment index + 1 per voxel (0 = no segment)
+    index_of: Callable[[], np.ndarray]  # -> segment index + 1 per voxel (0 = no segment); any thread
     segment_names: list[str]
     notes: list[str] = field(default_factory=list)
     terminology: dict = field(default_factory=dict)  # segment name -> entry the user chose in Slicer
@@ -149,13 +149,14 @@ def prepare_export(folder, cases: Sequence[SceneCase], scene, channel_names: Seq
 def write_export(prepared: PreparedExport, job=None) -> ExportResult:
     """Write prepared cases (thread-safe: files only); ``job`` (a ThreadJob) gets progress and may cancel."""
     folder, spec = prepared.folder, prepared.spec
+    indexes = [item.index_of() for item in prepared.items]  # refusals (an empty segmentation) before any write
     folder.mkdir(parents=True, exist_ok=True)
     save_spec(folder, spec)  # labels first: a case file never holds a value dataset.json lacks
     notes = []
-    for n, item in enumerate(prepared.items):
+    for n, (item, index) in enumerate(zip(prepared.items, indexes)):
         if job is not None and job.cancel_requested:
             break
-        _write_case(folder, spec, item, prepared.ignore_unannotated)
+        _write_case(folder, spec, item, index, prepared.ignore_unannotated)
         notes += item.notes
         if job is not None:
             job.report(n + 1, len(prepared.items), f"wrote case {item.case_id}")
@@ -289,8 +290,8 @@ def _prepare(case: SceneCase, spec: DatasetSpec, scene, taken: set[str]) -> _Pre
         raise ExportError(f"case '{case_id}': no segmentation given")
     images, geometry, notes = _channels(volumes, case_id)
     chosen: dict = {}
-    index, names = rasterize(scene, case.segmentation, volumes[0], case_id, chosen)
-    return _Prepared(case_id, images, geometry, index, names, notes, chosen)
+    index_of, names = rasterize_deferred(scene, case.segmentation, volumes[0], case_id, chosen)
+    return _Prepared(case_id, images, geometry, index_of, names, notes, chosen)
 
 
 def _channels(volumes: Sequence, case_id: str) -> tuple[list[np.ndarray], Geometry, list[str]]:
@@ -319,9 +320,19 @@ def rasterize(scene, segmentation, reference_volume, case_id: str = "",
     (the names Slicer shows for its values). ``terminology``, when given, receives
     ``{segment name: entry}`` for the segments whose terminology the user set in Slicer.
     """
-    import slicer
-    import vtk
+    index_of, names = rasterize_deferred(scene, segmentation, reference_volume, case_id, terminology)
+    return index_of(), names
 
+
+def rasterize_deferred(scene, segmentation, reference_volume, case_id: str = "",
+                       terminology: dict | None = None) -> tuple[Callable[[], np.ndarray], list[str]]:
+    """:func:`rasterize` in two parts: what needs the scene now, the voxel work in the returned function.
+
+    When the segments' binary labelmaps already lie on the reference volume's grid (a
+    segmentation made on that volume, the usual case), only their layers are copied here; the
+    function then paints them into the index array in any thread (and raises ExportError for
+    an empty segmentation). Otherwise Slicer's export resamples them here.
+    """
     logic = segmentations_logic(scene)
     _check_untransformed(segmentation, case_id)
     with temporary_nodes(scene):
@@ -343,23 +354,105 @@ def rasterize(scene, segmentation, reference_volume, case_id: str = "",
                 entry = terms.segment_entry(content.GetSegment(segment_id))
                 if entry is not None:
                     terminology.setdefault(content.GetSegment(segment_id).GetName(), entry)
-        id_array = vtk.vtkStringArray()
-        for segment_id in ids:
-            id_array.InsertNextValue(segment_id)
-        out = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AutoSeg export")
-        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, out, reference_volume,
-                                                  slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-            raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' could not be rasterized "
-                              f"on volume '{reference_volume.GetName()}'")
-        index = array_from_node(out)
-    reference_shape = array_from_node(reference_volume).shape
-    if index.shape != reference_shape:
-        raise ExportError(f"case '{case_id}': rasterized segmentation has shape {index.shape}, volume "
-                          f"'{reference_volume.GetName()}' {reference_shape}")
-    if not index.any():
-        raise ExportError(f"case '{case_id}': segmentation '{segmentation.GetName()}' is empty (no segment has "
-                          f"voxels inside volume '{reference_volume.GetName()}')")
-    return index.astype(np.uint16), names
+        shape = _shape_of(reference_volume)
+        layers = _layers_on_grid(content, ids, reference_volume, shape)
+        index = None if layers is not None else _export_index(scene, logic, segmentation_node, ids, reference_volume,
+                                                              case_id, segmentation.GetName())
+    what = (segmentation.GetName(), reference_volume.GetName())
+
+    def index_of() -> np.ndarray:
+        result = _paint(layers, shape) if layers is not None else index
+        if result.shape != shape:
+            raise ExportError(f"case '{case_id}': rasterized segmentation has shape {result.shape}, volume "
+                              f"'{what[1]}' {shape}")
+        if not result.any():
+            raise ExportError(f"case '{case_id}': segmentation '{what[0]}' is empty (no segment has voxels inside "
+                              f"volume '{what[1]}')")
+        return result.astype(np.uint16, copy=False)
+
+    return index_of, names
+
+
+def _shape_of(volume) -> tuple[int, int, int]:
+    image = volume.GetImageData()
+    if image is None:
+        raise ExportError(f"volume '{volume.GetName()}' has no voxels")
+    nx, ny, nz = image.GetDimensions()
+    return nz, ny, nx
+
+
+def _export_index(scene, logic, segmentation_node, ids, reference_volume, case_id: str, name: str) -> np.ndarray:
+    """Slicer's own export onto the reference grid (resamples segments made on another grid)."""
+    import slicer
+    import vtk
+
+    id_array = vtk.vtkStringArray()
+    for segment_id in ids:
+        id_array.InsertNextValue(segment_id)
+    out = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AutoSeg export")
+    if not logic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, out, reference_volume,
+                                              slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+        raise ExportError(f"case '{case_id}': segmentation '{name}' could not be rasterized on volume "
+                          f"'{reference_volume.GetName()}'")
+    return array_from_node(out)
+
+
+def _layers_on_grid(content, ids, reference_volume, shape) -> list | None:
+    """Copies of the segments' labelmap layers when they lie on the reference grid, else None.
+
+    Returns ``[(segment number, label value, layer array, (z0, y0, x0))]`` in segment order.
+    """
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    from AutoSegLogic.volumes import ijk_to_ras
+
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    source = getattr(content, "GetSourceRepresentationName", None) or content.GetMasterRepresentationName
+    if source() != binary:
+        return None
+    reference = ijk_to_ras(reference_volume)
+    copies, out = {}, []
+    for number, segment_id in enumerate(ids, start=1):
+        segment = content.GetSegment(segment_id)
+        image = segment.GetRepresentation(binary)
+        if image is None or image.GetNumberOfScalarComponents() != 1:
+            return None
+        key = image.GetAddressAsString("vtkOrientedImageData")
+        if key not in copies:
+            matrix = vtk.vtkMatrix4x4()
+            image.GetImageToWorldMatrix(matrix)
+            grid = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+            if not np.allclose(grid, reference, rtol=0, atol=1e-4):
+                return None
+            x0, x1, y0, y1, z0, z1 = image.GetExtent()
+            scalars = image.GetPointData().GetScalars()
+            if x1 < x0 or y1 < y0 or z1 < z0 or scalars is None:
+                copies[key] = None
+            else:
+                values = numpy_support.vtk_to_numpy(scalars).reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+                copies[key] = (values.copy(), (z0, y0, x0))
+        if copies[key] is not None:
+            out.append((number, segment.GetLabelValue(), *copies[key]))
+    return out
+
+
+def _paint(layers: list, shape) -> np.ndarray:
+    """The index array from copied layers: later segments over earlier ones (any thread)."""
+    index = np.zeros(shape, np.uint16)
+    for number, value, layer, start in layers:
+        source, target = [], []
+        for begin, size, full in zip(start, layer.shape, shape):  # clip the layer's extent to the grid
+            low, high = max(begin, 0), min(begin + size, full)
+            if high <= low:
+                break
+            source.append(slice(low - begin, high - begin))
+            target.append(slice(low, high))
+        else:
+            block = index[tuple(target)]
+            block[layer[tuple(source)] == value] = number
+    return index
 
 
 _GENERIC_NAME = re.compile(r"(?i)^(label[_ ]?\d*|invalid|none|)$")
@@ -427,21 +520,21 @@ def _choose_case_id(explicit: str | None, name: str, taken: set[str]) -> str:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _label_values(item: _Prepared, table: dict[str, int], ignore_unannotated: bool) -> np.ndarray:
+def _label_values(item: _Prepared, index: np.ndarray, table: dict[str, int], ignore_unannotated: bool) -> np.ndarray:
     lookup = np.zeros(len(item.segment_names) + 1, np.int64)
     lookup[0] = table[IGNORE_LABEL_NAME] if ignore_unannotated else 0
     for i, name in enumerate(item.segment_names, start=1):
         lookup[i] = label_rules.value_of(table, name)
-    values = lookup[item.index]
+    values = lookup[index]
     return values.astype(np.uint8 if values.max() < 256 else np.uint16)
 
 
-def _write_case(folder: Path, spec: DatasetSpec, item: _Prepared, ignore_unannotated: bool) -> None:
+def _write_case(folder: Path, spec: DatasetSpec, item: _Prepared, index: np.ndarray, ignore_unannotated: bool) -> None:
     ending = spec.file_ending
     for c, image in enumerate(item.images):
         write_image(image, item.geometry, folder / "imagesTr" / f"{item.case_id}_{c:04d}{ending}")
     # The label last: a case without its label is not a training case yet.
-    write_image(_label_values(item, spec.labels, ignore_unannotated), item.geometry,
+    write_image(_label_values(item, index, spec.labels, ignore_unannotated), item.geometry,
                 folder / "labelsTr" / f"{item.case_id}{ending}")
 
 

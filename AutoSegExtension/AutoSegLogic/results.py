@@ -29,7 +29,7 @@ from AutoSegLib.imageio import SUPPORTED_ENDINGS, Geometry, read_image
 from AutoSegLogic import labels as label_rules
 from AutoSegLogic import terminology as terms
 from AutoSegLogic.dataset_export import segmentations_logic
-from AutoSegLogic.volumes import add_volume, temporary_nodes
+from AutoSegLogic.volumes import add_volume
 
 UNCERTAINTY_COLOURS = "AutoSeg uncertainty"
 UNCERTAINTY_SUFFIX = "_uncertainty"
@@ -52,6 +52,8 @@ class Outputs:
     terminology: dict
     uncertainty: np.ndarray | None = None
     uncertainty_geometry: Geometry | None = None
+    image: object | None = None  # the label as a vtkOrientedImageData, made in the reading thread
+    present: list | None = None  # its non-zero values
 
 
 def model_labels(model) -> dict[str, int]:
@@ -94,7 +96,8 @@ def read_outputs(output_folder, case_id: str, model, uncertainty: bool = True) -
     if path is None:
         raise FileNotFoundError(f"{output_folder}: no prediction for case '{case_id}'")
     label, geometry = read_image(path)
-    out = Outputs(label, geometry, model_labels(model), model_terminology(model))
+    out = Outputs(label, geometry, model_labels(model), model_terminology(model), image=labelmap_image(label, geometry),
+                  present=present_values(label))
     uncertainty_path = find_output(output_folder, case_id, UNCERTAINTY_SUFFIX) if uncertainty else None
     if uncertainty_path is not None:
         out.uncertainty, out.uncertainty_geometry = read_image(uncertainty_path)
@@ -105,7 +108,7 @@ def outputs_into_scene(scene, outputs: Outputs, reference_volume, name: str | No
     """The nodes of a prediction read by :func:`read_outputs` (GUI thread: it changes the scene)."""
     name = name or f"{reference_volume.GetName()} AutoSeg"
     segmentation = segmentation_from_labels(scene, outputs.label, outputs.geometry, outputs.labels, name,
-                                            reference_volume, outputs.terminology)
+                                            reference_volume, outputs.terminology, outputs.image, outputs.present)
     overlay = None
     if outputs.uncertainty is not None:
         overlay = uncertainty_volume(scene, outputs.uncertainty, outputs.uncertainty_geometry, f"{name} uncertainty")
@@ -113,49 +116,73 @@ def outputs_into_scene(scene, outputs: Outputs, reference_volume, name: str | No
 
 
 def segmentation_from_labels(scene, label: np.ndarray, geometry: Geometry, labels: dict[str, int], name: str,
-                             reference_volume=None, terminology: dict | None = None):
+                             reference_volume=None, terminology: dict | None = None, image=None,
+                             present: list | None = None):
     """A segmentation node with one segment per foreground label, in value order.
 
     ``terminology`` (label name -> entry) gives segments their codes and colours; without it,
-    the standard terminology of each name (:func:`.terminology.for_labels`).
+    the standard terminology of each name (:func:`.terminology.for_labels`). ``image`` is
+    :func:`labelmap_image` of ``label`` and ``present`` its :func:`present_values`, when
+    already made (in a worker thread).
+
+    The segments share the label image as one binary-labelmap layer, each with its label
+    value (Slicer's own representation of a labelmap without overlaps): no per-label copies,
+    so even a 512x512x300 result appears in a few milliseconds.
     """
+    import slicer
+
     if terminology is None:
         terminology = terms.for_labels(list(labels))
-    logic = segmentations_logic(scene)
-    named = dict(label_rules.foreground(labels))
-    by_value = {v: n for n, v in named.items()}
-    present = [int(v) for v in np.unique(label) if v != 0]
-    for value in present:
+    segmentations_logic(scene)  # registers the representation converters outside Slicer
+    by_value = {v: n for n, v in label_rules.foreground(labels)}
+    for value in present if present is not None else present_values(label):
         if value not in by_value:  # a value the table lacks (should not happen): keep it visible
             by_value[value] = f"label_{value}"
-    with temporary_nodes(scene) as keep:
-        temporary = add_volume(scene, label.astype(np.int32 if label.max() > 32767 else np.int16), geometry,
-                               f"{name} labels", labelmap=True)
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        node.CreateDefaultDisplayNodes()
-        keep.append(node)
-        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume or temporary)
-        if present and not logic.ImportLabelmapToSegmentationNode(temporary, node):
-            raise RuntimeError(f"could not turn the prediction '{name}' into segments")
+    image = image if image is not None else labelmap_image(label, geometry)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
     content = node.GetSegmentation()
-    ids = {}
-    for i in range(content.GetNumberOfSegments()):
-        segment_id = content.GetNthSegmentID(i)
-        ids[content.GetSegment(segment_id).GetLabelValue()] = segment_id
+    converter = slicer.vtkSegmentationConverter
+    if reference_volume is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    else:
+        content.SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                       converter.SerializeImageGeometry(image))
+    representation = converter.GetBinaryLabelmapRepresentationName()
     for value in sorted(by_value):
-        label_name, colour = by_value[value], label_rules.colour_of(by_value[value], value)
-        if value in ids:
-            segment = content.GetSegment(ids[value])
-            segment.SetName(label_name)
-            segment.SetColor(*colour)
-        else:
-            ids[value] = content.AddEmptySegment("", label_name, colour)
-        terms.apply(content.GetSegment(ids[value]), terminology.get(label_name))
-    for index, value in enumerate(sorted(ids)):
-        content.SetSegmentIndex(ids[value], index)
+        segment = slicer.vtkSegment()
+        segment.SetName(by_value[value])
+        segment.SetColor(*label_rules.colour_of(by_value[value], value))
+        segment.SetLabelValue(int(value))
+        segment.AddRepresentation(representation, image)
+        terms.apply(segment, terminology.get(by_value[value]))
+        content.AddSegment(segment)
     if reference_volume is not None:
         _file_beside(scene, node, reference_volume)
     return node
+
+
+def present_values(label: np.ndarray) -> list[int]:
+    """The non-zero values of a label map (bincount: faster than np.unique for small label values)."""
+    if label.size and label.dtype.kind in "ui" and label.min() >= 0 and label.max() < 65536:
+        return [int(v) for v in np.flatnonzero(np.bincount(label.ravel())) if v]
+    return [int(v) for v in np.unique(label) if v]
+
+
+def labelmap_image(label: np.ndarray, geometry: Geometry):
+    """A ``vtkOrientedImageData`` of a label map at its geometry (thread-safe: not in any scene)."""
+    import slicer
+    from vtk.util import numpy_support
+
+    from AutoSegLogic.volumes import _vtk_matrix, matrix_from_geometry
+
+    values = np.ascontiguousarray(label if label.dtype.kind in "ui" and label.dtype.itemsize <= 2
+                                  else label.astype(np.int32))
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(values.shape[2], values.shape[1], values.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
+    image.SetImageToWorldMatrix(_vtk_matrix(matrix_from_geometry(geometry)))
+    return image
 
 
 def uncertainty_volume(scene, values: np.ndarray, geometry: Geometry, name: str, opacity: float = 0.5):

@@ -20,6 +20,12 @@ TINY_NETWORK = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2
                 "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "batch_size": 2}
 
 
+# The same for a 2d configuration (one slice per sample).
+TINY_NETWORK_2D = {"patch_size": [32, 32], "strides": [[1, 1], [2, 2], [2, 2]], "kernel_sizes": [[3, 3]] * 3,
+                   "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1],
+                   "n_conv_per_stage_decoder": [1, 1], "batch_size": 2}
+
+
 def phantom_case(scene, seed: int, index: int, kind: str = "ct", channels: int | None = None, name: str = ""):
     """A phantom case as scene nodes: (channel volumes, segmentation node with named segments)."""
     from AutoSegLib.synthetic import label_table, make_case
@@ -49,10 +55,11 @@ def segmentation_from_array(scene, label, geometry, labels: dict, name: str):
 
 
 def shrink_plans(work, configuration: str = "3d_fullres") -> None:
-    """Replace the planned network of ``configuration`` with :data:`TINY_NETWORK`."""
+    """Replace the planned network of ``configuration`` with :data:`TINY_NETWORK` (2d: :data:`TINY_NETWORK_2D`)."""
     path = Path(work) / "plans.json"
     plans = read_json(path)
-    plans["configurations"][configuration].update(TINY_NETWORK)
+    planned = plans["configurations"][configuration]
+    planned.update(TINY_NETWORK_2D if len(planned["patch_size"]) == 2 else TINY_NETWORK)
     write_json(path, plans)
 
 
