@@ -55,6 +55,10 @@ class FolderBusy(ReportedFailure):
     """Another process holds the folder; the message names it (pid, start time) and what it does."""
 
 
+class LockFileError(ReportedFailure):
+    """The folder or its lock file cannot be made (read-only, not permitted, disk full); one line."""
+
+
 # -- the OS lock -------------------------------------------------------------------------
 if sys.platform == "win32":
     import msvcrt
@@ -251,16 +255,25 @@ def lock_folder(folder: str | os.PathLike, doing: str, clean_temps: bool = True,
 
     Raises:
         FolderBusy: another process holds it; nothing was created or changed.
+        LockFileError: the folder or the lock file cannot be made.
     """
     folder = Path(folder)
     created = [p for p in (*reversed(folder.parents), folder) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LockFileError(f"{folder}: cannot make this folder ({exc.strerror or exc}); choose another "
+                            "folder or fix its permissions") from None
     key = _key(folder)
     with _registry_lock:
         held = _registry.get(key)
         if held is None:
             path = folder / LOCK_FILE
-            fd = _open_locked(path)
+            try:
+                fd = _open_locked(path)
+            except OSError as exc:
+                raise LockFileError(f"{folder}: cannot write the lock file {LOCK_FILE} ({exc.strerror or exc}): "
+                                    "read-only, not permitted or full; choose another folder or fix it") from None
             if fd is not None:
                 _write_holder(fd, doing)
                 held = _registry[key] = _Held(path, fd)

@@ -28,7 +28,7 @@ import pytest
 from AutoSegLib import cli
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json, write_json
-from AutoSegLib.locks import LOCK_FILE, FolderBusy, lock_folder, read_holder
+from AutoSegLib.locks import LOCK_FILE, FolderBusy, LockFileError, lock_folder, read_holder
 from conftest import box_case, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +193,12 @@ def test_a_refused_or_tidied_lock_leaves_no_folder_behind(start, tmp_path):
         lock_folder(held, "training this fold")
     assert names(held) == [LOCK_FILE]  # the refused process created and removed nothing
     holder.kill()
+
+
+def test_a_folder_that_cannot_be_made_is_a_one_line_error_naming_it(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(LockFileError, match=rf"^{re.escape(str(tmp_path / 'a_file' / 'out'))}: cannot make"):
+        lock_folder(tmp_path / "a_file" / "out", "writing predictions to this folder")
 
 
 def test_forked_workers_share_the_lock_until_the_last_of_them_ends(start, tmp_path):
