@@ -142,7 +142,15 @@ def check_run_folder(run_folder: Path, options: TrainOptions) -> None:
 
 
 def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions, log=None) -> RunSetup:
-    """Resolve plans, folds, schedule and folders; nothing is trained or written but the model files."""
+    """Resolve plans, folds, schedule and folders; nothing is trained or written but the model files.
+
+    The returned run holds its fold folder's lock (``run.lock``, AutoSegLib/locks.py) until
+    ``run.lock.release()``, garbage collection or the end of the process.
+
+    Raises:
+        FolderBusy: another process trains this fold (nothing was touched).
+        TrainingSetupError: the run cannot start as asked.
+    """
     dataset_folder, work_dir = Path(dataset_folder), Path(work_dir)
     dataset = open_dataset(dataset_folder)
     plans = load_plans(work_dir)
