@@ -140,6 +140,10 @@ def choose(model_dir: str | Path, configuration: str | list[str] | None = None, 
     if checkpoint is not None and checkpoint not in CHECKPOINT_FILES:
         raise ModelFolderError(f"checkpoint {checkpoint!r}; allowed: {', '.join(CHECKPOINT_FILES)}")
     wanted_folds = None if folds is None else parse_folds(folds)
+    from AutoSegLib.models import nnunet_layout  # nnU-Net v2 folders: .pth files, no inference plan
+
+    if nnunet_layout.is_nnunet_model(model_dir):
+        return nnunet_layout.choose(model_dir, configuration, wanted_folds, checkpoint)
     if configuration:
         names = [configuration] if isinstance(configuration, str) else list(configuration)
         return ModelChoice(names, wanted_folds, checkpoint or DEFAULT_CHECKPOINT, {}, "as asked")

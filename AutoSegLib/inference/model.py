@@ -49,6 +49,11 @@ class ModelFolder:
         path = Path(path)
         if not path.is_dir():
             raise ModelFolderError(f"{path}: model folder not found")
+        from AutoSegLib.models.nnunet_layout import is_nnunet_model  # docs/nnunet-models.md
+
+        if is_nnunet_model(path):
+            from AutoSegLib.models.nnunet_folder import open_nnunet_model
+            return open_nnunet_model(path)
         missing = [name for name in (PLANS_FILE, DATASET_FILE) if not (path / name).is_file()]
         if missing:
             raise ModelFolderError(f"{path}: not a model folder: {' and '.join(missing)} missing (a model folder is "
