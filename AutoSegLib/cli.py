@@ -258,6 +258,21 @@ def cmd_demo(args, reporter: Reporter) -> None:
     run_demo(args.work, reporter=reporter, cases=args.cases, seed=args.seed)
 
 
+def cmd_export_model(args, reporter: Reporter) -> None:
+    from AutoSegLib.sharing.exporter import export_model
+
+    folds = None if args.folds is None else [f.strip() for f in ",".join(args.folds).split(",") if f.strip()]
+    result = export_model(args.model_dir, args.output, configurations=args.configurations, folds=folds,
+                          notes=args.notes, reporter=reporter)
+    reporter.done("export-model", **result)
+
+
+def cmd_import_model(args, reporter: Reporter) -> None:
+    from AutoSegLib.sharing.importer import import_model
+
+    reporter.done("import-model", **import_model(args.archive, args.output, reporter=reporter))
+
+
 def _str(path) -> str | None:
     return None if path is None else str(path)
 
@@ -460,6 +475,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_common(p)
     p.set_defaults(func=cmd_demo, stage="demo")
+
+    p = sub.add_parser("export-model", help="write a model folder as a verified zip to share",
+                       description="Network weights (safetensors, no optimizer state), plans.json, dataset.json, "
+                                   f"{INFERENCE_PLAN_FILE}, a model card (labels, channels, folds, cross-validation "
+                                   "Dice) and a manifest of SHA-256 hashes; nothing else (docs/sharing.md).")
+    p.add_argument("model_dir", type=Path, help=f"model folder (WORK/{MODEL_DIR})")
+    p.add_argument("output", type=Path, help="zip file to write (must not exist)")
+    p.add_argument("-c", "--configurations", nargs="+", default=None, choices=CONFIGURATIONS, metavar="CONFIG",
+                   help=f"of {listing(CONFIGURATIONS)} (default: every one with a finished fold)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to export, e.g. 0 1 2 or all (default: every finished fold)")
+    p.add_argument("--notes", default="", help="free text for the model card (data, intended use, caveats)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export_model, stage="export-model")
+
+    p = sub.add_parser("import-model", help="check a model zip from export-model and unpack it as a model folder",
+                       description="Checks every entry (names, types, sizes, SHA-256 against the manifest) before "
+                                   "anything is kept; a refused archive leaves nothing behind (docs/sharing.md).")
+    p.add_argument("archive", type=Path, help="zip file written by `autoseg export-model`")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="model folder to create, for `autoseg predict -m` (must not exist; default: the zip's "
+                        "name without .zip, beside it)")
+    _add_common(p)
+    p.set_defaults(func=cmd_import_model, stage="import-model")
     return parser
 
 
