@@ -40,6 +40,7 @@ REQUIREMENTS = (
     Requirement("tqdm", "tqdm", "4.60"),
     Requirement("batchgeneratorsv2", "batchgeneratorsv2", "0.3.6"),
     Requirement("matplotlib", "matplotlib", "3.5"),
+    Requirement("safetensors", "safetensors", "0.4"),
 )
 
 

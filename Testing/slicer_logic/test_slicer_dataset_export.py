@@ -347,3 +347,52 @@ def test_geometry_equality_uses_verify_tolerances():
     assert volumes.same_grid(g, (2, 3, 4), nudged, (2, 3, 4))
     assert not volumes.same_grid(g, (2, 3, 4), nudged, (2, 3, 5))
     assert not volumes.same_grid(g, (2, 3, 4), Geometry(g.spacing, (0.01, 0.0, 0.0), g.direction), (2, 3, 4))
+
+
+# -- removing cases -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case_id", ["../evil", "..", "a/b", "/tmp/x", "x\n", ""])
+def test_remove_case_refuses_anything_but_a_plain_case_name(scene, tmp_path, case_id):
+    volume, segmentation, _ = make_case(scene, "p1", LABEL)
+    dataset_export.export_cases(tmp_path / "DS", [SceneCase([volume], segmentation)], scene, ["CT"])
+    outside = tmp_path / "DS" / "evil.nii.gz"  # what "../evil" would name from labelsTr
+    outside.write_bytes(b"keep me")
+    before = files_of(tmp_path / "DS")
+    with pytest.raises(ExportError, match="is not a case name"):
+        dataset_export.remove_case(tmp_path / "DS", case_id)
+    assert files_of(tmp_path / "DS") == before and outside.read_bytes() == b"keep me"
+
+
+def test_remove_case_goes_through_the_session_and_is_refused_while_training_runs(scene, tmp_path):
+    from AutoSegLogic.jobs import Step
+    from AutoSegLogic.session import Session
+
+    volume, segmentation, _ = make_case(scene, "p1", LABEL)
+    session = Session(scene, log_dir=tmp_path / "logs")
+    session.add_case(tmp_path / "DS", [volume], segmentation, ["CT"])
+    session.start_steps([Step(["verify", str(tmp_path / "DS")], "check")])  # not polled: still running
+    with pytest.raises(RuntimeError, match="training is still running"):
+        session.remove_case(tmp_path / "DS", "p1")
+    with pytest.raises(RuntimeError, match="training is still running"):
+        session.start_add_case(tmp_path / "DS", [volume], segmentation, ["CT"])
+    session.training.kill()
+    testing.wait_until(session, timeout=60)
+    assert session.remove_case(tmp_path / "DS", "p1") and dataset_export.list_cases(tmp_path / "DS") == []
+
+
+def test_cases_are_read_from_their_labelmap_layers_as_slicers_export_reads_them(scene):
+    """The fast path (layers already on the volume's grid, painted in a worker) equals Slicer's export."""
+    overlapping = LABEL.copy()
+    volume, segmentation, _ = make_case(scene, "p1", overlapping)
+    content = segmentation.GetSegmentation()
+    extra = testing.segmentation_from_array(scene, boxes(SHAPE, (1, ((2, 5), (3, 7), (5, 9)))), volumes.node_geometry(
+        volume), {"lesion": 1}, "extra")
+    content.AddSegment(extra.GetSegmentation().GetNthSegment(0))  # overlaps liver and spleen: it must win
+    fast, names = dataset_export.rasterize(scene, segmentation, volume)
+    layers = dataset_export._layers_on_grid(content, [content.GetNthSegmentID(i) for i in range(3)], volume,
+                                            fast.shape)
+    assert layers is not None and names == ["liver", "spleen", "lesion"]
+    logic = dataset_export.segmentations_logic(scene)
+    ids = [content.GetNthSegmentID(i) for i in range(3)]
+    with volumes.temporary_nodes(scene):
+        slow = dataset_export._export_index(scene, logic, segmentation, ids, volume, "p1", "p1 seg")
+    assert np.array_equal(fast, slow) and (fast == 3).any()

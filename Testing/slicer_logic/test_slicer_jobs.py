@@ -14,7 +14,7 @@ import time
 import pytest
 
 from AutoSegLogic import commands, jobs, testing
-from AutoSegLogic.jobs import Job, JobChain, Step
+from AutoSegLogic.jobs import Job, JobChain, Step, ThreadJob
 from AutoSegLogic.session import Session
 
 # One thread per engine process: the test network is tiny, and on a shared 2-core machine
@@ -148,7 +148,8 @@ def _scene():
 
 # -- commands ---------------------------------------------------------------------------------------
 def test_training_steps_are_verify_plan_then_one_run_per_fold(tmp_path):
-    settings = commands.TrainSettings(tmp_path / "DS", folds=commands.parse_folds("0-2"), preset="paper",
+    settings = commands.TrainSettings(tmp_path / "DS", configuration="3d_fullres", folds=commands.parse_folds("0-2"),
+                                      preset="paper",
                                       time_budget_min=90, device="cuda", overwrite=True)
     steps = commands.training_steps(settings)
     work = str(tmp_path / "DS.autoseg")
@@ -214,9 +215,71 @@ def test_resume_after_a_restart_finds_the_unfinished_runs_on_disk(tmp_path):
         (model / f"fold_{fold}").mkdir(parents=True)
         for name in files:
             (model / f"fold_{fold}" / name).write_bytes(b"")
-    settings = commands.TrainSettings(dataset, folds=["0", "1", "2", "3"], overwrite=True)
+    settings = commands.TrainSettings(dataset, configuration="3d_fullres", folds=["0", "1", "2", "3"], overwrite=True)
     steps = commands.resume_steps(settings)
     assert [s.title for s in steps] == ["resume 3d_fullres fold 0"]
     assert steps[0].args[-1] == "--resume" and "--overwrite" not in steps[0].args
     with pytest.raises(ValueError, match="no unfinished 3d_fullres run among folds 1, 2"):
-        commands.resume_steps(commands.TrainSettings(dataset, folds=["1", "2"]))
+        commands.resume_steps(commands.TrainSettings(dataset, configuration="3d_fullres", folds=["1", "2"]))
+
+
+# -- progress as the widget shows it ------------------------------------------------------------------
+def feed(job, *events):
+    for event in events:
+        job._take(event)  # what poll() does with each line the engine printed
+    return job.progress
+
+
+def test_training_progress_does_not_move_back_during_the_final_validation():
+    job = Job(["train", "D", "3d_cpu", "0"])
+    shown = [feed(job, {"event": "start", "stage": "train", "of": 2}),
+             feed(job, {"event": "epoch", "stage": "train", "done": 1, "of": 2, "eta_s": None}),
+             feed(job, {"event": "epoch", "stage": "train", "done": 2, "of": 2, "eta_s": 0.0}),
+             feed(job, {"event": "start", "stage": "validate", "of": 2}),
+             feed(job, {"event": "progress", "stage": "validate", "done": 1, "of": 2}),
+             feed(job, {"event": "progress", "stage": "validate", "done": 2, "of": 2})]
+    assert shown == pytest.approx([0.0, 0.475, 0.95, 0.95, 0.975, 1.0])
+
+
+def test_an_eta_is_estimated_from_the_progress_until_the_engine_gives_one(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: now[0])
+    job = Job(["train", "D", "3d_cpu", "0"])
+    feed(job, {"event": "start", "stage": "train", "of": 10})
+    assert job.eta_s is None  # nothing measured yet
+    now[0] += 30
+    feed(job, {"event": "epoch", "stage": "train", "done": 1, "of": 10, "eta_s": None})
+    assert job.eta_s == pytest.approx(30 / 0.095 * (1 - 0.095))  # after the first epoch: from its pace
+    feed(job, {"event": "progress", "stage": "train", "epoch": 1, "iteration": 1, "of": 2, "eta_s": 250.0})
+    assert job.eta_s == pytest.approx(250.0)  # the engine's own estimate wins once it has one
+
+
+def test_prediction_progress_moves_with_every_window_and_a_chain_never_goes_back():
+    job = Job(["predict", "-i", "in", "-o", "out", "-m", "model"])
+    shown = [feed(job, {"event": "start", "stage": "predict", "of": 2}),
+             *[feed(job, {"event": "progress", "stage": "predict", "done": d, "of": 2}) for d in (0.25, 0.5, 1, 1.6, 2)]]
+    assert shown == pytest.approx([None, 0.125, 0.25, 0.5, 0.8, 1.0])
+    chain = JobChain([Step(["a"], "a", lambda j: None), Step(["b"], "b", weight=8.0),
+                      Step(["c"], "c", lambda j: None)], lambda step: Job(step.args, title=step.title))
+    chain.job, chain.index = Job(["predict"]), 1  # the engine step, a quarter done
+    feed(chain.job, {"event": "progress", "stage": "predict", "done": 1, "of": 4})
+    assert chain.progress == pytest.approx((1 + 8 * 0.25) / 10)
+    chain.job = Job(["predict"])  # a new job that has not reported yet: the bar stays where it was
+    assert chain.progress == pytest.approx(0.3)
+
+
+def test_a_thread_job_reports_like_an_engine_job():
+    def work(job):
+        job.report(1, 2, "half")
+        return 42
+
+    job = ThreadJob(work, "compute").start()
+    testing.wait_until(job, timeout=10)
+    assert job.succeeded and job.result == 42 and job.progress == 1.0 and job.message == "half"
+
+    def broken(job):
+        raise OSError("disk full")
+
+    job = ThreadJob(broken, "write files").start()
+    testing.wait_until(job, timeout=10)
+    assert job.status == jobs.FAILED and job.failure == "write files: disk full"
