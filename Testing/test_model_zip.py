@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import stat
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -246,9 +247,13 @@ def test_refuses_duplicate_names(archive, tmp_path, capsys):
 
 
 def test_refuses_files_not_in_the_manifest(archive, tmp_path, capsys):
+    # A checkpoint with a pickle payload where the engine would look for one.
+    marker, payload = tmp_path / "payload-ran", io.BytesIO()
+    torch.save({"network_weights": {}, "x": Payload(marker)}, payload)
     extra = "3d_fullres/fold_0/checkpoint_final.pt"
-    bad = rezip(archive, tmp_path / "bad.zip", add=[(extra, b"not listed")])
+    bad = rezip(archive, tmp_path / "bad.zip", add=[(extra, payload.getvalue())])
     assert "not listed in manifest.json" in assert_refused(bad, tmp_path, capsys, repr(extra))
+    assert not marker.exists()
 
 
 def test_refuses_a_manifest_entry_missing_from_the_archive(archive, tmp_path, capsys):
@@ -331,3 +336,10 @@ def test_safe_names_pass():
     assert rules.path_problem("3d_fullres/fold_0/weights.safetensors") is None
     assert rules.parse_weights_name("3d_fullres/fold_all/weights.safetensors") == ("3d_fullres", "all")
     assert rules.parse_weights_name("3d_fullres/fold_01/weights.safetensors") is None
+
+
+def test_a_missing_safetensors_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # what an import of an absent package meets
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(SharingError, match="pip install safetensors"):
+        rules.safetensors_torch()

@@ -91,7 +91,8 @@ def card_markdown(card: dict) -> str:
     if plan:
         lines.append(f"- Predicts with: {' + '.join(plan['configurations'])}, folds "
                      f"{', '.join(map(str, plan['folds']))} (inference_plan.json)")
-    lines += ["", "## Configurations", "", "| configuration | folds | spacing | patch | network |", "|---|---|---|---|---|"]
+    lines += ["", "## Configurations", "", "| configuration | folds | spacing | patch | network |",
+              "|---|---|---|---|---|"]
     for name, entry in card["configurations"].items():
         lines.append(f"| {name} | {', '.join(map(str, entry['folds']))} | {_dims(entry['spacing'])} | "
                      f"{_dims(entry['patch_size'])} | {entry.get('network') or '-'} |")

@@ -21,15 +21,8 @@ from AutoSegLib.inference.model import ModelFolder
 from AutoSegLib.modelchoice import DEFAULT_CHECKPOINT, parse_folds, trained_configurations
 from AutoSegLib.names import DATASET_FILE, INFERENCE_PLAN_FILE, PLANS_FILE, SUMMARY_FILE, VALIDATION_DIR
 from AutoSegLib.sharing.card import build_card, card_markdown, dice_scores
-from AutoSegLib.sharing.rules import (
-    CARD_FILE,
-    CARD_MARKDOWN_FILE,
-    MANIFEST_FILE,
-    SharingError,
-    build_manifest,
-    sha256_hex,
-    weights_name,
-)
+from AutoSegLib.sharing.rules import (CARD_FILE, CARD_MARKDOWN_FILE, MANIFEST_FILE, SharingError, build_manifest,
+                                      safetensors_torch, sha256_hex, weights_name)
 
 STAGE = "export-model"
 CROSSVAL_DIR = "crossval"  # written by find-best (evaluation/selection.py)
@@ -130,12 +123,10 @@ def _plan_fits(plan: dict, selection: dict[str, list]) -> bool:
 
 
 def _weights_bytes(model: ModelFolder, name: str, fold, checkpoint: str) -> bytes:
-    import safetensors.torch
-
     weights = model.load_weights(name, fold, checkpoint)  # weights_only loading, checksum checked
     # Copies: safetensors refuses tensors that share memory, which a state dict may hold.
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in weights.items()}
-    return safetensors.torch.save(tensors, metadata={"format": "pt", "configuration": name, "fold": str(fold)})
+    return safetensors_torch().save(tensors, metadata={"format": "pt", "configuration": name, "fold": str(fold)})
 
 
 def _fold_summaries(model: ModelFolder, selection: dict[str, list], reporter: Reporter) -> dict:

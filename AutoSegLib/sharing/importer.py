@@ -25,19 +25,9 @@ from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import TMP_PREFIX, read_json
 from AutoSegLib.inference.model import ModelFolder, ModelFolderError
 from AutoSegLib.names import CHECKPOINT_FILES, INFERENCE_PLAN_FILE, PLANS_FILE
-from AutoSegLib.sharing.rules import (
-    CARD_FILE,
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    SharingError,
-    check_declared_sizes,
-    check_entries,
-    check_entry_sizes,
-    check_listing,
-    check_manifest,
-    parse_weights_name,
-    weights_name,
-)
+from AutoSegLib.sharing.rules import (CARD_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES, SharingError, check_declared_sizes,
+                                      check_entries, check_entry_sizes, check_listing, check_manifest,
+                                      parse_weights_name, safetensors_torch, weights_name)
 
 STAGE = "import-model"
 CHUNK = 1 << 20
@@ -169,9 +159,9 @@ def _extract(zf: zipfile.ZipFile, files: dict, staging: Path) -> None:
 
 def _convert_weights(staging: Path, files: dict, checkpoint: str) -> None:
     """Each ``weights.safetensors`` becomes ``checkpoint_{kind}.pt`` (what the engine loads)."""
-    import safetensors.torch
-
     from AutoSegLib.training.checkpoint import save_checkpoint
+
+    load = safetensors_torch().load
 
     for name in files:
         if parse_weights_name(name) is None:
@@ -179,7 +169,7 @@ def _convert_weights(staging: Path, files: dict, checkpoint: str) -> None:
         path = staging.joinpath(*name.split("/"))
         try:
             # From bytes, not a memory map, so the file can be removed at once on any system.
-            weights = safetensors.torch.load(path.read_bytes())
+            weights = load(path.read_bytes())
         except Exception as exc:  # safetensors raises its own SafetensorError for any malformed file
             raise SharingError(f"entry {name!r}: not a safetensors weights file ({_first_line(exc)})") from None
         save_checkpoint(path.parent / CHECKPOINT_FILES[checkpoint], {"network_weights": weights}, keep_previous=False)

@@ -14,14 +14,8 @@ from collections import Counter
 from collections.abc import Iterable
 
 from AutoSegLib.errors import ReportedFailure
-from AutoSegLib.names import (
-    CHECKPOINT_FILES,
-    CONFIGURATIONS,
-    DATASET_FILE,
-    INFERENCE_PLAN_FILE,
-    PLANS_FILE,
-    fold_dir_name,
-)
+from AutoSegLib.names import (CHECKPOINT_FILES, CONFIGURATIONS, DATASET_FILE, INFERENCE_PLAN_FILE, PLANS_FILE,
+                              fold_dir_name)
 
 FORMAT = "autoseg-model"
 FORMAT_VERSION = 1
@@ -51,6 +45,15 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 class SharingError(ReportedFailure):
     """A model cannot be exported or an archive is refused; one line naming the file or entry."""
+
+
+def safetensors_torch():
+    """The ``safetensors.torch`` module (a dependency; imported on use, it loads torch)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise SharingError("model zips need the safetensors package: pip install safetensors") from None
+    return safetensors.torch
 
 
 def sha256_hex(data: bytes) -> str:
