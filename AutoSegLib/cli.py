@@ -57,7 +57,20 @@ def cmd_verify(args, reporter: Reporter) -> None:
     reporter.done("verify", errors=0, warnings=len(report.warnings))
 
 
-def gpu_memory_gb(value: str, reporter: Reporter) -> float:
+def gpu_memory_arg(text: str) -> str | float:
+    """``--gpu-memory`` as typed: ``auto`` or a positive number of GB (argparse names the flag)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of GB (e.g. 8 or 24) or auto, not {text!r}") from None
+    if not 0 < value < 10_000:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB below 10000, got {text}")
+    return value
+
+
+def gpu_memory_gb(value: str | float, reporter: Reporter) -> float:
     """``--gpu-memory``: a number of GB, or ``auto`` for the local GPU (8 GB reference if none)."""
     if value != "auto":
         return float(value)
@@ -164,18 +177,19 @@ def cmd_train(args, reporter: Reporter) -> None:
                           f"[{run.preset_reason}]: {len(run.train_cases)} training, {len(run.val_cases)} validation "
                           f"case(s); {run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations, "
                           f"{run.schedule.optimizer} -> {run.run_folder}")
-    result = Trainer(run, reporter).fit()
-    if args.validate:
-        from AutoSegLib.inference.validation import validate_fold
+    with run.lock:  # the fold folder's, held through validation and given back even in-process (Python API)
+        result = Trainer(run, reporter).fit()
+        if args.validate:
+            from AutoSegLib.inference.validation import validate_fold
 
-        # The fold's held-out cases through the real predictor, scored in their original geometry:
-        # the numbers find-best compares (pseudo-Dice only samples patches).
-        summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
-        warn_never_predicted(summary, reporter, "train")
-        dice = (summary.get("foreground_mean") or {}).get("Dice")
-        result["validation_dice"] = dice
-        if dice is not None:
-            reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
+            # The fold's held-out cases through the real predictor, scored in their original geometry:
+            # the numbers find-best compares (pseudo-Dice only samples patches).
+            summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
+            warn_never_predicted(summary, reporter, "train")
+            dice = (summary.get("foreground_mean") or {}).get("Dice")
+            result["validation_dice"] = dice
+            if dice is not None:
+                reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
     reporter.done("train", **result)
 
 
@@ -336,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=Path, nargs="?", help="dataset folder (nnU-Net v2 raw layout)")
     p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
     p.add_argument("--explain", action="store_true", help="explain every planning decision in plain language")
-    p.add_argument("--gpu-memory", default="8", metavar="GB|auto",
+    p.add_argument("--gpu-memory", default=8.0, type=gpu_memory_arg, metavar="GB|auto",
                    help="GPU memory to plan for (default 8, the method's reference; 'auto' = local GPU)")
     p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES,
                    help=f"network variant: {listing(ARCHITECTURES)} (default: {DEFAULT_ARCHITECTURE}, the plain "
@@ -372,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=Path)
     p.add_argument("-w", "--work", type=Path, default=None)
     p.add_argument("--explain", action="store_true")
-    p.add_argument("--gpu-memory", default="8", metavar="GB|auto")
+    p.add_argument("--gpu-memory", default=8.0, type=gpu_memory_arg, metavar="GB|auto")
     p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES)
     p.add_argument("--refresh-fingerprint", action="store_true")
     add_preprocess_flags(p)

@@ -485,10 +485,8 @@ COMMAND_FAULTS: dict[str, Row] = {
     "verify_missing_folder": Row(lambda c: ["verify", c.tmp / "nowhere"], 1, ("nowhere", "dataset.json not found")),
     "plan_missing_folder": Row(lambda c: ["plan", c.tmp / "nowhere"], 1, ("nowhere", "dataset.json not found")),
     "plan_without_dataset": Row(lambda c: ["plan"], 1, ("DATASET", "--fingerprint")),
-    "plan_gpu_memory_not_a_number": Row(lambda c: ["plan", c.ds, "-w", c.work, "--gpu-memory", "lots"], 1,
-                                        ("--gpu-memory", "lots"),
-                                        xfail="AutoSegLib/cli.py gpu_memory_gb: float('lots') fails without naming "
-                                              "--gpu-memory; it should be an argparse type (exit 2) or name the flag"),
+    "plan_gpu_memory_not_a_number": Row(lambda c: ["plan", c.ds, "-w", c.work, "--gpu-memory", "lots"], 2,
+                                        ("--gpu-memory", "lots")),
     "plan_unwritable_work_folder": Row(lambda c: ["plan", c.ds, "-w", under_a_file(c, "work"), "-np", "1"], 1,
                                        ("occupied",)),
     "plan_fingerprint_missing": Row(lambda c: ["plan", "--fingerprint", c.tmp / "fp.json", "-o", c.tmp / "p.json",
@@ -534,36 +532,34 @@ COMMAND_FAULTS: dict[str, Row] = {
     "predict_zero_byte_input": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": lambda p:
                                                                                   p.write_bytes(b"")}),
                                               "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                                   needs_model=True, one_line=False),
+                                   needs_model=True),
     "predict_text_as_image": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": lambda p:
                                                                                 p.write_text("not an image")}),
                                             "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                                 needs_model=True, one_line=False),
+                                 needs_model=True),
     "predict_extra_channel": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": good_image,
                                                                              "a_0001.nii.gz": good_image}),
                                             "-o", c.tmp / "out", "-m", c.model], 1, ("case 'a'", "0001"),
-                                 needs_model=True, one_line=False),
+                                 needs_model=True),
     "predict_nan_input": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": nan_image}),
                                         "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz", "NaN"),
-                             needs_model=True, one_line=False),
+                             needs_model=True),
     "predict_rgb_input": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": image_of(
                                             np.zeros((*SHAPE, 3), np.uint8), vector=True)}),
                                         "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                             needs_model=True, one_line=False),
+                             needs_model=True),
     "predict_4d_input": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": image_of(
                                            np.zeros((2, *SHAPE), np.float32))}),
                                        "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                            needs_model=True, one_line=False),
+                            needs_model=True),
     "predict_2d_input": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": image_of(
                                            np.zeros(SHAPE[1:], np.float32))}),
                                        "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                            needs_model=True, one_line=False),
+                            needs_model=True),
     "predict_failure_is_one_line": Row(lambda c: [*PREDICT, "-i", input_folder(c, {"a_0000.nii.gz": lambda p:
                                                                                       p.write_bytes(b"")}),
                                                   "-o", c.tmp / "out", "-m", c.model], 1, ("a_0000.nii.gz",),
-                                       needs_model=True,
-                                       xfail="AutoSegLib/inference/ (predict_files' summary): one failed case gives "
-                                             "'prediction failed for 1 of 1 case(s):\\n  case ...', two lines"),
+                                       needs_model=True),
     "predict_output_under_a_file": Row(lambda c: [*PREDICT, "-i", c.ds / "imagesTr", "-o", under_a_file(c, "out"),
                                                   "-m", c.model], 1, ("occupied",), needs_model=True),
     # evaluate
@@ -577,10 +573,7 @@ COMMAND_FAULTS: dict[str, Row] = {
                                    c.ds / "labelsTr"], 1, ("case_1",)),
     "evaluate_undeclared_prediction_value": Row(lambda c: ["evaluate", predictions(c, lambda f: write_image(
                                                     np.full(SHAPE, 7, np.uint8), GEOMETRY, f / "case_1.nii.gz")),
-                                                c.ds / "labelsTr"], 1, ("case_1", "7"),
-                                                xfail="AutoSegLib/evaluation/: a prediction holding a value that is "
-                                                      "not a label is scored silently (exit 0); it should be refused "
-                                                      "naming the file and the value, as verify does for labels"),
+                                                c.ds / "labelsTr"], 1, ("case_1", "7")),
     "evaluate_output_under_a_file": Row(lambda c: ["evaluate", predictions(c), c.ds / "labelsTr", "-o",
                                                    under_a_file(c, "summary.json")], 1, ("occupied",)),
     "evaluate_labels_file_not_json": Row(lambda c: ["evaluate", predictions(c), c.ds / "labelsTr", "--labels",

@@ -104,7 +104,15 @@ def fold_dir(work: Path, fold="0") -> Path:
 
 
 def train_argv(dataset, work, fold="0", *flags) -> list[str]:
-    return ["train", str(dataset), CONFIG, str(fold), "-w", str(work), "--device", "cpu", "--events", *map(str, flags)]
+    # The paper's schedule unless a test asks for another: these tests check its SGD state.
+    preset = [] if "--preset" in flags else ["--preset", "paper"]
+    return ["train", str(dataset), CONFIG, str(fold), "-w", str(work), "--device", "cpu", "--events", *preset,
+            *map(str, flags)]
+
+
+def never_predicted(event: dict) -> bool:
+    """The validation's warning about a class a few iterations did not learn (tested elsewhere)."""
+    return "was never predicted" in event.get("message", "")
 
 
 def run_in_process(capsys, argv) -> tuple[int, list[dict]]:
@@ -403,7 +411,7 @@ def test_short_run_events_are_json_with_epochs_and_a_final_done(short_run):
     assert [(e["epoch"], e["iteration"]) for e in progress] == [(ep, it) for ep in range(3) for it in (1, 2, 3)]
     assert events[-1]["event"] == "done" and events[-1]["stage"] == "train"
     assert events[-1]["epochs"] == 3 and Path(events[-1]["checkpoint"]) == fold_dir(work) / "checkpoint_final.pt"
-    assert not [e for e in events if e["event"] in ("error", "warning")]
+    assert not [e for e in events if e["event"] == "error" or (e["event"] == "warning" and not never_predicted(e))]
 
 
 # -- 2. SIGKILL at any moment, then --resume -----------------------------------------------
@@ -474,7 +482,7 @@ def test_sigkill_at_any_moment_then_resume_continues_from_the_last_checkpoint(wo
 def train_in_process(dataset, work, fold="0", **options) -> Trainer:
     """A run that saves ``latest`` every epoch, in this process (no workers)."""
     options = {"epochs": 3, "iterations_per_epoch": 1, "num_workers": 0, "device": "cpu",
-               "checkpoint_every_epochs": 1, **options}
+               "checkpoint_every_epochs": 1, "preset": "paper", **options}
     trainer = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, str(fold), **options)))
     trainer.fit()
     return trainer
@@ -495,7 +503,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_naming_it(work_c
 
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--resume", "--num-workers", 0))
     assert status == 0, events[-3:]
-    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    warnings = [e["message"] for e in events if e["event"] == "warning" and not never_predicted(e)]
     assert len(warnings) == 1 and str(latest) in warnings[0] and "truncated" in warnings[0], warnings
     resumed = next(e["message"] for e in events if e["event"] == "log" and e["message"].startswith("Resuming"))
     assert resumed.startswith(f"Resuming from {folder / 'checkpoint_latest.prev.pt'} at epoch 2 of 3")
@@ -628,7 +636,7 @@ def test_resume_keeps_the_runs_schedule_and_refuses_weights_of_another_network(w
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--resume", "--epochs", 50,
                                                        "--num-workers", 0))
     assert status == 0 and events[-1]["epochs"] == 2
-    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    warnings = [e["message"] for e in events if e["event"] == "warning" and not never_predicted(e)]
     assert len(warnings) == 1 and "continues the run's own schedule (2 epochs x 1 iterations)" in warnings[0]
 
     plans = read_json(work / "plans.json")  # planned again, with a wider network
@@ -654,8 +662,10 @@ def test_quick_preset_trains_with_adamw_and_a_resume_keeps_the_runs_optimizer(wo
                                                             device="cpu")))
     resumed.restore()
     assert isinstance(resumed.optimizer, torch.optim.AdamW) and resumed.schedule.optimizer == "adamw"
-    paper = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "1", num_workers=0, device="cpu")))
+    paper = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "1", preset="paper", num_workers=0, device="cpu")))
     assert isinstance(paper.optimizer, torch.optim.SGD)
+    auto = setup_run(dataset, work, TrainOptions(CONFIG, "2", num_workers=0, device="cpu"))  # the default
+    assert (auto.preset, auto.schedule.optimizer) == ("quick", "adamw") and "no GPU" in auto.preset_reason
     assert paper.optimizer.defaults["momentum"] == 0.99 and paper.optimizer.defaults["nesterov"]
 
 
@@ -729,7 +739,7 @@ def test_pickled_object_in_latest_is_refused_named_and_never_run(short_run, tmp_
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--resume", "--num-workers", 0))
     assert status == 0, events[-3:]
     assert not marker.exists(), "the pickled object's code ran"
-    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    warnings = [e["message"] for e in events if e["event"] == "warning" and not never_predicted(e)]
     assert len(warnings) == 1 and str(evil) in warnings[0] and "pickled" in warnings[0] and "mkdir" in warnings[0]
     resumed = next(e["message"] for e in events if e["event"] == "log" and e["message"].startswith("Resuming"))
     assert resumed.startswith(f"Resuming from {folder / 'checkpoint_final.pt'} at epoch 3")  # not the 'epoch 99'

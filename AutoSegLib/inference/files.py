@@ -25,7 +25,7 @@ import numpy as np
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
-from AutoSegLib.imageio import file_ending, read_image, write_image
+from AutoSegLib.imageio import Geometry, file_ending, read_image, write_image
 from AutoSegLib.inference.probabilities import normalized_entropy
 from AutoSegLib.locks import lock_folder
 
@@ -146,15 +146,18 @@ def write_case_outputs(paths: CaseOutputs, labels: np.ndarray, geometry, probabi
             write(tmp)
 
 
-def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_probabilities: bool = False,
-                      uncertainty: bool = False, reporter: Reporter | None = None,
-                      progress: Callable[[float], None] | None = None) -> None:
-    """Read, predict and write one case, after removing its earlier outputs.
+def read_input_case(case: InputCase, reporter: Reporter | None = None) -> tuple[list[np.ndarray], Geometry]:
+    """The channel arrays of a case (in channel order) and the first channel's geometry.
 
-    ``progress`` receives the fraction of the case's network work done (``Predictor.predict``).
+    A channel whose grid differs from the first one's is reported as a warning (the first
+    channel's geometry is used for all), as ``autoseg predict`` does.
+
+    Example (Slicer's Python console, a 2-channel model):
+        >>> predictor = Predictor.from_model_dir("Dataset002_MR.autoseg/model")  # doctest: +SKIP
+        >>> cases, warnings = find_input_cases("new_scans", predictor.model.n_channels)  # doctest: +SKIP
+        >>> channels, geometry = read_input_case(cases[0])  # doctest: +SKIP
+        >>> labels, _ = predictor.predict(channels, geometry)  # doctest: +SKIP
     """
-    for old in paths.all():
-        old.unlink(missing_ok=True)
     channels, geometry = [], None
     for image in case.images:
         array, geometry_c = read_image(image)
@@ -164,6 +167,19 @@ def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_proba
         elif reporter is not None and not _same_grid(geometry, geometry_c):
             reporter.warning(STAGE, f"{image}: geometry differs from {case.images[0].name}; using the latter's",
                              case=case.case_id, file=str(image))
+    return channels, geometry
+
+
+def predict_case_file(predictor, case: InputCase, paths: CaseOutputs, save_probabilities: bool = False,
+                      uncertainty: bool = False, reporter: Reporter | None = None,
+                      progress: Callable[[float], None] | None = None) -> None:
+    """Read, predict and write one case, after removing its earlier outputs.
+
+    ``progress`` receives the fraction of the case's network work done (``Predictor.predict``).
+    """
+    for old in paths.all():
+        old.unlink(missing_ok=True)
+    channels, geometry = read_input_case(case, reporter)
     fallbacks = getattr(predictor, "host_accumulator_fallbacks", 0)
     labels, probabilities = predictor.predict(channels, geometry, progress=progress,
                                               return_probabilities=save_probabilities or uncertainty)
@@ -192,7 +208,7 @@ def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs],
                                   progress=lambda fraction, case_id=case.case_id: step.part(fraction, case=case_id))
                 ok = True
             except (ReportedFailure, OSError, ValueError, RuntimeError, MemoryError) as exc:
-                message = f"case '{case.case_id}' ({case.images[0]}): {exc}"
+                message = " ".join(f"case '{case.case_id}' ({case.images[0]}): {exc}".split())
                 reporter.error(stage, message, case=case.case_id, file=str(case.images[0]))
                 failures.append(message)
                 ok = False
@@ -258,6 +274,7 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     with held:
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:
-        raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s):\n  "
-                              + "\n  ".join(failures))
+        # one line (each case's own error event came before it); a multi-line exception text is folded
+        raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s): "
+                              + "; ".join(" ".join(f.split()) for f in failures))
     return {"cases": len(cases), "output": str(outputs[0].labels.parent)}

@@ -20,7 +20,7 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.locks import lock_folders
-from AutoSegLib.planning import Plans
+from AutoSegLib.planning import Plans, PlanningError
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.case import PROPERTIES_VERSION, preprocess_case
 from AutoSegLib.preprocessing.sampling import MAX_LOCATIONS_PER_CLASS, MIN_FRACTION, sample_foreground_locations
@@ -44,7 +44,10 @@ def load_plans(work_dir: str | Path) -> Plans:
     path = Path(work_dir) / PLANS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no plans found; run `autoseg plan DATASET` first")
-    return Plans.from_dict(read_json(path))
+    try:
+        return Plans.from_dict(read_json(path))
+    except PlanningError as exc:
+        raise PlanningError(f"{path}: {exc}") from None
 
 
 def data_identifier(name: str, plans: Plans) -> str:
@@ -115,7 +118,8 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
     # Plan order (3d_fullres before the cascade stage that shares its data), each name once.
     names = [n for n in plans.configurations if n in names]
     classes = sorted(dataset.spec.foreground_labels.values())
-    # One process per configuration folder (AutoSegLib/locks.py), all held before any case is written.
+    # One process per configuration folder (AutoSegLib/locks.py), all held before anything is
+    # written (the disk check's probe included) or any case is read.
     held = lock_folders(dict.fromkeys(preprocessed_folder(work_dir, n, plans) for n in names),
                         "preprocessing this configuration")
     # Memory and disk told before any case; strict: refused when they do not fit (AutoSegLib/resources.py).
