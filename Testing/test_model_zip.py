@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import stat
+import struct
 import sys
 import warnings
 import zipfile
@@ -306,6 +307,24 @@ def test_refuses_weights_of_an_unknown_configuration(archive, tmp_path, capsys):
     assert_refused(bad, tmp_path, capsys, "'3d_evil/fold_0/weights.safetensors'")
     listed = rezip(archive, tmp_path / "listed.zip", replace={"3d_evil/fold_0/weights.safetensors": b""})
     assert "not a file an AutoSeg model zip holds" in assert_refused(listed, tmp_path, capsys, "3d_evil")
+
+
+def test_refuses_weights_that_do_not_fit_the_plans(archive, tmp_path, capsys):
+    files = entries_of(archive)
+    bad = rezip(archive, tmp_path / "bad.zip", replace={WEIGHTS: files["2d/fold_0/weights.safetensors"]})
+    assert "does not fit the network of plans.json" in assert_refused(bad, tmp_path, capsys, repr(WEIGHTS))
+
+
+def test_refuses_a_damaged_zip_stream(archive, tmp_path, capsys):
+    bad = tmp_path / "bad.zip"
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(WEIGHTS)  # stored: its bytes follow the local header as they are
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start + info.compress_size - 1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    assert "cannot be read (Bad CRC-32" in assert_refused(bad, tmp_path, capsys, repr(WEIGHTS))
 
 
 def test_refuses_an_existing_target(archive, tmp_path, capsys):
