@@ -63,6 +63,8 @@ def model_dir(tmp_path_factory) -> Path:
     write_json(model / "dataset.json", {**read_json(model / "dataset.json"), "terminology": TERMINOLOGY})
     for fold, dice in FOLD_DICE.items():
         write_json(model / "3d_fullres" / f"fold_{fold}" / "validation" / "summary.json", summary(dice))
+    write_json(model / "crossval" / "2d+3d_fullres.json", summary({"organ": 0.9, "tumour": 0.6}))  # find-best's
+    write_json(model / "crossval" / "3d_fullres.postprocessed.json", summary({"organ": 0.86, "tumour": 0.5}))
     (model / "3d_fullres" / "fold_0" / "training_log.jsonl").write_text("{}\n")  # never exported
     return model
 
@@ -160,7 +162,9 @@ def test_model_card_holds_labels_channels_folds_and_cross_validation(archive):
     assert cv["mean_over_folds"]["per_class"]["organ"] == pytest.approx(0.85)
     assert cv["mean_over_folds"]["per_class"]["tumour"] == pytest.approx(0.4)  # fold 1 has no value
     assert "cross_validation" not in card["configurations"]["2d"]  # no validation summaries
-    assert card["pooled_cross_validation"]["3d_fullres"]["per_class"] == {"organ": 0.85, "tumour": 0.55}
+    pooled = card["pooled_cross_validation"]  # crossval/ when find-best wrote it, else the inference plan's
+    assert pooled["2d+3d_fullres"]["per_class"] == {"organ": 0.9, "tumour": 0.6}
+    assert pooled["3d_fullres + postprocessing"]["mean_foreground_dice"] == pytest.approx(0.68)
     assert card["inference_plan"]["configurations"] == ["3d_fullres"]
     text = files["MODEL_CARD.md"].decode()
     assert "organ (1)" in text and "3d_fullres fold 0 | 0.800 | 0.400" in text and "phantom test model" in text
@@ -177,6 +181,8 @@ def test_export_of_one_configuration_drops_the_inference_plan_and_predicts_via_t
     assert "inference_plan.json is left out" in capsys.readouterr().err
     assert set(entries_of(out)) == {"manifest.json", "model_card.json", "MODEL_CARD.md", "plans.json",
                                     "dataset.json", "2d/fold_0/weights.safetensors"}
+    card = json.loads(entries_of(out)["model_card.json"])
+    assert "pooled_cross_validation" not in card and "inference_plan" not in card  # none made of 2d alone
     assert main(["import-model", str(out)]) == 0  # default target: beside the zip, named after it
     image = tmp_path / "in" / "case_0000.nii.gz"
     image.parent.mkdir()
