@@ -268,8 +268,9 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def dependenciesReady(self) -> bool:
         ready = self.logic.ensureDependencies()
-        if not ready and self.logic.session.dataset_job is not None:
-            self.say(f"{self.logic.session.dataset_job.title}: running in the background")
+        task = self.logic.session.dataset_job
+        if not ready and task is not None and task.command == "install" and not task.finished:
+            self.say(f"{task.title}: running in the background (log: {task.log_path})")
             self.startPolling()
         return ready
 
@@ -463,8 +464,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.text = "Stop" if running else "Start training"
         self.ui.resumeButton.enabled = not running  # a stopped run of this session, or one found on disk
         self.ui.fineTuneButton.enabled = not running
-        if chain is not None:
-            self.showProgress(self.ui.trainProgressBar, self.ui.trainStatusLabel, chain.job,
+        if chain is not None:  # the whole chain's bar: steps weighted by their expected share of the time
+            self.showProgress(self.ui.trainProgressBar, self.ui.trainStatusLabel, chain,
                               chain.step_text if running else self.outcome(chain))
         job = session.prediction
         predicting = job is not None and not job.finished
@@ -566,7 +567,8 @@ class AutoSegLogic(ScriptedLoadableModuleLogic):
         """True if the engine can run. Otherwise asks to install what is missing and starts it in the
         background (PyTorch only through the PyTorch extension); the user presses the button again after."""
         session = self.session
-        if session.dataset_job is not None and not session.dataset_job.finished:
+        installing = session.dataset_job
+        if installing is not None and installing.command == "install" and not installing.finished:
             slicer.util.infoDisplay("Python packages are still being installed; try again when it has finished.")
             return False
         needed = dependencies.missing()

@@ -114,12 +114,13 @@ def training_steps(settings: TrainSettings) -> list[Step]:
     """verify -> plan-and-preprocess -> one training run per fold."""
     settings.check()
     dataset, work = str(settings.dataset), str(work_folder(settings.dataset, settings.work))
-    steps = [Step(["verify", dataset], "check the dataset"),
+    # weights: each step's rough share of the chain's time, for one progress bar that never moves back
+    steps = [Step(["verify", dataset], "check the dataset", weight=0.2),
              Step(["plan-and-preprocess", dataset, "-w", work, "-c", settings.configuration],
-                  "plan and preprocess")]
+                  "plan and preprocess", weight=1.0)]
     for fold in settings.folds:
         steps.append(Step(["train", dataset, settings.configuration, fold, "-w", work, *_train_flags(settings)],
-                          f"train {settings.configuration} fold {fold}"))
+                          f"train {settings.configuration} fold {fold}", weight=20.0))
     return steps
 
 

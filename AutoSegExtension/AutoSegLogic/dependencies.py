@@ -87,8 +87,8 @@ def torch_reason(requirements: Sequence[Requirement] = REQUIREMENTS, find=import
     torch = [r for r in missing([r for r in requirements if r.module == TORCH], find, version_of)]
     if not torch:
         return ""
-    return (f"PyTorch ({torch[0].pip_spec}) is not installed in Slicer's Python: install the PyTorch extension "
-            "(Extensions Manager), then use its module, or press Start training to install it through it")
+    return (f"PyTorch ({torch[0].pip_spec}) is not installed in Slicer's Python; install the PyTorch extension "
+            "(Extensions Manager), then PyTorch through it (its module, or AutoSeg's Start training)")
 
 
 def install_step(requirements: Sequence[Requirement]):
