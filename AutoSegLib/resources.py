@@ -327,7 +327,7 @@ def check_memory(estimate: MemoryEstimate, available: int | None, what: str, adv
     if available is None or estimate.added <= available:
         return None
     message = (f"{what} needs about {format_bytes(estimate.added)} more memory ({estimate.describe()}) but "
-               f"{format_bytes(available)} is available: the system may kill it near that point.")
+               f"{format_bytes(available)} is available: the out-of-memory killer may end it at that step.")
     if advice:
         message += " " + advice
     if strict:

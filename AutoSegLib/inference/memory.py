@@ -40,10 +40,10 @@ from typing import Mapping, Sequence
 
 from AutoSegLib.resources import MemoryEstimate, planning_shape, peak_of
 
-# Peak bytes of one forward pass per (window voxel x first-stage feature x 4 bytes): 5.7-7.3 for
-# the phantom plans' 3D networks, 8.1-9.5 for 2D (measured with a fresh process's VmHWM around
-# predict_window_batch, TTA on and off); the larger value is taken.
-ACTIVATIONS = 9.5
+# Peak bytes of one forward pass per (window voxel x first-stage feature x 4 bytes), by patch
+# dimension: 5.7-7.3 for the phantom plans' 3D networks, 8.1-9.5 for 2D (measured with a fresh
+# process's VmHWM around predict_window_batch, TTA on and off); the upper end is taken.
+ACTIVATIONS = {2: 9.5, 3: 7.5}
 # What a process holds before predicting: Python, numpy, scipy, SimpleITK and torch imported
 # (329 MiB measured with AutoSeg's imports); the model's weights come on top (:func:`model_bytes`).
 BASE_PROCESS = 330 << 20
@@ -119,7 +119,8 @@ def network_bytes(config: Mapping, channels: int, n_classes: int, batch_size: in
     batch = batch_size or default_batch(config, device)
     window = math.prod(int(p) for p in config["patch_size"])
     features = int((config.get("features_per_stage") or [32])[0])
-    return ACTIVATIONS * batch * window * features * 4 + batch * (channels + n_classes) * window * 4 * bool(tta)
+    activations = ACTIVATIONS.get(len(config["patch_size"]), max(ACTIVATIONS.values()))
+    return activations * batch * window * features * 4 + batch * (channels + n_classes) * window * 4 * bool(tta)
 
 
 def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[str], n_classes: int, shape,
