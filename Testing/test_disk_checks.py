@@ -94,6 +94,20 @@ def test_full_disk_is_refused_before_any_case(model_dir, inputs, tmp_path, capsy
     assert status == 1 and "disk full" in errors[0] and str(mount_point(tmp_path)) in errors[0]
 
 
+def test_read_only_work_folder_is_refused_before_preprocessing(tmp_path, capsys, monkeypatch):
+    from conftest import box_case, write_dataset
+
+    dataset = write_dataset(tmp_path / "DS", {f"c{i}": box_case(seed=i) for i in range(2)})
+    work = tmp_path / "WORK"
+    assert main(["plan", str(dataset), "-w", str(work), "-np", "1"]) == 0
+    capsys.readouterr()
+    refuse_writes(monkeypatch)
+    status, events = run(capsys, ["preprocess", str(dataset), "-w", str(work), "-np", "1", "--events"])
+    errors = [e["message"] for e in events if e["event"] == "error"]
+    assert status == 1 and "preprocessed data folder is read-only" in errors[0]
+    assert not list((work / "preprocessed").rglob("*.npy"))
+
+
 def test_too_little_room_warns_and_strict_refuses(model_dir, inputs, tmp_path, capsys, monkeypatch):
     import AutoSegLib.inference.memory as memory
 

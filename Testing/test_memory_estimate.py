@@ -121,6 +121,17 @@ def test_available_memory_reads_meminfo_and_a_cgroup_limit(tmp_path):
     assert available_memory() is None or available_memory() > 0  # this machine, whatever it is
 
 
+def test_unknown_available_memory_degrades_to_telling_the_estimate(monkeypatch, tmp_path):
+    import AutoSegLib.resources as resources
+
+    def no_sysconf(name):
+        raise ValueError(name)  # macOS has no SC_AVPHYS_PAGES
+    monkeypatch.setattr(resources.os, "sysconf", no_sysconf)
+    monkeypatch.setattr(resources.sys, "platform", "darwin")
+    assert available_memory(str(tmp_path / "no-meminfo"), str(tmp_path)) is None
+    assert check_memory(estimate(), None, "work", strict=True) is None  # nothing to compare: no refusal
+
+
 def test_override_from_the_environment_is_parsed_at_the_boundary():
     assert available_memory_override({}) is None
     assert available_memory_override({AVAILABLE_MEMORY_ENV: "1500"}) == 1500 * MiB
