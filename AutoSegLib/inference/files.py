@@ -268,10 +268,10 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     held = lock_folder(outputs[0].labels.parent, "writing predictions to this folder")
     from AutoSegLib.inference.memory import check_prediction_resources
 
-    # Before any case: the output folder writable with room, the largest case's memory told.
-    check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
-                               available_memory)
-    with held:
+    with held:  # released also when the check below refuses
+        # Before any case: the output folder writable with room, the largest case's memory told.
+        check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
+                                   available_memory)
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:
         # one line (each case's own error event came before it); a multi-line exception text is folded

@@ -123,8 +123,13 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
     held = lock_folders(dict.fromkeys(preprocessed_folder(work_dir, n, plans) for n in names),
                         "preprocessing this configuration")
     # Memory and disk told before any case; strict: refused when they do not fit (AutoSegLib/resources.py).
-    check_preprocess_resources(dataset.cases, {n: (plans.configurations[n].to_dict(), preprocessed_folder(
-        work_dir, n, plans)) for n in names}, plans.transpose_forward, num_processes, reporter, strict, available_memory)
+    try:
+        check_preprocess_resources(dataset.cases, {n: (plans.configurations[n].to_dict(), preprocessed_folder(
+            work_dir, n, plans)) for n in names}, plans.transpose_forward, num_processes, reporter, strict,
+            available_memory)
+    except BaseException:
+        held.close()  # a refusal leaves the folders free for the next try in this process
+        raise
     summary, failures, done_folders = {}, [], {}  # folder -> configuration that filled it
     for name in names:
         folder = preprocessed_folder(work_dir, name, plans)
