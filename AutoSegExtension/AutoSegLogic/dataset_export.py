@@ -35,8 +35,8 @@ from AutoSegLib.imageio import Geometry, write_image
 
 from AutoSegLogic import labels as label_rules
 from AutoSegLogic import terminology as terms
-from AutoSegLogic.volumes import (GeometryError, array_from_node, node_geometry, resample_onto, same_grid,
-                                  temporary_nodes)
+from AutoSegLogic.volumes import (GeometryError, VoxelSnapshot, array_from_node, materialise, node_geometry,
+                                  resample_onto, same_grid, temporary_nodes)
 
 DEFAULT_ENDING = ".nii.gz"
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -156,7 +156,10 @@ def write_export(prepared: PreparedExport, job=None) -> ExportResult:
     for n, (item, index) in enumerate(zip(prepared.items, indexes)):
         if job is not None and job.cancel_requested:
             break
-        _write_case(folder, spec, item, index, prepared.ignore_unannotated)
+        try:
+            _write_case(folder, spec, item, index, prepared.ignore_unannotated)
+        except GeometryError as exc:
+            raise ExportError(f"case '{item.case_id}': {exc}") from None
         notes += item.notes
         if job is not None:
             job.report(n + 1, len(prepared.items), f"wrote case {item.case_id}")
@@ -251,7 +254,10 @@ def write_prediction_channels(folder, channels: tuple, job=None, file_ending: st
     for c, image in enumerate(images):
         if job is not None and job.cancel_requested:
             break
-        write_image(image, geometry, folder / f"{case_id}_{c:04d}{file_ending}")
+        try:
+            write_image(materialise(image), geometry, folder / f"{case_id}_{c:04d}{file_ending}")
+        except GeometryError as exc:
+            raise ExportError(f"case '{case_id}': {exc}") from None
         if job is not None:
             job.report(c + 1, len(images))
     return folder
@@ -294,15 +300,17 @@ def _prepare(case: SceneCase, spec: DatasetSpec, scene, taken: set[str]) -> _Pre
     return _Prepared(case_id, images, geometry, index_of, names, notes, chosen)
 
 
-def _channels(volumes: Sequence, case_id: str) -> tuple[list[np.ndarray], Geometry, list[str]]:
+def _channels(volumes: Sequence, case_id: str) -> tuple[list, Geometry, list[str]]:
+    """The channels on the first one's grid: snapshots (copied later, in the writing thread), or
+    arrays for channels that had to be resampled here."""
     try:
         reference = node_geometry(volumes[0])
-        first = array_from_node(volumes[0])
+        first = VoxelSnapshot(volumes[0])
         images, notes = [first], []
         for volume in volumes[1:]:
-            geometry, array = node_geometry(volume), array_from_node(volume)
+            geometry, array = node_geometry(volume), VoxelSnapshot(volume)
             if not same_grid(geometry, array.shape, reference, first.shape):
-                array = resample_onto(array, geometry, reference, first.shape)
+                array = resample_onto(array.array(), geometry, reference, first.shape)
                 notes.append(f"case '{case_id}': channel '{volume.GetName()}' resampled onto the grid of "
                              f"'{volumes[0].GetName()}'")
             images.append(array)
@@ -532,7 +540,7 @@ def _label_values(item: _Prepared, index: np.ndarray, table: dict[str, int], ign
 def _write_case(folder: Path, spec: DatasetSpec, item: _Prepared, index: np.ndarray, ignore_unannotated: bool) -> None:
     ending = spec.file_ending
     for c, image in enumerate(item.images):
-        write_image(image, item.geometry, folder / "imagesTr" / f"{item.case_id}_{c:04d}{ending}")
+        write_image(materialise(image), item.geometry, folder / "imagesTr" / f"{item.case_id}_{c:04d}{ending}")
     # The label last: a case without its label is not a training case yet.
     write_image(_label_values(item, index, spec.labels, ignore_unannotated), item.geometry,
                 folder / "labelsTr" / f"{item.case_id}{ending}")

@@ -97,6 +97,42 @@ def array_from_node(node) -> np.ndarray:
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
 
 
+class VoxelSnapshot:
+    """A volume's voxels as they are now, copied later in any thread (a worker writing files).
+
+    Made on the GUI thread (it only takes a reference to the node's voxel array, no copy);
+    :meth:`array` copies them. A change of the voxels in place in between (rare for volumes:
+    filters make new voxel arrays, which leave this one as it was) is detected and refused
+    rather than written half old, half new.
+    """
+
+    def __init__(self, node):
+        image = node.GetImageData()
+        if image is None or image.GetPointData().GetScalars() is None:
+            raise GeometryError(f"volume '{node.GetName()}' has no voxels")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise GeometryError(f"volume '{node.GetName()}' has {image.GetNumberOfScalarComponents()} components per "
+                                "voxel (e.g. RGB); convert it to a scalar (greyscale) volume first")
+        nx, ny, nz = image.GetDimensions()
+        self.name = node.GetName()
+        self._scalars = image.GetPointData().GetScalars()  # keeps the array alive while it is needed
+        self._mtime = self._scalars.GetMTime()
+        self._view = numpy_support.vtk_to_numpy(self._scalars).reshape(nz, ny, nx)
+        self.shape, self.dtype = self._view.shape, self._view.dtype
+
+    def array(self) -> np.ndarray:
+        """The voxels as a (z, y, x) array of their own (thread-safe)."""
+        out = self._view.copy()
+        if self._scalars.GetMTime() != self._mtime:
+            raise GeometryError(f"volume '{self.name}' was changed while it was being saved; try again")
+        return out
+
+
+def materialise(image) -> np.ndarray:
+    """An array, or a :class:`VoxelSnapshot`'s voxels."""
+    return image.array() if isinstance(image, VoxelSnapshot) else image
+
+
 def set_node_array(node, array: np.ndarray) -> None:
     """Give the node new voxels (a (z, y, x) array); its geometry is left as it is."""
     array = np.ascontiguousarray(array)

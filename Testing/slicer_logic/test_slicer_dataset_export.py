@@ -396,3 +396,20 @@ def test_cases_are_read_from_their_labelmap_layers_as_slicers_export_reads_them(
     with volumes.temporary_nodes(scene):
         slow = dataset_export._export_index(scene, logic, segmentation, ids, volume, "p1", "p1 seg")
     assert np.array_equal(fast, slow) and (fast == 3).any()
+
+
+def test_a_voxel_snapshot_is_copied_later_and_refuses_voxels_changed_in_place(scene):
+    """The GUI thread only takes a snapshot; the writing thread copies it."""
+    from vtk.util import numpy_support
+
+    image = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    volume = volume_node(scene, image, np.eye(4))
+    snapshot = volumes.VoxelSnapshot(volume)
+    volumes.set_node_array(volume, image + 100)  # a filter's new voxels: the snapshot keeps the old ones
+    assert np.array_equal(snapshot.array(), image)
+    snapshot = volumes.VoxelSnapshot(volume)
+    scalars = volume.GetImageData().GetPointData().GetScalars()
+    numpy_support.vtk_to_numpy(scalars)[:] = 7  # edited in place, as slicer.util.arrayFromVolume users do
+    scalars.Modified()
+    with pytest.raises(volumes.GeometryError, match="was changed while it was being saved"):
+        snapshot.array()
