@@ -66,6 +66,7 @@ def test_outputs_ensembles_cascades_and_devices():
     coarse = dict(CONFIG, spacing=[4.0, 4.0, 4.0])
     pair = estimate((300, 300, 300), configurations={"3d": CONFIG, "coarse": coarse}, names=("3d", "coarse"))
     assert pair.phases["coarse restore"] > plain.phases["3d restore"]  # the first one's sum is held
+    assert pair.phases["labels"] - plain.phases["labels"] == network_bytes(coarse, 1, 4)  # each run's heap stays
     assert plain.phases["3d sliding window"] > estimate((300, 300, 300), configurations={"c": coarse},
                                                         names=("c",)).phases["c sliding window"]
     cascade = dict(CONFIG, previous_stage="coarse")

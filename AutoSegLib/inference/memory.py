@@ -75,7 +75,8 @@ def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, 
                                 folds, tta, batch_size, device)
         phases.append((f"{cascade} labels", {**held, "probabilities": k * n0 * 4, "argmax copy": k * n0 * 4,
                                             "argmax (int64)": n0 * 8}))
-        held = {**held, f"{cascade} labels": n0}
+        held = {**held, f"{cascade} labels": n0,
+                **_retained(cascade, network_bytes(configurations[cascade], n_channels, k, batch_size, tta, device))}
     shape_t, new_shape = planning_shape(shape, spacing, config, transpose)
     n1 = math.prod(new_shape)
     resample = tuple(new_shape) != tuple(shape_t)
@@ -102,15 +103,16 @@ def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, 
     else:
         phases.append((f"{name} sliding window", {**held, **data, **network}))
     phases.append((f"{name} restore", {**held, "fold mean": k * n1 * 4, "probabilities (input grid)": k * n0 * 4,
-                                       **_retained(network["network (one batch)"])}))
+                                       **_retained(name, network["network (one batch)"])}))
     return phases
 
 
-def _retained(network: float) -> dict:
+def _retained(name: str, network: float) -> dict:
     # The network's activations are many allocations below glibc's mmap threshold: freed, they
     # stay in the heap, so the process keeps about one batch's worth until it ends (measured:
-    # RSS after the sliding window 100 MiB above its arrays for a 65 MiB batch of 3d_cpu).
-    return {"retained by the allocator": network}
+    # RSS after the sliding window 100 MiB above its arrays for a 65 MiB batch of 3d_cpu), one
+    # per configuration run (an ensemble of 3d_cpu and 2d measured 12% above one batch's worth).
+    return {f"retained by the allocator ({name})": network}
 
 
 def network_bytes(config: Mapping, channels: int, n_classes: int, batch_size: int | None = None, tta: bool = True,
@@ -150,11 +152,13 @@ def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[s
     for i, name in enumerate(names):
         phases += _stage_phases(name, configurations, held, n_channels, k, shape, spacing, transpose_forward,
                                 folds, tta, batch_size, device)
-        if i == 0 and len(names) > 1:
-            held = {**inputs, "ensemble sum": k * n0 * 4}
+        stage = configurations[name]
+        while stage is not None:  # a cascade leaves its first stage's heap behind too
+            inputs.update(_retained(name, network_bytes(stage, n_channels, k, batch_size, tta, device)))
+            name = stage.get("previous_stage")
+            stage = configurations[name] if name else None
+        held = {**inputs, "ensemble sum": k * n0 * 4}
     probabilities = {"probabilities (input grid)": k * n0 * 4}
-    inputs.update(_retained(max(network_bytes(configurations[name], n_channels, k, batch_size, tta, device)
-                                for name in names)))
     phases.append(("labels", {**inputs, **probabilities, "argmax copy": k * n0 * 4, "argmax (int64)": n0 * 8}))
     if postprocessing:
         phases.append(("postprocessing", {**inputs, **probabilities, "labels": n0, "components": n0 * 9}))
