@@ -128,6 +128,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._shownChart = None
         self._reportedTask = None
+        self._shownDevice = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -161,6 +162,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.updateChannelPickers()
         self.refreshCases()
+        self.updateConfigurationInfo()
         self.startPolling()  # until the device probe has answered
 
     def cleanup(self) -> None:
@@ -418,7 +420,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task is not None and task.finished and task is not self._reportedTask:
             self._reportedTask = task
             self.onBackgroundTaskFinished(task)
-        if self.logic.deviceProbe is not None and self.logic.deviceProbe.poll() is not None:
+        if self._shownDevice is None and self.logic.deviceType() is not None:  # the probe has just answered
+            self._shownDevice = self.logic.deviceType()
             self.updateConfigurationInfo()
         self.updateJobWidgets()
         if not session.busy and self.logic.deviceType() is not None:
