@@ -8,10 +8,14 @@ Modules:
 
 - ``volumes``: volume node <-> numpy array and geometry (MRML's RAS <-> ITK's LPS).
 - ``labels``: segment names -> dataset label values, and the fixed colours of labels.
+- ``terminology``: SNOMED CT category, type and laterality of structures, and their colours.
 - ``dataset_export``: cases from the scene -> an nnU-Net v2 dataset folder (append-only).
 - ``folds``: new cases added to an existing ``splits_final.json`` without moving old ones.
-- ``jobs``: engine commands in background processes, read through ``--events``.
-- ``commands``: the argument lists of training, prediction and fine-tuning.
+- ``jobs``: engine commands in background processes, read through ``--events``; file work in
+  worker threads (``ThreadJob``).
+- ``commands``: the argument lists of training, prediction and fine-tuning; configuration
+  choices (``auto``), plan offers with epoch-time estimates, the predict rule.
+- ``device``: whether training would run on a GPU, probed without blocking.
 - ``results``: predictions back into the scene (segmentation + uncertainty overlay).
 - ``curves``: per-epoch loss and pseudo-Dice in table and plot nodes.
 - ``dependencies``: which Python packages the engine still needs (installing is the GUI's job).
