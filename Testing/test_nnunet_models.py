@@ -185,13 +185,13 @@ def test_unsupported_dataset_features_are_refused(edit, named):
 
 # -- model folders in nnU-Net's layout ---------------------------------------------------------
 def write_model_folder(results: Path, configuration: str, seed: int = 0, trainer: str = "nnUNetTrainer",
-                       plans: dict | None = None, mirror=(0, 1, 2), folds=(0,)) -> Path:
+                       plans: dict | None = None, mirror=(0, 1, 2), folds=(0,), dataset: dict | None = None) -> Path:
     """A trained model folder as nnunetv2 writes it: random weights, nnU-Net's checkpoint keys."""
     plans = plans or nnunet_plans()
     folder = results / f"{trainer}__nnUNetPlans__{configuration}"
     folder.mkdir(parents=True)
     (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(nnunet_dataset()))
+    (folder / "dataset.json").write_text(json.dumps(dataset or nnunet_dataset()))
     config = convert_configuration(plans, configuration, "plans.json")
     in_channels = 1 + (2 if config.get("previous_stage") else 0)
     for fold in folds:
@@ -218,6 +218,14 @@ def test_trained_model_folder_predicts(tmp_path):
     labels, probabilities = predictor.predict([image], GEOMETRY, return_probabilities=True)
     assert labels.shape == image.shape and probabilities.shape == (3, *image.shape)
     np.testing.assert_allclose(probabilities.sum(0), 1, atol=1e-5)
+
+
+def test_ignore_label_is_not_a_network_output(tmp_path):
+    dataset = {**nnunet_dataset(), "labels": {**LABELS, "ignore": 3}}
+    folder = write_model_folder(tmp_path, "3d_fullres", dataset=dataset)
+    predictor = Predictor.from_model_dir(folder, device="cpu", tta=False)
+    labels, probabilities = predictor.predict([np.ones((10, 20, 18), np.float32)], GEOMETRY, return_probabilities=True)
+    assert predictor.model.n_classes == 3 and probabilities.shape[0] == 3 and labels.max() < 3
 
 
 def test_results_folder_chooses_like_autoseg_models(tmp_path):
@@ -309,7 +317,33 @@ def test_numpy_scalars_load_but_numpy_arrays_do_not(tmp_path):
         read_checkpoint(path)
 
 
+def test_numpy_1_scalars_load_too(tmp_path):
+    """Checkpoints written under numpy 1 name the scalar constructor numpy.core.multiarray.scalar."""
+    import io
+    import zipfile
+
+    torch.save({"a": np.float64(1.5)}, tmp_path / "numpy2.pth")
+    renamed = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "numpy2.pth") as source, zipfile.ZipFile(renamed, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(item, data)
+    (tmp_path / "numpy1.pth").write_bytes(renamed.getvalue())
+    assert read_checkpoint(tmp_path / "numpy1.pth") == {"a": 1.5}
+
+
 # -- agreement with nnU-Net v2 on its own outputs ----------------------------------------------
+# nnunetv2 accumulates sliding-window logits in float16, even on the CPU: that alone moves its
+# probabilities by up to ~1e-3, and more at image corners, where the Gaussian weights of the
+# windows are float16 subnormals. Probabilities are therefore held to 1e-3 against the same
+# nnunetv2 run with float32 accumulators (nnunet_predictions_fp32/, see
+# benchmarks/make_nnunet_fixtures.py), and to its own rounding against the stock output.
+STOCK, FLOAT32 = "nnunet_predictions", "nnunet_predictions_fp32"
+
+
 def fixture_cases():
     for record in sorted(FIXTURES.glob("*/fixture.json")):
         info = json.loads(record.read_text())
@@ -317,16 +351,42 @@ def fixture_cases():
             yield pytest.param(record.parent, info, case, id=f"{record.parent.name}-{case}")
 
 
+@pytest.fixture(scope="module")
+def predictors():
+    return {}
+
+
 @pytest.mark.parametrize("fixture, info, case", list(fixture_cases()))
-def test_predictions_agree_with_nnunet_v2(fixture, info, case):
-    predictor = Predictor.from_model_dir(fixture / info["model_folder"], device="cpu", tta=info["tta"])
-    images = sorted((fixture / "imagesTs").glob(f"{case}_*.nii.gz"))
-    channels = [read_image(p) for p in images]
-    labels, probabilities = predictor.predict([c[0] for c in channels], channels[0][1], return_probabilities=True)
-    expected_labels, _ = read_image(fixture / "nnunet_predictions" / f"{case}.nii.gz")
-    expected = np.load(fixture / "nnunet_predictions" / f"{case}.npz")["probabilities"]
-    agreement = float((labels == expected_labels).mean())
-    difference = float(np.abs(probabilities - expected).max())
-    print(f"{fixture.name} {case}: labels agree on {agreement:.4%} of voxels, max |p - p_nnunet| {difference:.2e}")
-    assert agreement >= 0.999
-    assert difference <= 1e-3
+def test_predictions_agree_with_nnunet_v2(fixture, info, case, predictors):
+    if fixture not in predictors:
+        predictors[fixture] = Predictor.from_model_dir(fixture / info["model_folder"], device="cpu", tta=info["tta"])
+    channels = [read_image(p) for p in sorted((fixture / "imagesTs").glob(f"{case}_*.nii.gz"))]
+    labels, probabilities = predictors[fixture].predict([c[0] for c in channels], channels[0][1],
+                                                        return_probabilities=True)
+    figures = {}
+    for folder in (STOCK, FLOAT32):
+        expected_labels, _ = read_image(fixture / folder / f"{case}.nii.gz")
+        expected = np.load(fixture / folder / f"{case}.npz")["probabilities"]
+        difference = np.abs(probabilities - expected).max(axis=0)
+        figures[folder] = (float((labels == expected_labels).mean()), float(difference.max()),
+                           float(np.quantile(difference, 0.999)))
+        print(f"{fixture.name} {case} vs {folder}: labels agree on {figures[folder][0]:.4%} of voxels "
+              f"({np.count_nonzero(expected_labels)} foreground), max |p - p_nnunet| {figures[folder][1]:.2e}, "
+              f"99.9th percentile {figures[folder][2]:.2e}")
+        assert figures[folder][0] >= 0.999
+    assert figures[FLOAT32][1] <= 1e-3
+    assert figures[STOCK][2] <= 1e-3 and figures[STOCK][1] <= 2e-2
+
+
+@pytest.mark.skipif(not (FIXTURES / "mr_2d_resenc" / "fixture.json").is_file(), reason="fixture not made")
+def test_autoseg_predict_takes_an_nnunet_results_folder(tmp_path):
+    from AutoSegLib.cli import main
+
+    fixture = FIXTURES / "mr_2d_resenc"  # holds one trained model folder beside its test data
+    info = json.loads((fixture / "fixture.json").read_text())
+    assert main(["predict", "-i", str(fixture / "imagesTs"), "-o", str(tmp_path / "out"), "-m", str(fixture),
+                 "--no-tta", "--device", "cpu"]) == 0
+    for case in info["cases"]:
+        labels, geometry = read_image(tmp_path / "out" / f"{case}.nii.gz")
+        expected, expected_geometry = read_image(fixture / STOCK / f"{case}.nii.gz")
+        assert (labels == expected).mean() >= 0.999 and geometry == expected_geometry
