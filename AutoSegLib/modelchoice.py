@@ -22,7 +22,8 @@ from pathlib import Path
 
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.names import (CHECKPOINT_FILES, CONFIGURATIONS, INFERENCE_PLAN_FILE, fold_dir_name, listing)
+from AutoSegLib.names import (CHECKPOINT_FILES, CONFIGURATIONS, INFERENCE_PLAN_FILE, PLANS_FILE, fold_dir_name,
+                              listing)
 from AutoSegLib.training.splits import ALL_FOLDS, SplitsError, parse_fold
 
 INFERENCE_PLAN_VERSION = 1
@@ -124,6 +125,40 @@ def describe_trained(trained: dict[str, list]) -> str:
     return ", ".join(f"{name} ({folds(fs)})" for name, fs in trained.items())
 
 
+def check_trained(model_dir: Path, configuration: str, folds: list | None, checkpoint: str) -> None:
+    """Refuse a configuration that is not planned, or lacks the folds (any fold) asked for."""
+    planned = planned_configurations(model_dir)
+    if planned is not None and configuration not in planned:
+        raise ModelFolderError(f"{model_dir / PLANS_FILE}: configuration {configuration!r} is not planned; "
+                               f"planned: {', '.join(planned)}")
+    have = trained_folds(model_dir, configuration, checkpoint)
+    missing = [f for f in folds if f not in have] if folds is not None else ([] if have else None)
+    if missing is None or missing:
+        what = f"fold(s) {missing} of {configuration} have no" if missing else f"no fold of {configuration} has"
+        raise ModelFolderError(f"{model_dir}: {what} {CHECKPOINT_FILES[checkpoint]} "
+                               f"({describe_checkpoints(model_dir, configuration)})")
+
+
+def describe_checkpoints(model_dir: str | Path, configuration: str) -> str:
+    """What is there, e.g. ``fold_0: final, best; fold_1: latest``, or that nothing is."""
+    folder = Path(model_dir) / configuration
+    parts = []
+    for entry in sorted(folder.glob("fold_*")) if folder.is_dir() else []:
+        kinds = [k for k, name in CHECKPOINT_FILES.items() if (entry / name).is_file()]
+        parts.append(f"{entry.name}: {', '.join(kinds) or 'no checkpoint'}")
+    return "; ".join(parts) if parts else f"nothing trained ({folder} has no fold folders)"
+
+
+def planned_configurations(model_dir: Path) -> list[str] | None:
+    """The configuration names of ``model_dir/plans.json``; None when it is missing or unreadable
+    (opening the model folder reports that, with the reason)."""
+    try:
+        configurations = read_json(Path(model_dir) / PLANS_FILE).get("configurations")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(configurations) if isinstance(configurations, dict) else None
+
+
 def choose(model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
            checkpoint: str | None = None) -> ModelChoice:
     """Apply the rule of this module's docstring to ``model_dir``.
@@ -146,6 +181,8 @@ def choose(model_dir: str | Path, configuration: str | list[str] | None = None, 
         return nnunet_layout.choose(model_dir, configuration, wanted_folds, checkpoint)
     if configuration:
         names = [configuration] if isinstance(configuration, str) else list(configuration)
+        for name in names:  # told now, before a process starts or a network is built (the Slicer module)
+            check_trained(model_dir, name, wanted_folds, checkpoint or DEFAULT_CHECKPOINT)
         return ModelChoice(names, wanted_folds, checkpoint or DEFAULT_CHECKPOINT, {}, "as asked")
     plan_path = model_dir / INFERENCE_PLAN_FILE
     if plan_path.is_file():

@@ -66,6 +66,8 @@ def test_the_inference_plan_wins_over_what_is_trained(tmp_path):
 
 def test_what_is_asked_for_wins_over_everything(tmp_path):
     touch(tmp_path, "2d", 0)
+    touch(tmp_path, "2d", 0, "latest")
+    touch(tmp_path, "2d", 1, "latest")
     (tmp_path / "inference_plan.json").write_text(json.dumps({"version": 1, "configurations": ["3d_fullres"],
                                                              "folds": [0]}))
     choice = choose(tmp_path, configuration="2d", folds=[0, "1"], checkpoint="latest")
@@ -90,3 +92,15 @@ def test_the_rule_needs_no_torch():
     code = "import sys, AutoSegLib.modelchoice, AutoSegLib.names; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+def test_a_configuration_asked_for_without_its_folds_is_refused_up_front(tmp_path):
+    # the Slicer module calls choose before starting a process: the error must come from here
+    touch(tmp_path, "3d_cpu", 0)
+    (tmp_path / "plans.json").write_text(json.dumps({"configurations": {"2d": {}, "3d_cpu": {}}}))
+    with pytest.raises(ModelFolderError, match="no fold of 2d has checkpoint_final.pt"):
+        choose(tmp_path, configuration="2d")
+    with pytest.raises(ModelFolderError, match=r"fold\(s\) \[1\] of 3d_cpu have no checkpoint_final.pt \(fold_0: final\)"):
+        choose(tmp_path, configuration="3d_cpu", folds=[0, 1])
+    with pytest.raises(ModelFolderError, match="'3d_lowres' is not planned; planned: 2d, 3d_cpu"):
+        choose(tmp_path, configuration="3d_lowres")

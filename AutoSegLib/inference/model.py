@@ -19,8 +19,8 @@ from AutoSegLib.dataset import DatasetError, DatasetSpec
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.planning import Plans, PlanningError
 from AutoSegLib.planning.validate import configuration_problems, model_folder_problems, summarize
-from AutoSegLib.modelchoice import (INFERENCE_PLAN_VERSION, ModelFolderError, fold_sort_key, parse_folds,  # noqa: F401
-                                    read_inference_plan, trained_folds)
+from AutoSegLib.modelchoice import (INFERENCE_PLAN_VERSION, ModelFolderError, describe_checkpoints,  # noqa: F401
+                                    fold_sort_key, parse_folds, read_inference_plan, trained_folds)
 from AutoSegLib.names import (CHECKPOINT_FILES, DATASET_FILE, GPU_CONFIGURATION, INFERENCE_PLAN_FILE, PLANS_FILE,
                               fold_dir_name)
 from AutoSegLib.training.checkpoint import CheckpointError, load_checkpoint
@@ -114,12 +114,7 @@ class ModelFolder:
 
     def describe_checkpoints(self, configuration: str) -> str:
         """What is there, e.g. ``fold_0: final, best; fold_1: latest``, or that nothing is."""
-        folder = self.path / configuration
-        parts = []
-        for entry in sorted(folder.glob("fold_*")) if folder.is_dir() else []:
-            kinds = [k for k, name in CHECKPOINTS.items() if (entry / name).is_file()]
-            parts.append(f"{entry.name}: {', '.join(kinds) or 'no checkpoint'}")
-        return "; ".join(parts) if parts else f"nothing trained ({folder} has no fold folders)"
+        return describe_checkpoints(self.path, configuration)
 
     def resolve_folds(self, configuration: str, folds, checkpoint: str) -> list:
         """The folds to use: those asked for (each must hold ``checkpoint``), else every trained one."""
