@@ -172,11 +172,13 @@ def cmd_train(args, reporter: Reporter) -> None:
                            num_workers=args.num_workers, seed=args.seed,
                            checkpoint_every_epochs=args.checkpoint_every_epochs, init_from=args.init_from,
                            optimizer=args.optimizer, initial_lr=args.lr)
-    run = setup_run(args.dataset, work, options, log=lambda m: reporter.log("train", m))
+    run = setup_run(args.dataset, work, options)
     reporter.log("train", f"Training {args.configuration} fold {args.fold} with the {run.preset} schedule "
                           f"[{run.preset_reason}]: {len(run.train_cases)} training, {len(run.val_cases)} validation "
                           f"case(s); {run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations, "
                           f"{run.schedule.optimizer} -> {run.run_folder}")
+    for note in run.notes:
+        reporter.log("train", note)
     with run.lock:  # the fold folder's, held through validation and given back even in-process (Python API)
         result = Trainer(run, reporter).fit()
         if args.validate:

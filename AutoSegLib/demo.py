@@ -92,10 +92,12 @@ def stage_train(state: DemoState) -> str:
 
     options = TrainOptions(configuration=DEMO_CONFIGURATION, fold=DEMO_FOLD, preset="quick", overwrite=True,
                            device=state.device)
-    run = setup_run(state.dataset, state.work_dir, options, log=lambda m: state.reporter.log("train", m))
+    run = setup_run(state.dataset, state.work_dir, options)
     with run.lock:  # the fold folder's, given back when training ends (later stages only read it)
         state.reporter.log("train", f"Training {DEMO_CONFIGURATION} on {len(run.train_cases)} cases, quick preset "
                                     f"({run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations)")
+        for note in run.notes:
+            state.reporter.log("train", note)
         trainer = Trainer(run, state.reporter)
         result = trainer.fit()
     state.results["model"] = run.model_folder

@@ -141,7 +141,9 @@ def check_run_folder(run_folder: Path, options: TrainOptions) -> None:
         remove_run(run_folder)
 
 
-def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions, log=None) -> RunSetup:
+def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions) -> RunSetup:
+    # Messages of the setup (e.g. "splits created") go to ``RunSetup.notes``, for the caller to log
+    # after its first line, which names the schedule.
     """Resolve plans, folds, schedule and folders; nothing is trained or written but the model files.
 
     The returned run holds its fold folder's lock (``run.lock``, AutoSegLib/locks.py) until
@@ -163,7 +165,8 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
                                  f"{', '.join(plans.configurations)}")
     config = plans.configurations[options.configuration].to_dict()
     fold = splitting.parse_fold(options.fold)
-    train_cases, val_cases = fold_cases(work_dir, dataset.case_ids, options.fold, dataset.spec, log)
+    notes: list[str] = []
+    train_cases, val_cases = fold_cases(work_dir, dataset.case_ids, options.fold, dataset.spec, notes.append)
     data_folder = preprocessed_folder(work_dir, options.configuration, plans)
     check_preprocessed(data_folder, sorted(set(train_cases) | set(val_cases)), options.configuration, dataset_folder)
     # The run folder is judged before anything is written: a refused run (a trained fold without
@@ -185,7 +188,7 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
                     schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
-                    preset=preset, preset_reason=preset_reason, lock=lock)
+                    notes=notes, preset=preset, preset_reason=preset_reason, lock=lock)
 
 
 def configure_cpu_threads() -> int:
