@@ -397,7 +397,8 @@ def check_preprocess_resources(cases, configurations: Mapping[str, tuple[Mapping
     shape = "x".join(map(str, shape))
     available = available_memory() if available is None else available
     known = f"{format_bytes(available)} available" if available is not None else "available memory unknown"
-    reporter.log(stage, f"Memory: the largest case, '{case_id}' ({shape}), needs about {format_bytes(largest.added)} "
+    which = "the largest case, " if len(per_case) > 1 else ""
+    reporter.log(stage, f"Memory: {which}'{case_id}' ({shape}) adds about {format_bytes(largest.added)} to a worker "
                         f"for {name} ({largest.describe()}); {workers} worker(s) at once up to {format_bytes(total)}; "
                         f"{known}", case=case_id, estimate_bytes=total, available_bytes=available)
     combined = MemoryEstimate(total, f"{workers} worker(s)", {f"case '{case_id}' {largest.phase}": largest.added,

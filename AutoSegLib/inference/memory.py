@@ -258,8 +258,9 @@ def check_prediction_resources(predictor, cases, outputs, save_probabilities: bo
     available = available_memory() if available is None else available
     shape = "x".join(map(str, header.shape))
     known = f"{format_bytes(available)} available" if available is not None else "available memory unknown"
-    reporter.log(stage, f"Memory: the largest case, '{case.case_id}' ({shape}), needs about "
-                        f"{format_bytes(estimate.peak)} at its peak ({estimate.describe()}); {known}",
+    which = "the largest case, " if len(sized) > 1 else ""
+    reporter.log(stage, f"Memory: {which}'{case.case_id}' ({shape}) needs about {format_bytes(estimate.peak)} at "
+                        f"its peak ({estimate.describe()}); {known}",
                  case=case.case_id, estimate_bytes=estimate.peak, added_bytes=estimate.added,
                  available_bytes=available)
     advice = _advice(predictor, estimate, header, save_probabilities, uncertainty)
