@@ -66,12 +66,13 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as Stock
 
-dataset, plans_name, configuration, iterations = sys.argv[1:5]
+dataset, plans_name, configuration, iterations, initial_lr = sys.argv[1:6]
 
 class nnUNetTrainer(Stock):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, int(iterations), 2
+        self.initial_lr = float(initial_lr)
 
 base = join(nnUNet_preprocessed, dataset)
 plans = load_json(join(base, plans_name + ".json"))
@@ -182,7 +183,8 @@ def make_fixture(name: str, spec: dict, args: argparse.Namespace) -> None:
         prepare_dataset(args, spec, raw, env)
     plans = json.loads((pre / dataset / f"{spec['plans']}.json").read_text())
     shutil.rmtree(results, ignore_errors=True)
-    run([args.nnunet_python, "-c", TRAIN_DRIVER, dataset, spec["plans"], config, args.iterations], train_env)
+    run([args.nnunet_python, "-c", TRAIN_DRIVER, dataset, spec["plans"], config, args.iterations, args.initial_lr],
+        train_env)
     target = args.out / name
     shutil.rmtree(target, ignore_errors=True)
     cases = small_test_inputs(raw, target / "imagesTs", plans, config)
@@ -208,7 +210,8 @@ def make_fixture(name: str, spec: dict, args: argparse.Namespace) -> None:
               "tta": spec["tta"], "cases": cases, "versions": json.loads(versions.stdout),
               "phantoms": {"kind": spec["kind"], "cases": CASES, "test_cases": TEST_CASES, "size": SIZE, "seed": SEED,
                            "crop_xyz": list(CROP_XYZ), "spacing": "the configuration's target spacing"},
-              "training": f"{TRAINER}, 1 epoch of {args.iterations} iterations, fold 0, CPU; network shrunk to features "
+              "training": f"{TRAINER}, 1 epoch of {args.iterations} iterations, initial lr {args.initial_lr}, fold 0, CPU; "
+                          "network shrunk to features "
                           f"{FEATURES}, patch {spec['patch']}",
               "prediction": "nnUNetv2_predict -f 0 --save_probabilities -device cpu"
                             + ("" if spec["tta"] else " --disable_tta"),
@@ -224,6 +227,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/nnunet_fixtures"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=400, help="training iterations (one epoch)")
+    parser.add_argument("--initial-lr", type=float, default=0.01, help="the trainer's initial learning rate "
+                        "(stock 0.01; more makes foreground appear sooner)")
     parser.add_argument("--reuse", action="store_true", help="keep the phantoms, plans and preprocessed data "
                         "of an earlier run in --work (train and predict again)")
     parser.add_argument("--only", nargs="*", choices=sorted(FIXTURES), help="fixtures to make (default: all)")

@@ -91,7 +91,10 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 def mirror_axes_of(state: dict, dims: int, path: Path) -> list[int]:
     """``inference_allowed_mirroring_axes`` as a list (None, as nnU-Net's no-mirroring trainers store: [])."""
-    axes = state.get("inference_allowed_mirroring_axes", "missing")
+    if "inference_allowed_mirroring_axes" not in state:
+        raise NnUNetCheckpointError(f"{path}: no inference_allowed_mirroring_axes: not an nnU-Net v2 checkpoint "
+                                    f"(it has {sorted(map(str, state))[:8]})")
+    axes = state["inference_allowed_mirroring_axes"]
     if axes is None:
         return []
     if not (isinstance(axes, (list, tuple)) and all(type(a) is int and 0 <= a < dims for a in axes)
