@@ -283,7 +283,7 @@ def test_predict_uses_the_inference_plan_by_default(best, tmp_path, capsys):
     message = next(e["message"] for e in events if e["event"] == "log" and e["message"].startswith("Predicting"))
     # The plan's configuration(s), each with the plan's folds, and no other configuration.
     stages = ", ".join(f"{name} folds {plan['folds']}" for name in plan["configurations"])
-    assert message.startswith(f"Predicting 2 case(s) with {stages} on cpu"), message
+    assert message.startswith(f"Predicting 2 case(s) with {stages} (from inference_plan.json) on cpu"), message
     for other in set(CONFIGS) - set(plan["configurations"]):
         assert other not in message
 

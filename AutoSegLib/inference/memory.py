@@ -243,7 +243,8 @@ def check_prediction_resources(predictor, cases, outputs, save_probabilities: bo
     folder = outputs[0].labels.parent
     check_writable(folder)
     headers = [(case, _header(case.images[0])) for case in cases]
-    headers = [(case, paths, h) for (case, h), paths in zip(headers, outputs) if h is not None]
+    # a case that is not 3D is refused by the predictor with its own message; nothing to estimate
+    headers = [(case, paths, h) for (case, h), paths in zip(headers, outputs) if h is not None and len(h.shape) == 3]
     k = predictor.model.n_classes
     needed = sum(output_bytes(math.prod(h.shape), k, save_probabilities, uncertainty) for _, _, h in headers)
     needed -= sum(p.stat().st_size for _, paths, _ in headers for p in paths.all() if p.is_file())  # replaced

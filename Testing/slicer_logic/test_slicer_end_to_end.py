@@ -75,6 +75,10 @@ def test_a_failed_prediction_loads_nothing(tmp_path, scene):
     model.mkdir()
     (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
                                                     "numTraining": 1, "file_ending": ".nii.gz"}))
+    # a fold that looks finished, so the job starts (the configuration rule checks only what exists)
+    # and the engine process fails (no plans.json, a checkpoint that is not one)
+    (model / "3d_fullres" / "fold_0").mkdir(parents=True)
+    (model / "3d_fullres" / "fold_0" / "checkpoint_final.pt").write_bytes(b"not a checkpoint")
     (volume,), _ = testing.phantom_case(scene, seed=5, index=0)
     session = Session(scene, env=ENV, log_dir=tmp_path / "logs")
     before = scene.GetNumberOfNodes()
@@ -82,3 +86,8 @@ def test_a_failed_prediction_loads_nothing(tmp_path, scene):
     testing.wait_until(session, timeout=120)
     assert job.status == "failed" and job.failure
     assert session.prediction_result is None and scene.GetNumberOfNodes() == before
+    # a model with nothing trained is refused before any process starts, naming what is missing
+    (model / "3d_fullres" / "fold_0" / "checkpoint_final.pt").unlink()
+    with pytest.raises(ValueError, match="no checkpoint_final.pt"):
+        session.start_prediction([volume], model, "3d_fullres", ["0"], tta=False, device="cpu")
+    assert scene.GetNumberOfNodes() == before
