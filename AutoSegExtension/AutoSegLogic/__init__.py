@@ -18,5 +18,7 @@ Modules:
 - ``device``: whether training would run on a GPU, probed without blocking.
 - ``results``: predictions back into the scene (segmentation + uncertainty overlay).
 - ``curves``: per-epoch loss and pseudo-Dice in table and plot nodes.
+- ``library``: the user's models folder ("Use a model"): a registry of imported zips and
+  referenced AutoSeg / nnU-Net v2 model folders, their model cards, predicting with them.
 - ``dependencies``: which Python packages the engine still needs (installing is the GUI's job).
 """

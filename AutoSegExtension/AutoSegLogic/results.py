@@ -56,14 +56,21 @@ class Outputs:
     present: list | None = None  # its non-zero values
 
 
+def model_dataset(model) -> dict:
+    """A model folder's ``dataset.json`` (an nnU-Net v2 results folder: that of its trained folders)."""
+    from AutoSegLogic.library import dataset_file
+
+    return read_json(dataset_file(model))
+
+
 def model_labels(model) -> dict[str, int]:
     """Label name -> value of a model folder (its ``dataset.json``)."""
-    return {str(k): int(v) for k, v in read_json(Path(model) / "dataset.json")["labels"].items()}
+    return {str(k): int(v) for k, v in model_dataset(model)["labels"].items()}
 
 
 def model_terminology(model) -> dict[str, dict]:
     """Label name -> terminology entry: the model's ``dataset.json`` entries, else the standard ones."""
-    spec = read_json(Path(model) / "dataset.json")
+    spec = model_dataset(model)
     return terms.for_labels([n for n in spec["labels"]], spec.get(terms.DATASET_KEY) or {})
 
 

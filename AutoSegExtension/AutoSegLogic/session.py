@@ -52,6 +52,10 @@ class Session:
         self.prediction_result: results.Prediction | None = None
         self.prediction_choice = None  # the engine's choice of configuration and folds (modelchoice)
         self.dataset_job: ThreadJob | Job | None = None  # adding a case, or installing packages
+        self.model_job: Job | None = None  # importing a model zip into the models folder
+        self.imported = None  # the library entry of the last model imported
+        self.import_error = ""  # why the last import's folder could not be registered
+        self._import: tuple | None = None  # (library, name, archive) of the running import
         self.added: tuple | None = None  # (export result, {case: fold}) of the last case added
         self.curves: TrainingCurves | None = None
         self._curves_job: Job | None = None
@@ -79,15 +83,20 @@ class Session:
                 self._finish_prediction()
         if self.dataset_job is not None and not self.dataset_job.finished:
             events += self.dataset_job.poll()
+        if self.model_job is not None and not self.model_job.finished:
+            events += self.model_job.poll()
+            if self.model_job.finished:
+                self._finish_import()
         return events
 
     @property
     def busy(self) -> bool:
-        return any(j is not None and not j.finished for j in (self.training, self.prediction, self.dataset_job))
+        return any(j is not None and not j.finished
+                   for j in (self.training, self.prediction, self.dataset_job, self.model_job))
 
     def stop(self) -> None:
         """Cancel whatever runs (training saves a checkpoint first)."""
-        for job in (self.training, self.prediction, self.dataset_job):
+        for job in (self.training, self.prediction, self.dataset_job, self.model_job):
             if job is not None and not job.finished:
                 job.cancel()
 
@@ -141,8 +150,10 @@ class Session:
     # -- prediction ------------------------------------------------------------------------------
     def start_prediction(self, volumes: Sequence, model, configuration: str | None = None,
                          folds_: Sequence[str] | None = None, tta: bool = True, device: str = "auto",
-                         uncertainty: bool = True) -> JobChain:
+                         uncertainty: bool = True, result_name: str | None = None) -> JobChain:
         """Segment ``volumes`` (one per channel) with ``model``; the result loads when it succeeds.
+
+        ``result_name`` names the segmentation (default: "<first volume> AutoSeg").
 
         Without a ``configuration`` (or with ``auto``) the engine's rule decides (the model's
         inference plan, else its only trained configuration); the choice is made here first, so
@@ -168,7 +179,7 @@ class Session:
             raise
         self.prediction_result, self.prediction_choice = None, choice
         self._prediction_input = {"folder": folder, "model": Path(model), "reference": volumes[0],
-                                  "uncertainty": uncertainty}
+                                  "uncertainty": uncertainty, "name": result_name}
         step.weight = 20.0  # the engine's work; writing and reading are a few seconds each
 
         def write(job):
@@ -187,9 +198,33 @@ class Session:
         try:
             if self.prediction.succeeded:  # a failed run's folder is never read
                 outputs = self.prediction.job.result
-                self.prediction_result = results.outputs_into_scene(self.scene, outputs, info["reference"])
+                self.prediction_result = results.outputs_into_scene(self.scene, outputs, info["reference"],
+                                                                    info.get("name"))
         finally:
             shutil.rmtree(info["folder"], ignore_errors=True)
+
+    # -- models ----------------------------------------------------------------------------------
+    def start_import_model(self, library, archive, name: str | None = None) -> Job:
+        """``autoseg import-model`` of ``archive`` into ``library``'s folder, in a background process.
+
+        When it succeeds, :meth:`poll` registers the model (:attr:`imported`); when it fails, the
+        job's ``failure`` is the engine's one-line refusal and nothing is left in the folder.
+        """
+        self._refuse_if_running(self.model_job, "importing a model")
+        step, name = library.import_step(archive, name)
+        self.imported, self.import_error, self._import = None, "", (library, name, archive)
+        self.model_job = self.make_job(step).start()
+        return self.model_job
+
+    def _finish_import(self) -> None:
+        library, name, archive = self._import
+        if self.model_job.succeeded:
+            try:
+                self.imported = library.finish_import(name, archive)
+            except (ValueError, OSError) as exc:
+                self.import_error = str(exc)
+        else:
+            library.discard_import(name)
 
     # -- dataset ---------------------------------------------------------------------------------
     def add_case(self, dataset, volumes: Sequence, segmentation, channel_names: Sequence[str] | None = None,

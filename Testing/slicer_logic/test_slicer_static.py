@@ -102,7 +102,8 @@ def gui_source() -> str:
 @pytest.mark.parametrize("pattern", BLOCKING)
 def test_the_gui_and_the_job_code_never_wait(pattern):
     code = {"AutoSeg.py (GUI)": gui_source()}
-    for name in ("jobs.py", "session.py", "results.py", "curves.py", "device.py", "dataset_export.py", "terminology.py"):
+    for name in ("jobs.py", "session.py", "results.py", "curves.py", "device.py", "dataset_export.py", "terminology.py",
+                 "library.py"):
         code[name] = (MODULE_DIR / "AutoSegLogic" / name).read_text()
     for name, text in code.items():
         lines = [line for line in text.splitlines() if re.search(pattern, line) and not line.strip().startswith("#")]
