@@ -37,6 +37,7 @@ _findEngine()
 from AutoSegLib.names import DEFAULT_PRESET, PRESETS  # noqa: E402
 from AutoSegLogic import commands, dataset_export, dependencies  # noqa: E402
 from AutoSegLogic.device import DeviceProbe  # noqa: E402
+from AutoSegLogic.library import ModelLibrary  # noqa: E402
 from AutoSegLogic.session import Session  # noqa: E402
 
 POLL_INTERVAL_MS = 500
@@ -64,6 +65,8 @@ own pipeline from the data (the nnU-Net method). Training runs in the background
 saves it, <i>Resume</i> continues.</li>
 <li><b>Predict and review</b>: pick the input volume(s), <i>Predict</i>, correct the result in the
 Segment Editor, <i>Add to training set</i>, then <i>Fine-tune</i>.</li>
+<li><b>Use a model</b>: add a model zip (from <tt>autoseg export-model</tt>), an AutoSeg model folder or an
+nnU-Net v2 model folder, read its model card, pick the volume of each channel, <i>Apply</i>.</li>
 </ol>
 """
         self.parent.helpText += self.getDefaultModuleDocumentationLink()
@@ -106,6 +109,10 @@ class AutoSegParameterNode:
     testTimeAugmentation: bool = True
     uncertainty: bool = True
     reviewSegmentation: vtkMRMLSegmentationNode
+    useVolume0: vtkMRMLScalarVolumeNode
+    useVolume1: vtkMRMLScalarVolumeNode
+    useVolume2: vtkMRMLScalarVolumeNode
+    useVolume3: vtkMRMLScalarVolumeNode
 
 
 def _path(value) -> Optional[pathlib.Path]:
@@ -157,12 +164,18 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
         self.ui.configurationComboBox.connect("currentIndexChanged(int)", self.updateConfigurationInfo)
         self.ui.workFolderPathLineEdit.connect("currentPathChanged(QString)", self.updateConfigurationInfo)
+        self.ui.libraryModelComboBox.connect("currentIndexChanged(int)", self.showModelCard)
+        self.ui.addModelZipButton.connect("clicked(bool)", self.onAddModelZip)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.applyModelButton.connect("clicked(bool)", self.onApplyModel)
 
         self.logic.startDeviceProbe()
         self.initializeParameterNode()
         self.updateChannelPickers()
         self.refreshCases()
         self.updateConfigurationInfo()
+        self.refreshModels()
         self.startPolling()  # until the device probe has answered
 
     def cleanup(self) -> None:
@@ -396,6 +409,116 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.say(f"Prediction started: {session.prediction_choice.describe()}")
         self.startPolling()
 
+    # -- use a model ---------------------------------------------------------------------------
+    def refreshModels(self, select: str = "") -> None:
+        """The models of the user's models folder in the picker (``select``: the one to show)."""
+        combo = self.ui.libraryModelComboBox
+        try:
+            names = self.logic.library.names()
+        except (ValueError, OSError) as error:
+            self.say(f"Models folder: {error}")
+            names = []
+        current = select or combo.currentText
+        combo.blockSignals(True)
+        combo.clear()
+        for name in names:
+            combo.addItem(name)
+        combo.setCurrentIndex(max(0, combo.findText(current)))
+        combo.blockSignals(False)
+        self.showModelCard()
+
+    def showModelCard(self, *unused) -> None:
+        """The chosen model's card, one volume picker per channel (labelled with its modality)."""
+        name = self.ui.libraryModelComboBox.currentText
+        card, text = None, f"Add a model: a zip made by 'autoseg export-model', an AutoSeg model folder or an " \
+                           f"nnU-Net v2 model folder. Models are kept in {self.logic.modelsFolder()}."
+        if name:
+            try:
+                card = self.logic.library.card(name)
+                text = card.text()
+            except (ValueError, OSError) as error:
+                text = f"{name}: {error}"
+        self.ui.modelCardTextEdit.setPlainText(text)
+        channels = card.channels if card else ["image"]
+        for c in range(MAX_CHANNELS):
+            for widget in (getattr(self.ui, f"useChannel{c}Selector"), getattr(self.ui, f"useChannel{c}SelectorLabel")):
+                widget.setVisible(c < len(channels))
+            if c < len(channels):
+                getattr(self.ui, f"useChannel{c}SelectorLabel").text = f"{card.modality(c) if card else 'Volume'}:"
+        configurations = self.ui.useModelConfigurationComboBox
+        configurations.clear()
+        for item in [commands.AUTO, *(card.configurations if card else [])]:
+            configurations.addItem(item)
+        self.ui.applyModelButton.enabled = card is not None and len(channels) <= MAX_CHANNELS
+        if card is not None and len(channels) > MAX_CHANNELS:
+            self.say(f"{name} has {len(channels)} channels; the panel has {MAX_CHANNELS} pickers: use the Python "
+                     "console (logic.library.start_prediction)")
+
+    def onAddModelZip(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Add a model zip", "",
+                                              "AutoSeg model zip (*.zip)")
+        if not path:
+            return
+        try:
+            self.logic.session.start_import_model(self.logic.library, path)
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not import the model", error)
+            return
+        self.say(f"Importing {path}: the engine checks every file before keeping it...")
+        self.startPolling()
+
+    def onAddModelFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Add a model folder (AutoSeg or nnU-Net v2)")
+        if not path:
+            return
+        try:
+            entry = self.logic.library.register_folder(path)
+        except (ValueError, OSError) as error:
+            self.failed("Could not add the model folder", error)
+            return
+        self.say(f"Added model '{entry.name}' ({entry.path}; used where it is, not copied)")
+        self.refreshModels(select=entry.name)
+
+    def onRemoveModel(self) -> None:
+        name = self.ui.libraryModelComboBox.currentText
+        if not name or not slicer.util.confirmOkCancelDisplay(
+                f"Remove the model '{name}' from the list? (An imported zip's folder is deleted; a registered "
+                "folder stays where it is.)"):
+            return
+        try:
+            self.logic.library.remove(name)
+        except (ValueError, OSError) as error:
+            self.failed("Could not remove the model", error)
+        self.refreshModels()
+
+    def onApplyModel(self) -> None:
+        session = self.logic.session
+        if session.prediction is not None and not session.prediction.finished:
+            session.prediction.cancel()
+            return
+        if not self.dependenciesReady():
+            return
+        p = self._parameterNode
+        name = self.ui.libraryModelComboBox.currentText
+        volumes = [getattr(p, f"useVolume{c}") for c in range(MAX_CHANNELS)
+                   if getattr(self.ui, f"useChannel{c}Selector").visible]
+        try:
+            self.logic.library.start_prediction(session, name, volumes, self.ui.useModelConfigurationComboBox.currentText,
+                                                p.testTimeAugmentation, p.device, p.uncertainty)
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not apply the model", error)
+            return
+        self.say(f"Applying '{name}': {session.prediction_choice.describe()}")
+        self.startPolling()
+
+    def onModelImportFinished(self) -> None:
+        session = self.logic.session
+        if session.imported is not None:
+            self.say(f"Imported model '{session.imported.name}' into {self.logic.modelsFolder()}")
+            self.refreshModels(select=session.imported.name)
+        else:
+            self.failed("The model was not imported", session.model_job.failure or session.import_error)
+
     def onAddToTrainingSet(self) -> None:
         self.startAddCase(self.inputVolumes(), self._parameterNode.reviewSegmentation, False,
                           "Could not add the reviewed case")
@@ -408,6 +531,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTimer(self) -> None:
         session = self.logic.session
         wasPredicting = session.prediction is not None and not session.prediction.finished
+        wasImporting = session.model_job is not None and not session.model_job.finished
         for event in session.poll():
             if event.get("event") in ("warning", "error") and event.get("message"):
                 self.say(f"{event['event']}: {event['message']}")
@@ -416,6 +540,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.modules.plots.logic().ShowChartInLayout(self._shownChart)
         if wasPredicting and session.prediction.finished:
             self.onPredictionFinished()
+        if wasImporting and session.model_job.finished:
+            self.onModelImportFinished()
         task = session.dataset_job  # a case being written, or packages being installed
         if task is not None and task.finished and task is not self._reportedTask:
             self._reportedTask = task
@@ -473,9 +599,13 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = session.prediction
         predicting = job is not None and not job.finished
         self.ui.predictButton.text = "Stop" if predicting else "Predict"
+        self.ui.applyModelButton.text = "Stop" if predicting else "Apply"
         if job is not None:
-            self.showProgress(self.ui.predictProgressBar, self.ui.predictStatusLabel, job,
-                              job.step_text if predicting else self.outcome(job))
+            for bar, label in ((self.ui.predictProgressBar, self.ui.predictStatusLabel),
+                               (self.ui.useModelProgressBar, self.ui.useModelStatusLabel)):
+                self.showProgress(bar, label, job, job.step_text if predicting else self.outcome(job))
+        importing = session.model_job is not None and not session.model_job.finished
+        self.ui.addModelZipButton.enabled = self.ui.removeModelButton.enabled = not importing
         adding = session.dataset_job is not None and not session.dataset_job.finished
         self.ui.addCaseButton.enabled = self.ui.addToTrainingSetButton.enabled = not adding
         self.ui.removeCaseButton.enabled = not adding and not running
@@ -517,6 +647,7 @@ class AutoSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
+        self._library = None
         self.deviceProbe = None
 
     def getParameterNode(self):
@@ -528,6 +659,18 @@ class AutoSegLogic(ScriptedLoadableModuleLogic):
             python, env = self.engineInterpreter()
             self._session = Session(slicer.mrmlScene, python=python, env=env)
         return self._session
+
+    @staticmethod
+    def modelsFolder() -> pathlib.Path:
+        """The user's models folder, beside Slicer's settings file (kept across sessions and versions)."""
+        return pathlib.Path(slicer.app.slicerUserSettingsFilePath).parent / "AutoSegModels"
+
+    @property
+    def library(self) -> ModelLibrary:
+        """The models of :meth:`modelsFolder` ("Use a model"); the registry is read on every call."""
+        if self._library is None:
+            self._library = ModelLibrary(self.modelsFolder())
+        return self._library
 
     @staticmethod
     def engineInterpreter() -> tuple:

@@ -58,6 +58,7 @@ def test_every_widget_the_code_looks_up_exists():
     looked_up = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
     for prefix in ("caseChannel", "inputChannel"):  # looked up by name in updateChannelPickers
         looked_up |= {f"{prefix}{c}Selector" for c in range(1, 4)} | {f"{prefix}{c}SelectorLabel" for c in range(1, 4)}
+    looked_up |= {f"useChannel{c}{suffix}" for c in range(4) for suffix in ("Selector", "SelectorLabel")}  # showModelCard
     assert looked_up - set(widgets) == set()
     assert len(looked_up) > 20
 
@@ -85,7 +86,7 @@ def test_every_bound_widget_names_a_parameter_of_a_type_it_can_show():
 
 def test_node_selectors_do_not_offer_labelmaps_as_images():
     for name, widget in ui_widgets().items():
-        if re.fullmatch(r"(case|input)Channel\dSelector", name):
+        if re.fullmatch(r"(case|input|use)Channel\dSelector", name):
             props = {p.get("name"): p for p in widget.findall("property")}
             assert props["showChildNodeTypes"].find("bool").text == "false", name
 
