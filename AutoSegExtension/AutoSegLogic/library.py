@@ -105,7 +105,7 @@ class ModelCard:
             lines.append("Exported " + " with ".join(p for p in (self.created, self.engine) if p))
         if self.training_cases:
             lines.append(f"Trained on {self.training_cases} case(s)")
-        lines.append("Channels: " + "; ".join(f"{c}: {self.modality(c)}" for c in range(len(self.channels))))
+        lines.append("Channels: " + "; ".join(f"{c + 1}: {self.modality(c)}" for c in range(len(self.channels))))
         lines.append("Labels: " + ", ".join(f"{n} ({v})" for n, v in label_rules.foreground(self.labels)))
         for name, entry in self.configurations.items():
             folds = ", ".join(map(str, entry.get("folds") or [])) or "none finished"
@@ -132,7 +132,7 @@ class ModelLibrary:
 
     Example::
 
-        library = ModelLibrary(Path.home() / ".config/NA-MIC/AutoSegModels")
+        library = ModelLibrary(Path.home() / ".config/slicer.org/AutoSegModels")
         entry = library.register_folder("D:/data/Dataset001_Liver.autoseg/model")
         print(library.card(entry.name).text())
     """

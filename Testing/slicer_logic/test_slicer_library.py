@@ -155,6 +155,10 @@ def test_a_bad_zip_is_refused_with_the_engines_message_and_leaves_nothing(model_
     assert job.failure.startswith(f"{bad}: entry 'dataset.json': SHA-256") and "\n" not in job.failure
     assert session.imported is None and lib.models() == []
     assert sorted(p.name for p in models.iterdir()) == []  # no model folder, no temporary one, no registry
+    # a kill during an import can leave the engine's temporary folder: discarding the import removes it
+    (models / ".tmp-0123abcd-tampered").mkdir()
+    lib.discard_import("tampered")
+    assert list(models.iterdir()) == []
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(LibraryError, match="not a .zip"):
         lib.import_step(tmp_path / "notes.txt")
@@ -206,6 +210,19 @@ def test_an_nnunet_v2_folder_is_registered_shows_its_card_and_predicts(tmp_path,
     assert chain.succeeded, chain.failure + "\n" + chain.log_tail()
     assert chain.find("predict").args[chain.find("predict").args.index("-m") + 1] == str(NNUNET.resolve())
     assert [s.GetName() for s in segments(session.prediction_result.segmentation)] == card.structures
+
+
+def test_an_nnunet_folder_with_a_feature_autoseg_does_not_reproduce_is_refused_by_name(tmp_path):
+    folder = tmp_path / "Dataset981_PhantomCT" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(NNUNET / folder.name, folder, ignore=shutil.ignore_patterns("*.pth"))
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"")  # only its presence is looked at here
+    plans = read_json(folder / "plans.json")
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["NoNormalization"]
+    write_json(folder / "plans.json", plans)
+    lib = ModelLibrary(tmp_path / "AutoSegModels")
+    with pytest.raises(LibraryError, match="NoNormalization"):
+        lib.register_folder(folder)
+    assert lib.models() == []
 
 
 def test_an_unusable_registry_is_reported_not_overwritten(tmp_path):
