@@ -592,7 +592,7 @@ def _command_rows():
         yield pytest.param(name, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("name", _command_rows())
+@pytest.mark.parametrize("name", list(_command_rows()))
 def test_command_fault_fails_cleanly(name, base, planned_work, request, tmp_path, capsys):
     row = COMMAND_FAULTS[name]
     model = request.getfixturevalue("model") if row.needs_model else None
