@@ -441,8 +441,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelCardTextEdit.setPlainText(text)
         channels = card.channels if card else ["image"]
         for c in range(MAX_CHANNELS):
-            for widget in (getattr(self.ui, f"useChannel{c}Selector"), getattr(self.ui, f"useChannel{c}SelectorLabel")):
-                widget.setVisible(c < len(channels))
+            for suffix in ("Selector", "SelectorLabel"):
+                getattr(self.ui, f"useChannel{c}{suffix}").setVisible(c < len(channels))
             if c < len(channels):
                 getattr(self.ui, f"useChannel{c}SelectorLabel").text = f"{card.modality(c) if card else 'Volume'}:"
         configurations = self.ui.useModelConfigurationComboBox
@@ -468,7 +468,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startPolling()
 
     def onAddModelFolder(self) -> None:
-        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Add a model folder (AutoSeg or nnU-Net v2)")
+        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                   "Add a model folder (AutoSeg or nnU-Net v2)")
         if not path:
             return
         try:
@@ -500,11 +501,12 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         name = self.ui.libraryModelComboBox.currentText
-        volumes = [getattr(p, f"useVolume{c}") for c in range(MAX_CHANNELS)
-                   if getattr(self.ui, f"useChannel{c}Selector").visible]
         try:
-            self.logic.library.start_prediction(session, name, volumes, self.ui.useModelConfigurationComboBox.currentText,
-                                                p.testTimeAugmentation, p.device, p.uncertainty)
+            channels = len(self.logic.library.card(name).channels)
+            volumes = [getattr(p, f"useVolume{c}") for c in range(min(channels, MAX_CHANNELS))]
+            configuration = self.ui.useModelConfigurationComboBox.currentText
+            self.logic.library.start_prediction(session, name, volumes, configuration, p.testTimeAugmentation,
+                                                p.device, p.uncertainty)
         except (ValueError, OSError, RuntimeError) as error:
             self.failed("Could not apply the model", error)
             return

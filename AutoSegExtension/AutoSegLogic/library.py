@@ -204,8 +204,7 @@ class ModelLibrary:
                 raise LibraryError(f"{folder}: already in the models list as {entry.name!r}")
         card = read_card(folder, kind)  # refuses what cannot be shown or used
         wanted = name or (folder.parent.name if folder.name == MODEL_DIR else None) or card.name or folder.name
-        if wanted.endswith(".autoseg"):
-            wanted = wanted[:-len(".autoseg")]
+        wanted = wanted.removesuffix(".autoseg")
         return self._add(ModelEntry(self.unique_name(wanted), str(folder), kind, _now()))
 
     # -- zips --------------------------------------------------------------------------------------
