@@ -826,4 +826,14 @@ class AutoSegTest(ScriptedLoadableModuleTest):
         names = [content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())]
         expected = [n for n, v in sorted(model_labels(work / "model").items(), key=lambda kv: kv[1]) if v]
         self.assertEqual(names, expected)
+
+        self.delayDisplay("Use a model: the trained folder registered in a models folder and applied")
+        library = ModelLibrary(root / "AutoSegModels")
+        entry = library.register_folder(work)
+        self.assertIn("Predicts with", library.card(entry.name).text())
+        library.start_prediction(session, entry.name, [reference], None, tta=False, device="cpu")
+        testing.wait_until(session, timeout=300, idle=slicer.app.processEvents)
+        self.assertTrue(session.prediction.succeeded, session.prediction.failure)
+        content = session.prediction_result.segmentation.GetSegmentation()
+        self.assertEqual([content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())], expected)
         self.delayDisplay("Test passed")

@@ -152,8 +152,14 @@ class ModelLibrary:
         data = read_json(self.registry_path)
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise LibraryError(f"{self.registry_path}: not an AutoSeg models registry")
+        if data.get("version") != REGISTRY_VERSION:
+            raise LibraryError(f"{self.registry_path}: registry version {data.get('version')!r} is not supported "
+                               f"(this AutoSeg reads version {REGISTRY_VERSION})")
         known = set(ModelEntry.__dataclass_fields__)
-        return [ModelEntry(**{k: v for k, v in m.items() if k in known}) for m in data["models"]]
+        try:
+            return [ModelEntry(**{k: v for k, v in m.items() if k in known}) for m in data["models"]]
+        except (TypeError, AttributeError):
+            raise LibraryError(f"{self.registry_path}: an entry lacks its name, path, kind or date") from None
 
     def names(self) -> list[str]:
         return [m.name for m in self.models()]

@@ -232,4 +232,7 @@ def test_an_unusable_registry_is_reported_not_overwritten(tmp_path):
     with pytest.raises(LibraryError, match="not an AutoSeg models registry"):
         ModelLibrary(models).register_folder(NNUNET)
     assert (models / library.REGISTRY_FILE).read_text() == "[1, 2]"
+    (models / library.REGISTRY_FILE).write_text('{"version": 2, "models": []}')
+    with pytest.raises(LibraryError, match="registry version 2 is not supported"):
+        ModelLibrary(models).models()
     shutil.rmtree(models)
