@@ -6,39 +6,16 @@ import errno
 import json
 import os
 
-import numpy as np
 import pytest
 
 import AutoSegLib.resources as resources
 from AutoSegLib.cli import main
 from AutoSegLib.fileutil import DiskFullError, atomic_path, disk_full_error, write_json
-from AutoSegLib.imageio import Geometry, write_image
 from AutoSegLib.resources import ResourceError, check_disk, check_writable, mount_point
 
-from test_inference_predictor import blob_image, make_model_folder, tiny_config
+from test_memory_estimate import inputs, model_dir, run  # noqa: F401 (fixtures and the CLI runner, shared)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("model"), {"3d_fullres": tiny_config((2.0, 1.0, 1.0),
-                                                                                        (8, 16, 16))}, folds=(0,))
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    write_image(blob_image((12, 24, 20)), Geometry((2.0, 1.0, 1.0), (0, 0, 0), tuple(np.eye(3).ravel())),
-                folder / "a_0000.nii.gz")
-    return folder
-
-
-def run(capsys, argv):
-    status = main(argv)
-    out = capsys.readouterr().out
-    return status, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def refuse_writes(monkeypatch, code=errno.EROFS):
@@ -164,7 +141,7 @@ def test_quota_and_other_errors(tmp_path):
 def test_checkpoint_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import torch
 
-    from AutoSegLib.training.checkpoint import CheckpointError, save_checkpoint
+    from AutoSegLib.models.checkpoint import CheckpointError, save_checkpoint
 
     def full(obj, handle, *args, **kwargs):
         handle.write(b"PK")

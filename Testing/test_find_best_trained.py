@@ -145,7 +145,7 @@ def held_out(work: Path) -> dict[str, int]:
 
 # -- training ------------------------------------------------------------------------------
 def test_every_fold_of_both_configurations_is_trained_and_validated(trained):
-    from AutoSegLib.training import checkpoint as ckpt
+    from AutoSegLib.models import checkpoint as ckpt
 
     dataset, work, runs = trained
     folds_of = held_out(work)

@@ -17,7 +17,7 @@ from AutoSegLib.fileutil import read_json, write_json
 from AutoSegLib.imageio import read_header
 from AutoSegLib.inference import validate_fold
 from AutoSegLib.inference.validation import validation_checkpoint
-from AutoSegLib.inference.model import ModelFolderError
+from AutoSegLib.models.folder import ModelFolderError
 
 CONFIG = "3d_fullres"
 TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,

@@ -20,9 +20,9 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import write_json
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.inference import InputError, ModelCheckpointError, ModelFolderError, Predictor
-from AutoSegLib.inference.model import read_inference_plan
+from AutoSegLib.models.folder import read_inference_plan
 from AutoSegLib.network import build_network
-from AutoSegLib.training.checkpoint import CheckpointError, save_checkpoint
+from AutoSegLib.models.checkpoint import CheckpointError, save_checkpoint
 
 LABELS = {"background": 0, "organ": 1, "tumour": 2}
 RESAMPLING = {"image_order": 3, "label_order": 1, "label_encoding": "one_hot", "separate_z_anisotropy_threshold": 3.0,

@@ -21,7 +21,7 @@ from test_training_checkpoint import make_state
 from AutoSegLib.plan_dataset import plan_dataset
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import preprocess_dataset
-from AutoSegLib.training.checkpoint import (
+from AutoSegLib.models.checkpoint import (
     CHECKSUM_KEY,
     LATEST,
     CheckpointError,
@@ -251,7 +251,7 @@ def test_prediction_refuses_a_damaged_checkpoint_naming_it(tmp_path):
     from test_inference_predictor import make_model_folder
 
     from AutoSegLib.inference import ModelCheckpointError
-    from AutoSegLib.inference.model import ModelFolder
+    from AutoSegLib.models.folder import ModelFolder
 
     model = make_model_folder(tmp_path, folds=(0,))
     path = model / "3d_fullres" / "fold_0" / "checkpoint_final.pt"

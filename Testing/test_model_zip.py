@@ -31,7 +31,7 @@ from AutoSegLib.inference import Predictor
 from AutoSegLib.sharing import rules
 from AutoSegLib.sharing.importer import copy_counted
 from AutoSegLib.sharing.rules import SharingError, sha256_hex
-from AutoSegLib.training.checkpoint import load_checkpoint
+from AutoSegLib.models.checkpoint import load_checkpoint
 
 TERMINOLOGY = {"organ": {"category": ["SCT", "123037004", "Anatomical Structure"],
                          "type": ["SCT", "10200004", "Liver"], "color": [221, 130, 101]}}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from AutoSegLib.modelchoice import ModelFolderError, choose, trained_configurations, trained_folds
+from AutoSegLib.models.choice import ModelFolderError, choose, trained_configurations, trained_folds
 
 
 def touch(model: Path, configuration: str, fold, kind: str = "final") -> None:
@@ -89,7 +89,7 @@ def test_trained_configurations_lists_every_finished_one(tmp_path):
 
 def test_the_rule_needs_no_torch():
     # the Slicer module applies it inside Slicer's GUI process, where torch may be absent
-    code = "import sys, AutoSegLib.modelchoice, AutoSegLib.names; print('torch' in sys.modules)"
+    code = "import sys, AutoSegLib.models.choice, AutoSegLib.names; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"
 

@@ -20,8 +20,8 @@ import torch
 
 from AutoSegLib.imageio import Geometry, read_image
 from AutoSegLib.inference import ModelFolderError, Predictor
-from AutoSegLib.inference.model import ModelFolder
-from AutoSegLib.modelchoice import choose
+from AutoSegLib.models.folder import ModelFolder
+from AutoSegLib.models.choice import choose
 from AutoSegLib.models.nnunet_folder import (
     NnUNetModelFolder,
     UnsafeNnUNetCheckpointError,
@@ -33,7 +33,7 @@ from AutoSegLib.models.nnunet_plans import (
     convert_dataset,
 )
 from AutoSegLib.network import build_network
-from AutoSegLib.training.checkpoint import UnsafeCheckpointError
+from AutoSegLib.models.checkpoint import UnsafeCheckpointError
 
 FIXTURES = Path(__file__).parent / "data" / "nnunet_v2"
 LABELS = {"background": 0, "organ": 1, "tumour": 2}

@@ -23,7 +23,7 @@ from AutoSegLib.cli import main
 from AutoSegLib.fileutil import write_json
 from AutoSegLib.imageio import Geometry, write_image
 from AutoSegLib.inference import ModelFolderError
-from AutoSegLib.inference.model import ModelFolder
+from AutoSegLib.models.folder import ModelFolder
 from AutoSegLib.planning import PlanningError, Plans, plan
 from AutoSegLib.planning.validate import (
     MAX_ACTIVATIONS,

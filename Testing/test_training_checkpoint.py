@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from AutoSegLib.training import checkpoint as ck
-from AutoSegLib.training.checkpoint import (
+from AutoSegLib.models import checkpoint as ck
+from AutoSegLib.models.checkpoint import (
     BEST,
     FINAL,
     LATEST,

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from AutoSegLib import cli  # noqa: E402
 from AutoSegLib.events import Reporter  # noqa: E402
-from AutoSegLib.training import checkpoint as ckpt  # noqa: E402
+from AutoSegLib.models import checkpoint as ckpt  # noqa: E402
 from AutoSegLib.training.progress import read_log  # noqa: E402
 from AutoSegLib.training.schedule import poly_lr  # noqa: E402
 from AutoSegLib.training.setup import TrainOptions, setup_run  # noqa: E402

@@ -9,12 +9,14 @@ import os
 import pytest
 import torch
 
+from AutoSegLib.models.device import DeviceError, resolve_device
+
 from AutoSegLib.events import Reporter
 from AutoSegLib.plan_dataset import plan_dataset
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import preprocess_dataset
 from AutoSegLib.training.setup import (TrainingSetupError, TrainOptions, check_preprocessed, check_run_folder,
-                                       configure_cpu_threads, fold_cases, resolve_device, setup_run)
+                                       configure_cpu_threads, fold_cases, setup_run)
 from AutoSegLib.training.splits import SplitsError
 from conftest import box_case, write_dataset
 
@@ -41,7 +43,7 @@ def spec(planned):
     return open_dataset(planned[0]).spec
 
 
-# -- devices -------------------------------------------------------------------------------
+# -- devices (AutoSegLib/models/device.py: one rule for training and inference) ------------
 def test_cpu_and_auto_resolve_to_the_cpu_on_this_machine():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
@@ -52,18 +54,18 @@ def test_cpu_and_auto_resolve_to_the_cpu_on_this_machine():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error_pointing_to_the_cpu():
-    with pytest.raises(TrainingSetupError, match=r"--device cuda: no usable CUDA GPU.*--device cpu"):
+    with pytest.raises(DeviceError, match=r"--device cuda: no usable CUDA GPU.*--device cpu"):
         resolve_device("cuda")
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without Apple's MPS")
 def test_mps_without_apple_metal_is_an_error():
-    with pytest.raises(TrainingSetupError, match="mps"):
+    with pytest.raises(DeviceError, match="mps"):
         resolve_device("mps")
 
 
 def test_unknown_device_lists_the_choices():
-    with pytest.raises(TrainingSetupError, match="auto, cuda, mps, cpu"):
+    with pytest.raises(DeviceError, match="auto, cuda, mps, cpu"):
         resolve_device("tpu")
 
 

@@ -122,7 +122,7 @@ def test_removed_cases_are_dropped(tmp_path):
 def test_groups_added_after_the_folds_are_checked(tmp_path):
     splits = load_or_create_splits(tmp_path, IDS)
     a, b = splits[0]["val"][0], splits[1]["val"][0]
-    with pytest.raises(SplitsError, match=rf"group 'p' is split over folds \[0, 1\].*delete the file"):
+    with pytest.raises(SplitsError, match=r"group 'p' is split over folds \[0, 1\].*delete the file"):
         load_or_create_splits(tmp_path, IDS, groups={a: "p", b: "p"})
 
 

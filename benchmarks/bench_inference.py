@@ -48,7 +48,7 @@ def build_model(root: Path) -> tuple[Path, Path]:
     from AutoSegLib.network import build_network
     from AutoSegLib.plan_dataset import plan_dataset
     from AutoSegLib.synthetic import make_phantom_dataset
-    from AutoSegLib.training.checkpoint import save_checkpoint
+    from AutoSegLib.models.checkpoint import save_checkpoint
 
     dataset = make_phantom_dataset(root / "DS", kind="ct", cases=4, seed=3)
     plans = plan_dataset(dataset, root / "WORK", num_processes=1, reporter=Reporter(quiet=True))

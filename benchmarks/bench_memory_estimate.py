@@ -135,7 +135,7 @@ def main() -> None:
             dataset, model = root / "DS", root / "WORK" / "model"
         else:
             dataset, model = build_model(root)
-        print(f"| size | configuration | estimate | measured peak RSS | estimate / measured | s |")
+        print("| size | configuration | estimate | measured peak RSS | estimate / measured | s |")
         print("|---|---|---:|---:|---:|---:|")
         for size in args.sizes:
             image = case_image(dataset, [size] * 3)

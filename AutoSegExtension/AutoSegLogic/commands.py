@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from AutoSegLib import modelchoice
+from AutoSegLib.models import choice as modelchoice
 from AutoSegLib.dataset import load_spec
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.names import (CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_PRESET, DEVICES, GPU_CONFIGURATION, MODEL_DIR,
@@ -25,7 +25,7 @@ from AutoSegLogic.jobs import Step
 
 AUTO = "auto"  # the configuration picker's device-aware choice (see resolve_configuration)
 TRAIN_CHOICES = (AUTO, *TRAINABLE_CONFIGURATIONS)
-PREDICT_CHOICES = (AUTO, *CONFIGURATIONS)  # auto: the engine's rule (AutoSegLib.modelchoice)
+PREDICT_CHOICES = (AUTO, *CONFIGURATIONS)  # auto: the engine's rule (AutoSegLib.models.choice)
 FINE_TUNE_DIR = "fine_tune"
 # A short schedule for fine-tuning from trained weights: a tenth of the quick preset's epochs
 # would be too few to adapt, the paper's 1000 far more than corrections need.

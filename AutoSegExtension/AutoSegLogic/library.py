@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from AutoSegLib import modelchoice
+from AutoSegLib.models import choice as modelchoice
 from AutoSegLib.fileutil import TMP_PREFIX, read_json, write_json
 from AutoSegLib.models import nnunet_layout
 from AutoSegLib.names import DATASET_FILE, INFERENCE_PLAN_FILE, MODEL_DIR, PLANS_FILE, SUMMARY_FILE, VALIDATION_DIR

@@ -239,7 +239,7 @@ def find_best(work_dir, dataset_folder, reporter: Reporter | None = None, num_pr
         >>> plan["configurations"], plan["postprocessing"]
     """
     from AutoSegLib.dataset import open_dataset
-    from AutoSegLib.training.setup import MODEL_DIR
+    from AutoSegLib.names import MODEL_DIR
     from AutoSegLib.training.splits import SPLITS_FILE, load_splits
 
     reporter = reporter or Reporter(quiet=True)

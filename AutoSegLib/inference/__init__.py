@@ -18,7 +18,7 @@ Example:
 """
 
 from AutoSegLib.inference.files import InputCase, PredictionError, find_input_cases, predict_files, read_input_case
-from AutoSegLib.inference.model import ModelCheckpointError, ModelFolderError
+from AutoSegLib.models.folder import ModelCheckpointError, ModelFolderError
 from AutoSegLib.inference.predictor import InputError, Predictor
 from AutoSegLib.inference.validation import validate_fold
 

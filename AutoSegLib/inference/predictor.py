@@ -44,8 +44,8 @@ import torch
 
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.imageio import Geometry
-from AutoSegLib.inference.model import ModelCheckpointError, ModelFolder, ModelFolderError
-from AutoSegLib.modelchoice import choose
+from AutoSegLib.models.folder import ModelCheckpointError, ModelFolder, ModelFolderError
+from AutoSegLib.models.choice import choose
 from AutoSegLib.inference.probabilities import labels_from_probabilities, one_hot_foreground
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
@@ -128,7 +128,7 @@ class Predictor:
         Args:
             model_dir: ``WORK/model`` (plans.json, dataset.json, ``{configuration}/fold_{k}/``).
             configuration: one name, or two for an ensemble. None: the rule of
-                :func:`AutoSegLib.modelchoice.choose` - ``inference_plan.json``'s choice (with its
+                :func:`AutoSegLib.models.choice.choose` - ``inference_plan.json``'s choice (with its
                 folds, checkpoint and postprocessing), else the one trained configuration.
             folds: e.g. ``[0, 1]`` or ``["all"]``; None: the inference plan's, else every
                 fold that has the checkpoint.
@@ -142,7 +142,7 @@ class Predictor:
             ModelFolderError: missing files, configuration, fold or checkpoint, naming what exists.
             ModelCheckpointError: a corrupt, unsafe or mismatched checkpoint (also a CheckpointError).
         """
-        from AutoSegLib.training.setup import resolve_device
+        from AutoSegLib.models.device import resolve_device
 
         model = ModelFolder.open(model_dir)
         choice = choose(model.path, configuration, folds, checkpoint)

@@ -18,7 +18,7 @@ from pathlib import Path
 from AutoSegLib.dataset import open_dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.inference.files import CaseOutputs, InputCase, PredictionError, predict_cases
-from AutoSegLib.inference.model import CHECKPOINTS, ModelFolderError
+from AutoSegLib.models.folder import CHECKPOINTS, ModelFolderError
 from AutoSegLib.training.splits import parse_fold
 from AutoSegLib.names import SUMMARY_FILE, VALIDATION_DIR  # noqa: F401 (re-exported)
 
@@ -49,7 +49,8 @@ def validate_fold(work_dir: str | Path, dataset_folder: str | Path, configuratio
         ModelFolderError: no usable checkpoint; PredictionError: some cases failed.
     """
     from AutoSegLib.inference.predictor import Predictor
-    from AutoSegLib.training.setup import MODEL_DIR, fold_cases
+    from AutoSegLib.names import MODEL_DIR
+    from AutoSegLib.training.setup import fold_cases
 
     reporter = reporter or Reporter(quiet=True)
     work_dir = Path(work_dir)

@@ -1,4 +1,4 @@
-"""An nnU-Net v2 model folder opened as a :class:`~AutoSegLib.inference.model.ModelFolder`: the I/O edge.
+"""An nnU-Net v2 model folder opened as a :class:`~AutoSegLib.models.folder.ModelFolder`: the I/O edge.
 
 :func:`open_nnunet_model` reads ``plans.json`` and ``dataset.json`` of each trained model folder
 (``TRAINER__PLANS__CONFIGURATION/``), converts them (:mod:`.nnunet_plans`) and validates the
@@ -25,8 +25,8 @@ import torch
 
 from AutoSegLib.dataset import DatasetError, DatasetSpec
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.inference.model import ModelCheckpointError, ModelFolder
-from AutoSegLib.modelchoice import parse_folds
+from AutoSegLib.models.folder import ModelCheckpointError, ModelFolder
+from AutoSegLib.models.choice import parse_folds
 from AutoSegLib.models.nnunet_layout import (
     CHECKPOINT_FILES,
     ambiguity,
@@ -45,7 +45,7 @@ from AutoSegLib.planning.validate import (
     model_folder_problems,
     summarize,
 )
-from AutoSegLib.training.checkpoint import UnsafeCheckpointError
+from AutoSegLib.models.checkpoint import UnsafeCheckpointError
 
 _SCALAR = np._core.multiarray.scalar
 # Exactly what numpy scalars in a pickle need: the constructor (under numpy 2's and numpy 1's

@@ -8,7 +8,7 @@ Two layouts are accepted (``nnUNet_results/DatasetXXX_Name/`` is nnU-Net v2's re
       nnUNetTrainer__nnUNetPlans__2d/  nnUNetTrainer__nnUNetPlans__3d_fullres/ ...
 
 Configurations are named as in nnU-Net (``2d``, ``3d_fullres``, ...), so ``-c`` and
-:func:`AutoSegLib.modelchoice.choose` work as for AutoSeg's own model folders. A results
+:func:`AutoSegLib.models.choice.choose` work as for AutoSeg's own model folders. A results
 folder with two trained folders of one configuration (other trainer or plans) is ambiguous:
 the user is told to pass the trained model folder itself.
 """
@@ -66,18 +66,9 @@ def ambiguity(path: str | Path, found: dict[str, list[Path]], names=None) -> str
 
 def trained_folds(folder: str | Path, checkpoint: str = "final") -> list:
     """Folds of one trained model folder whose ``fold_*`` holds ``checkpoint`` (``.pth``)."""
-    from AutoSegLib.modelchoice import fold_sort_key
-    from AutoSegLib.training.splits import SplitsError, parse_fold
+    from AutoSegLib.models.choice import folds_holding
 
-    found = []
-    for entry in sorted(Path(folder).glob("fold_*")):
-        try:
-            fold = parse_fold(entry.name[len("fold_"):])
-        except SplitsError:
-            continue
-        if (entry / CHECKPOINT_FILES[checkpoint]).is_file():
-            found.append(fold)
-    return sorted(found, key=fold_sort_key)
+    return folds_holding(Path(folder), CHECKPOINT_FILES[checkpoint])
 
 
 def trained_configurations(path: str | Path, checkpoint: str = "final") -> dict[str, list]:
@@ -91,12 +82,12 @@ def trained_configurations(path: str | Path, checkpoint: str = "final") -> dict[
 
 
 def choose(path: str | Path, configuration, folds, checkpoint: str | None):
-    """:func:`AutoSegLib.modelchoice.choose`'s rule for an nnU-Net v2 folder (it has no inference plan).
+    """:func:`AutoSegLib.models.choice.choose`'s rule for an nnU-Net v2 folder (it has no inference plan).
 
     ``folds`` are already parsed. Asked-for configurations must be trained here; without one,
     the only trained configuration is used, else the error lists them with the flag to add.
     """
-    from AutoSegLib.modelchoice import (
+    from AutoSegLib.models.choice import (
         DEFAULT_CHECKPOINT,
         ModelChoice,
         ModelFolderError,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 
-from AutoSegLib.modelchoice import ModelFolderError
+from AutoSegLib.models.choice import ModelFolderError
 from AutoSegLib.names import CONFIGURATIONS, listing
 
 # DNA class paths whose state_dict AutoSeg's networks reproduce (network/unet.py).

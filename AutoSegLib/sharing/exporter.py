@@ -17,8 +17,8 @@ from pathlib import Path
 from AutoSegLib import __version__
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import atomic_path, read_json
-from AutoSegLib.inference.model import ModelFolder
-from AutoSegLib.modelchoice import DEFAULT_CHECKPOINT, parse_folds, trained_configurations
+from AutoSegLib.models.folder import ModelFolder
+from AutoSegLib.models.choice import DEFAULT_CHECKPOINT, parse_folds, trained_configurations
 from AutoSegLib.names import DATASET_FILE, INFERENCE_PLAN_FILE, PLANS_FILE, SUMMARY_FILE, VALIDATION_DIR
 from AutoSegLib.sharing.card import build_card, card_markdown, dice_scores
 from AutoSegLib.sharing.rules import (CARD_FILE, CARD_MARKDOWN_FILE, MANIFEST_FILE, SharingError, build_manifest,

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import TMP_PREFIX, read_json
-from AutoSegLib.inference.model import ModelFolder, ModelFolderError
+from AutoSegLib.models.folder import ModelFolder, ModelFolderError
 from AutoSegLib.names import CHECKPOINT_FILES, INFERENCE_PLAN_FILE, PLANS_FILE
 from AutoSegLib.sharing.rules import (CARD_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES, SharingError, check_declared_sizes,
                                       check_entries, check_entry_sizes, check_listing, check_manifest,
@@ -159,7 +159,7 @@ def _extract(zf: zipfile.ZipFile, files: dict, staging: Path) -> None:
 
 def _convert_weights(staging: Path, files: dict, checkpoint: str) -> None:
     """Each ``weights.safetensors`` becomes ``checkpoint_{kind}.pt`` (what the engine loads)."""
-    from AutoSegLib.training.checkpoint import save_checkpoint
+    from AutoSegLib.models.checkpoint import save_checkpoint
 
     load = safetensors_torch().load
 

@@ -14,13 +14,14 @@ from pathlib import Path
 from AutoSegLib.dataset import DatasetSpec, open_dataset
 from AutoSegLib.fileutil import write_json
 from AutoSegLib.locks import LOCK_FILE, FolderLock, lock_folder
+from AutoSegLib.models.device import resolve_device
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
 from AutoSegLib.training.schedule import Schedule, preset_for_device, resolve_schedule
 from AutoSegLib.training import splits as splitting
 
-from AutoSegLib.names import (CASCADE_CONFIGURATION, DATASET_FILE, DEFAULT_PRESET, DEVICES, MODEL_DIR, PLANS_FILE,
+from AutoSegLib.names import (CASCADE_CONFIGURATION, DATASET_FILE, DEFAULT_PRESET, MODEL_DIR, PLANS_FILE,
                               fold_dir_name)
 
 
@@ -71,23 +72,6 @@ class RunSetup:
     preset: str = "paper"  # the preset actually used ("auto" resolved)
     preset_reason: str = ""
     lock: FolderLock | None = None  # the fold folder's, held as long as this object (AutoSegLib/locks.py)
-
-
-def resolve_device(requested: str):
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable choice is an error."""
-    import torch
-
-    if requested not in DEVICES:
-        raise TrainingSetupError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainingSetupError("--device cuda: no usable CUDA GPU found (is the NVIDIA driver installed, "
-                                 "and is this PyTorch a CUDA build?); use --device cpu to train on the CPU")
-    if requested == "mps" and not has_mps:
-        raise TrainingSetupError("--device mps: Apple's Metal backend is not available on this machine")
-    return torch.device(requested)
 
 
 def fold_cases(work_dir: Path, case_ids: list[str], fold: str, spec: DatasetSpec,

@@ -26,7 +26,7 @@ import torch
 
 from AutoSegLib.events import Reporter
 from AutoSegLib.network import build_network
-from AutoSegLib.training import checkpoint as ckpt
+from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
@@ -34,7 +34,8 @@ from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supe
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
 from AutoSegLib.training.schedule import (epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget,
                                          seconds_per_epoch)
-from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads, resolve_device
+from AutoSegLib.models.device import resolve_device
+from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads
 
 INITIAL_LR = 0.01  # the paper preset's SGD rate (schedule.PAPER.initial_lr)
 MOMENTUM = 0.99

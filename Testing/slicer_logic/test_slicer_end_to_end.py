@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from AutoSegLib.dataset import load_spec
-from AutoSegLogic import commands, dataset_export, labels, testing, volumes
+from AutoSegLogic import commands, labels, testing, volumes
 from AutoSegLogic.session import Session
 
 pytestmark = pytest.mark.skipif(not commands.engine_flags("predict"), reason="the engine has no predict command yet")

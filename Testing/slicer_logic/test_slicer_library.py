@@ -45,7 +45,7 @@ def make_model(root: Path) -> Path:
     import torch
 
     from AutoSegLib.network import build_network
-    from AutoSegLib.training.checkpoint import save_checkpoint
+    from AutoSegLib.models.checkpoint import save_checkpoint
 
     model = root / "Dataset950_Abdomen.autoseg" / "model"
     plans = {"version": 1, "dataset_name": "Dataset950_Abdomen", "gpu_memory_gb": 8.0,

@@ -98,18 +98,22 @@ def read_inference_plan(path: Path) -> dict:
             "postprocessing": plan.get("postprocessing", {})}
 
 
-def trained_folds(model_dir: str | Path, configuration: str, checkpoint: str = DEFAULT_CHECKPOINT) -> list:
-    """Folds of ``configuration`` whose folder holds ``checkpoint`` (``final``: finished training)."""
-    folder = Path(model_dir) / configuration
+def folds_holding(folder: Path, file_name: str) -> list:
+    """The folds ``folder/fold_*`` whose folder holds ``file_name``, in fold order (any layout)."""
     found = []
     for entry in sorted(folder.glob("fold_*")) if folder.is_dir() else []:
         try:
             fold = parse_fold(entry.name[len("fold_"):])
         except SplitsError:
             continue
-        if (entry / CHECKPOINT_FILES[checkpoint]).is_file():
+        if (entry / file_name).is_file():
             found.append(fold)
     return sorted(found, key=fold_sort_key)
+
+
+def trained_folds(model_dir: str | Path, configuration: str, checkpoint: str = DEFAULT_CHECKPOINT) -> list:
+    """Folds of ``configuration`` whose folder holds ``checkpoint`` (``final``: finished training)."""
+    return folds_holding(Path(model_dir) / configuration, CHECKPOINT_FILES[checkpoint])
 
 
 def trained_configurations(model_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, list]:

@@ -19,15 +19,13 @@ from AutoSegLib.dataset import DatasetError, DatasetSpec
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.planning import Plans, PlanningError
 from AutoSegLib.planning.validate import configuration_problems, model_folder_problems, summarize
-from AutoSegLib.modelchoice import (INFERENCE_PLAN_VERSION, ModelFolderError, describe_checkpoints,  # noqa: F401
+from AutoSegLib.models.choice import (INFERENCE_PLAN_VERSION, ModelFolderError, describe_checkpoints,  # noqa: F401
                                     fold_sort_key, parse_folds, read_inference_plan, trained_folds)
-from AutoSegLib.names import (CHECKPOINT_FILES, DATASET_FILE, GPU_CONFIGURATION, INFERENCE_PLAN_FILE, PLANS_FILE,
+from AutoSegLib.names import (CHECKPOINT_FILES, DATASET_FILE, INFERENCE_PLAN_FILE, PLANS_FILE,
                               fold_dir_name)
-from AutoSegLib.training.checkpoint import CheckpointError, load_checkpoint
+from AutoSegLib.models.checkpoint import CheckpointError, load_checkpoint
 
 CHECKPOINTS = CHECKPOINT_FILES
-# Kept for callers of earlier versions; the rule itself is modelchoice.choose.
-DEFAULT_CONFIGURATION = GPU_CONFIGURATION
 
 
 class ModelCheckpointError(ModelFolderError, CheckpointError):
