@@ -44,6 +44,8 @@ TRAINING_LOG_FILE = "training_log.jsonl"
 PROGRESS_PLOT_FILE = "progress.png"
 VALIDATION_DIR = "validation"
 SUMMARY_FILE = "summary.json"
+CROSSVAL_DIR = "crossval"  # find-best's pooled cross-validation scores, in the model folder
+ENSEMBLE_SEPARATOR = "+"  # "2d+3d_fullres": an ensemble of two configurations
 
 
 def fold_dir_name(fold) -> str:

@@ -32,7 +32,7 @@ from AutoSegLib.models import choice as modelchoice
 from AutoSegLib.fileutil import TMP_PREFIX, read_json, write_json
 from AutoSegLib.models import nnunet_layout
 from AutoSegLib.names import DATASET_FILE, INFERENCE_PLAN_FILE, MODEL_DIR, PLANS_FILE, SUMMARY_FILE, VALIDATION_DIR
-from AutoSegLib.sharing import card as card_rules
+from AutoSegLib.sharing import card as card_rules, scores as card_scores
 
 from AutoSegLogic import commands, labels as label_rules
 from AutoSegLogic.jobs import Step
@@ -43,7 +43,6 @@ CARD_FILE = "model_card.json"  # what import-model keeps from the zip (AutoSegLi
 AUTOSEG_ZIP, AUTOSEG_FOLDER, NNUNET_FOLDER = "autoseg-zip", "autoseg-folder", "nnunet-folder"
 KINDS = {AUTOSEG_ZIP: "AutoSeg model (imported zip)", AUTOSEG_FOLDER: "AutoSeg model folder",
          NNUNET_FOLDER: "nnU-Net v2 model folder"}
-CROSSVAL_DIR = "crossval"  # written by find-best
 
 
 class LibraryError(ValueError):
@@ -321,14 +320,9 @@ def _autoseg_card(folder: Path, kind: str) -> ModelCard:
             raise LibraryError(f"{folder}: no configuration has a finished fold (checkpoint_final.pt)")
         plan_path = folder / INFERENCE_PLAN_FILE
         plan = modelchoice.read_inference_plan(plan_path) if plan_path.is_file() else None
-        summaries = {}
-        for name, folds in trained.items():
-            for fold in folds:
-                path = modelchoice.fold_path(folder, name, fold) / VALIDATION_DIR / SUMMARY_FILE
-                if path.is_file():
-                    summaries[(name, str(fold))] = read_json(path)
         data = card_rules.build_card(plans, dataset, trained, modelchoice.DEFAULT_CHECKPOINT,
-                                     fold_summaries=summaries, pooled=_pooled(folder, trained, plan),
+                                     fold_summaries=card_scores.fold_summaries(folder, trained),
+                                     pooled=card_scores.pooled_scores(folder, trained, plan),
                                      inference_plan=plan, engine_version="", created="", notes="")
     configurations = data.get("configurations") or {}
     planned = plans.get("configurations", {})
@@ -343,20 +337,6 @@ def _autoseg_card(folder: Path, kind: str) -> ModelCard:
                      if data.get("created") else "",
                      training_cases=data.get("training_cases") or dataset.get("numTraining"),
                      pooled=data.get("pooled_cross_validation") or {})
-
-
-def _pooled(folder: Path, trained: dict, plan: dict | None) -> dict:
-    pooled = {}
-    crossval = folder / CROSSVAL_DIR
-    for path in sorted(crossval.glob("*.json")) if crossval.is_dir() else []:
-        candidate = path.name[:-len(".json")]
-        if all(m in trained for m in candidate.replace(".postprocessed", "").split("+")):
-            scores = card_rules.dice_scores(read_json(path))
-            if scores is not None:
-                pooled[candidate.replace(".postprocessed", " + postprocessing")] = scores
-    if not pooled and plan is not None:
-        pooled = {k: v for k, v in (plan.get("cross_validation") or {}).items() if isinstance(v, dict)}
-    return pooled
 
 
 def _nnunet_card(folder: Path) -> ModelCard:

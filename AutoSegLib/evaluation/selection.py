@@ -34,13 +34,11 @@ from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import write_json
 from AutoSegLib.imageio import read_image
 from AutoSegLib.postprocessing import apply_postprocessing, keep_largest_component
-from AutoSegLib.names import INFERENCE_PLAN_FILE  # noqa: F401 (re-exported)
+from AutoSegLib.names import CROSSVAL_DIR, ENSEMBLE_SEPARATOR, INFERENCE_PLAN_FILE  # noqa: F401 (re-exported)
 
 STAGE = "find-best"
 PLAN_FILE = INFERENCE_PLAN_FILE
-CROSSVAL_DIR = "crossval"
 PLAN_VERSION = 1
-ENSEMBLE_SEPARATOR = "+"
 
 
 class SelectionError(ReportedFailure):

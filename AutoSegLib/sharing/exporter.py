@@ -19,14 +19,13 @@ from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import atomic_path, read_json
 from AutoSegLib.models.folder import ModelFolder
 from AutoSegLib.models.choice import DEFAULT_CHECKPOINT, parse_folds, trained_configurations
-from AutoSegLib.names import DATASET_FILE, INFERENCE_PLAN_FILE, PLANS_FILE, SUMMARY_FILE, VALIDATION_DIR
-from AutoSegLib.sharing.card import build_card, card_markdown, dice_scores
+from AutoSegLib.names import DATASET_FILE, ENSEMBLE_SEPARATOR, INFERENCE_PLAN_FILE, PLANS_FILE
+from AutoSegLib.sharing.card import build_card, card_markdown
+from AutoSegLib.sharing.scores import fold_summaries, pooled_scores
 from AutoSegLib.sharing.rules import (CARD_FILE, CARD_MARKDOWN_FILE, MANIFEST_FILE, SharingError, build_manifest,
                                       safetensors_torch, sha256_hex, weights_name)
 
 STAGE = "export-model"
-CROSSVAL_DIR = "crossval"  # written by find-best (evaluation/selection.py)
-ENSEMBLE_SEPARATOR = "+"
 
 
 def export_model(model_dir: str | Path, output: str | Path, configurations: list[str] | None = None,
@@ -66,8 +65,9 @@ def export_model(model_dir: str | Path, output: str | Path, configurations: list
         plan = None
     created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     card = build_card(read_json(model.path / PLANS_FILE), read_json(model.path / DATASET_FILE), selection, checkpoint,
-                      fold_summaries=_fold_summaries(model, selection, reporter),
-                      pooled=_pooled_scores(model.path, selection, plan), inference_plan=plan,
+                      fold_summaries=fold_summaries(model.path, selection, on_error=lambda path, exc: reporter.warning(
+                          STAGE, f"{path}: left out of the model card ({exc})")),
+                      pooled=pooled_scores(model.path, selection, plan), inference_plan=plan,
                       engine_version=__version__, created=created, notes=notes)
     files: dict[str, tuple[int, str]] = {}
     stamp = datetime.datetime.now().timetuple()[:6]
@@ -127,40 +127,6 @@ def _weights_bytes(model: ModelFolder, name: str, fold, checkpoint: str) -> byte
     # Copies: safetensors refuses tensors that share memory, which a state dict may hold.
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in weights.items()}
     return safetensors_torch().save(tensors, metadata={"format": "pt", "configuration": name, "fold": str(fold)})
-
-
-def _fold_summaries(model: ModelFolder, selection: dict[str, list], reporter: Reporter) -> dict:
-    found = {}
-    for name, folds in selection.items():
-        for fold in folds:
-            path = model.fold_dir(name, fold) / VALIDATION_DIR / SUMMARY_FILE
-            if path.is_file():
-                try:
-                    found[(name, str(fold))] = read_json(path)
-                except (OSError, ValueError) as exc:
-                    reporter.warning(STAGE, f"{path}: left out of the model card ({exc})")
-    return found
-
-
-def _pooled_scores(model_dir: Path, selection: dict[str, list], plan: dict | None) -> dict:
-    """Pooled cross-validation Dice of candidates made only of exported configurations."""
-    pooled = {}
-    folder = model_dir / CROSSVAL_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        candidate = path.name[:-len(".json")]
-        members = candidate.replace(".postprocessed", "").split(ENSEMBLE_SEPARATOR)
-        if not all(member in selection for member in members):
-            continue
-        try:
-            scores = dice_scores(read_json(path))
-        except (OSError, ValueError):
-            continue
-        if scores is not None:
-            pooled[candidate.replace(".postprocessed", " + postprocessing")] = scores
-    if not pooled and plan is not None:
-        pooled = {name: scores for name, scores in (plan.get("cross_validation") or {}).items()
-                  if all(member in selection for member in name.split(ENSEMBLE_SEPARATOR))}
-    return pooled
 
 
 def _json_bytes(value) -> bytes:
