@@ -79,8 +79,21 @@ def logic_path() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+class JobState:
+    """``finished`` and ``succeeded`` read from ``status``, the same for every kind of job
+    (an engine process, a worker thread, a chain of steps)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (SUCCEEDED, FAILED, CANCELLED)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == SUCCEEDED
+
+
 @dataclass(eq=False)  # a job is itself, not equal to another with the same arguments
-class Job:
+class Job(JobState):
     """One engine command in a background process.
 
     Args:
@@ -201,14 +214,6 @@ class Job:
                    title=self.title, cwd=self.cwd, module=self.module, events_protocol=self.events_protocol)
 
     # -- state -----------------------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self.status in (SUCCEEDED, FAILED, CANCELLED)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
-
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
@@ -399,7 +404,7 @@ class Step:
     weight: float = 1.0
 
 
-class ThreadJob:
+class ThreadJob(JobState):
     """Work in a worker thread with a :class:`Job`'s interface (poll, cancel, progress, failure).
 
     For what must leave the GUI thread but needs no engine: writing or reading image files
@@ -468,14 +473,6 @@ class ThreadJob:
     kill = cancel
 
     @property
-    def finished(self) -> bool:
-        return self.status in (SUCCEEDED, FAILED, CANCELLED)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
-
-    @property
     def progress(self) -> float | None:
         return 1.0 if self.succeeded else self._fraction
 
@@ -497,7 +494,7 @@ class ThreadJob:
         return self.error
 
 
-class JobChain:
+class JobChain(JobState):
     """Run steps one after the other; stop at the first that does not succeed.
 
     ``make_job(step)`` builds each step's (unstarted) Job, so the caller decides the
@@ -549,14 +546,6 @@ class JobChain:
         if self.job.succeeded and self.index + 1 == len(self.steps):
             return SUCCEEDED
         return self.job.status if self.job.finished else RUNNING
-
-    @property
-    def finished(self) -> bool:
-        return self.status in (SUCCEEDED, FAILED, CANCELLED)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
 
     @property
     def resumable(self) -> bool:

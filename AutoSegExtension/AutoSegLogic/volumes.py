@@ -85,8 +85,9 @@ def set_node_geometry(node, geometry: Geometry) -> None:
     node.SetIJKToRASMatrix(_vtk_matrix(matrix_from_geometry(geometry)))
 
 
-def array_from_node(node) -> np.ndarray:
-    """A copy of the voxels as a (z, y, x) array (raises GeometryError for no or multi-component data)."""
+def _scalar_voxels(node):
+    """The node's VTK scalar array and a (z, y, x) numpy view of it, no copy (raises GeometryError
+    for no or multi-component data)."""
     image = node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None:
         raise GeometryError(f"volume '{node.GetName()}' has no voxels")
@@ -94,7 +95,13 @@ def array_from_node(node) -> np.ndarray:
         raise GeometryError(f"volume '{node.GetName()}' has {image.GetNumberOfScalarComponents()} components per "
                             "voxel (e.g. RGB); convert it to a scalar (greyscale) volume first")
     nx, ny, nz = image.GetDimensions()
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+    scalars = image.GetPointData().GetScalars()
+    return scalars, numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)
+
+
+def array_from_node(node) -> np.ndarray:
+    """A copy of the voxels as a (z, y, x) array (raises GeometryError for no or multi-component data)."""
+    return _scalar_voxels(node)[1].copy()
 
 
 class VoxelSnapshot:
@@ -107,17 +114,9 @@ class VoxelSnapshot:
     """
 
     def __init__(self, node):
-        image = node.GetImageData()
-        if image is None or image.GetPointData().GetScalars() is None:
-            raise GeometryError(f"volume '{node.GetName()}' has no voxels")
-        if image.GetNumberOfScalarComponents() != 1:
-            raise GeometryError(f"volume '{node.GetName()}' has {image.GetNumberOfScalarComponents()} components per "
-                                "voxel (e.g. RGB); convert it to a scalar (greyscale) volume first")
-        nx, ny, nz = image.GetDimensions()
         self.name = node.GetName()
-        self._scalars = image.GetPointData().GetScalars()  # keeps the array alive while it is needed
+        self._scalars, self._view = _scalar_voxels(node)  # the reference keeps the array alive
         self._mtime = self._scalars.GetMTime()
-        self._view = numpy_support.vtk_to_numpy(self._scalars).reshape(nz, ny, nx)
         self.shape, self.dtype = self._view.shape, self._view.dtype
 
     def array(self) -> np.ndarray:
