@@ -17,9 +17,8 @@ from AutoSegLib import __version__
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DATASET_FILE, DEFAULT_ARCHITECTURE,
-                              DEFAULT_PRESET,
-                              DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PRESETS, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX,
-                              listing)
+                              DEFAULT_PRESET, DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PRESETS,
+                              TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
 
 
 class CommandFailed(ReportedFailure):
@@ -201,7 +200,7 @@ def cmd_predict(args, reporter: Reporter) -> None:
 
     if args.device in ("auto", "cpu"):
         configure_cpu_threads()  # honours OMP_NUM_THREADS; only this process's torch is affected
-    folds = None if args.folds is None else [f.strip() for f in ",".join(args.folds).split(",") if f.strip()]
+    folds = _fold_list(args.folds)
     result = predict_files(args.input, args.output, args.model, configuration=args.configuration, folds=folds,
                            checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
                            save_probabilities=args.save_probabilities, uncertainty=args.uncertainty,
@@ -277,7 +276,7 @@ def cmd_demo(args, reporter: Reporter) -> None:
 def cmd_export_model(args, reporter: Reporter) -> None:
     from AutoSegLib.sharing.exporter import export_model
 
-    folds = None if args.folds is None else [f.strip() for f in ",".join(args.folds).split(",") if f.strip()]
+    folds = _fold_list(args.folds)
     result = export_model(args.model_dir, args.output, configurations=args.configurations, folds=folds,
                           notes=args.notes, reporter=reporter)
     reporter.done("export-model", **result)
@@ -287,6 +286,11 @@ def cmd_import_model(args, reporter: Reporter) -> None:
     from AutoSegLib.sharing.importer import import_model
 
     reporter.done("import-model", **import_model(args.archive, args.output, reporter=reporter))
+
+
+def _fold_list(values: list[str] | None) -> list[str] | None:
+    """``-f 0 1`` or ``-f 0,1`` -> ``["0", "1"]``; None when not given."""
+    return None if values is None else [f.strip() for f in ",".join(values).split(",") if f.strip()]
 
 
 def _str(path) -> str | None:

@@ -274,7 +274,7 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
                                    available_memory)
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
     if failures:
-        # one line (each case's own error event came before it); a multi-line exception text is folded
+        # one line (each case's own error event came before it; predict_cases folded each message)
         raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s): "
-                              + "; ".join(" ".join(f.split()) for f in failures))
+                              + "; ".join(failures))
     return {"cases": len(cases), "output": str(outputs[0].labels.parent)}

@@ -112,12 +112,13 @@ class Predictor:
     """
 
     def __init__(self, model: ModelFolder, stages: list[Stage], device: torch.device, tta: bool = True,
-                 step: float = 0.5, batch_size: int | None = None, postprocessing: dict | None = None):
+                 step: float = 0.5, batch_size: int | None = None, postprocessing: dict | None = None,
+                 choice=None):
         self.model, self.stages, self.device = model, stages, torch.device(device)
         self.tta, self.step, self.batch_size = bool(tta), _check_step(step), batch_size
         self.postprocessing = postprocessing
         self.host_accumulator_fallbacks = 0  # stages predicted again with accumulators in host memory
-        self.choice = None  # the ModelChoice from_model_dir made (how the configuration was chosen)
+        self.choice = choice  # the ModelChoice from_model_dir made (how the configuration was chosen)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
@@ -150,9 +151,7 @@ class Predictor:
         torch_device = resolve_device(device)
         stages = [_load_stage(model, name, choice.folds, choice.checkpoint, torch_device)
                   for name in choice.configurations]
-        predictor = cls(model, stages, torch_device, tta, step, batch_size, choice.postprocessing or None)
-        predictor.choice = choice
-        return predictor
+        return cls(model, stages, torch_device, tta, step, batch_size, choice.postprocessing or None, choice)
 
     @property
     def configurations(self) -> list[str]:

@@ -71,6 +71,7 @@ class RunSetup:
     notes: list[str] = field(default_factory=list)
     preset: str = "paper"  # the preset actually used ("auto" resolved)
     preset_reason: str = ""
+    device: object = None  # the torch.device the run trains on (models/device.py), resolved once
     lock: FolderLock | None = None  # the fold folder's, held as long as this object (AutoSegLib/locks.py)
 
 
@@ -163,7 +164,8 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
         check_run_folder(run_folder, options)
         model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
         run_folder.mkdir(parents=True, exist_ok=True)
-        preset, preset_reason = preset_for_device(options.preset, resolve_device(options.device).type)
+        device = resolve_device(options.device)
+        preset, preset_reason = preset_for_device(options.preset, device.type)
         schedule = resolve_schedule(preset, options.epochs, options.iterations_per_epoch,
                                     optimizer=options.optimizer, initial_lr=options.initial_lr)
     except BaseException:
@@ -172,7 +174,7 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
                     schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
-                    notes=notes, preset=preset, preset_reason=preset_reason, lock=lock)
+                    notes=notes, preset=preset, preset_reason=preset_reason, device=device, lock=lock)
 
 
 def configure_cpu_threads() -> int:

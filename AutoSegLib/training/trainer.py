@@ -34,7 +34,6 @@ from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supe
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
 from AutoSegLib.training.schedule import (epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget,
                                          seconds_per_epoch)
-from AutoSegLib.models.device import resolve_device
 from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads
 
 INITIAL_LR = 0.01  # the paper preset's SGD rate (schedule.PAPER.initial_lr)
@@ -82,7 +81,7 @@ def make_optimizer(network: torch.nn.Module, schedule) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, run: RunSetup, reporter: Reporter | None = None):
         self.run, self.reporter = run, reporter or Reporter(quiet=True)
-        self.device = resolve_device(run.options.device)
+        self.device = run.device
         if self.device.type == "cpu":
             configure_cpu_threads()
         self.network = build_network(run.config, run.n_input_channels, run.n_classes).to(self.device)
