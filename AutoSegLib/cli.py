@@ -257,12 +257,26 @@ def cmd_predict(args, reporter: Reporter) -> None:
         configure_cpu_threads()  # honours OMP_NUM_THREADS; only this process's torch is affected
     folds = _fold_list(args.folds)
     num_parts, part_id = _prediction_part(args)
+    _use_the_ranks_gpu(args.device)
     result = predict_files(args.input, args.output, args.model, configuration=args.configuration, folds=folds,
                            checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
                            save_probabilities=args.save_probabilities, uncertainty=args.uncertainty,
                            reporter=reporter, strict=args.strict, available_memory=_available_memory_override(),
                            num_parts=num_parts, part_id=part_id, skip_existing=args.continue_)
     reporter.done("predict", **result)
+
+
+def _use_the_ranks_gpu(device: str) -> None:
+    """Under torchrun, each rank of a node predicts on its own GPU (LOCAL_RANK), not all on GPU 0."""
+    from AutoSegLib.training.distributed import rank_env
+
+    env = rank_env(os.environ)
+    if env is None or env.world_size == 1 or device not in ("auto", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
 
 
 def _prediction_part(args) -> tuple[int, int]:
