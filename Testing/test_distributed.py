@@ -150,6 +150,41 @@ def test_cli_refuses_bad_launch_and_part_flags(phantoms, capsys):
     assert not (work / "never").exists()
 
 
+def test_only_rank_0_reports_and_every_rank_names_itself_in_errors():
+    import io
+
+    from AutoSegLib.training.distributed import RankReporter, reporter_for
+
+    out, err = io.StringIO(), io.StringIO()
+    other = RankReporter(RankEnv(1, 2), events=True)
+    other.out, other.err = out, err
+    other.log("train", "epoch 1/2")
+    other.emit("progress", "train", done=1)
+    other.warning("train", "slow disk")
+    other.error("train", "data worker 0 died")
+    assert out.getvalue() == ""  # events come from rank 0 alone
+    assert err.getvalue() == "WARNING: rank 1 of 2: slow disk\nERROR: rank 1 of 2: data worker 0 died\n"
+    first = RankReporter(RankEnv(0, 2), events=True)
+    first.out, first.err = io.StringIO(), io.StringIO()
+    first.error("train", "boom")
+    event = json.loads(first.out.getvalue())
+    assert (event["event"], event["message"], event["rank"]) == ("error", "rank 0 of 2: boom", 0)
+    assert type(reporter_for({}, events=False)).__name__ == "Reporter"  # not under torchrun
+    assert type(reporter_for({"WORLD_SIZE": "1"}, events=False)).__name__ == "Reporter"
+
+
+def test_a_lost_peer_becomes_one_line_and_other_errors_pass_unchanged():
+    from AutoSegLib.training.distributed import Group, GroupBroken
+
+    group = Group(RankEnv(0, 2))
+    with pytest.raises(GroupBroken, match="broke off during a training step .*Connection closed by peer"):
+        with group.guard("a training step"):
+            raise RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        with group.guard("a training step"):
+            raise RuntimeError("shapes do not match")
+
+
 def test_select_part_splits_the_sorted_cases_whatever_their_order():
     from AutoSegLib.inference.files import InputCase, select_part
 

@@ -23,6 +23,7 @@ The helpers above the :class:`Group` are pure (no torch, no environment access) 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -31,6 +32,8 @@ from AutoSegLib.events import Reporter
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 SIGNAL_SLOTS = 65  # signal numbers 1-64
+# In the messages of the RuntimeErrors gloo and NCCL raise when a peer is gone.
+COMMUNICATION_ERRORS = ("gloo", "NCCL", "ProcessGroup", "Connection reset", "Connection closed")
 
 
 class DistributedSetupError(ReportedFailure):
@@ -217,9 +220,23 @@ class Group:
         try:
             return call()
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection, or a timeout
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise GroupBroken(f"rank {self.rank} of {self.world_size}: the group broke off during {what} (another "
-                              f"rank ended or failed: {first}); that rank's error says why") from None
+            raise self._broken(what, exc) from None
+
+    def _broken(self, what: str, exc: Exception) -> GroupBroken:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return GroupBroken(f"the group broke off during {what} (another rank ended or failed: {first}); that "
+                           "rank's error says why")
+
+    @contextmanager
+    def guard(self, what: str):
+        """Around work with collectives inside (DDP's gradient all-reduce in backward): a lost peer
+        becomes :class:`GroupBroken`; any other error passes unchanged."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self.active and any(mark in str(exc) for mark in COMMUNICATION_ERRORS):
+                raise self._broken(what, exc) from None
+            raise
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the ranks (float64)."""
@@ -349,7 +366,7 @@ def share_setup_outcome(group: Group, error: BaseException | None) -> None:
     message = None if error is None else f"{type(error).__name__}: {error}"
     message = group.broadcast_object(message)
     if message is not None and not group.primary:
-        raise DistributedSetupError(f"rank 0 could not start the run, so neither does rank {group.rank} "
+        raise DistributedSetupError(f"rank 0 could not start the run, so this rank stops too "
                                     f"({message.split(': ', 1)[-1]})")
 
 

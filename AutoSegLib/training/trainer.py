@@ -241,7 +241,8 @@ class Trainer:
         losses, step_times = [], []
         while len(losses) < self.schedule.iterations_per_epoch:  # the budget may shorten this epoch
             step_started = time.monotonic()
-            loss = self.train_step(next(train_loader))
+            with self.group.guard("a training step"):
+                loss = self.train_step(next(train_loader))
             loss, signum = self.group.step_sync(loss * self.loss_weight, self.signals)  # the global batch's
             losses.append(loss)
             step_times.append(time.monotonic() - step_started)
