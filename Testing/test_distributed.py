@@ -131,6 +131,8 @@ def test_more_gpus_than_the_machine_has_is_one_clear_line():
         requested_ranks(2, 2, "auto", 2)
     assert requested_ranks(None, 2, "cpu", 0) == (2, "cpu")
     assert requested_ranks(2, None, "auto", 4) == (2, "cuda")
+    with pytest.raises(LaunchError, match="--nproc 3 on CUDA .* has 2 CUDA device"):
+        requested_ranks(None, 3, "auto", 2)
 
 
 def test_cli_refuses_bad_launch_and_part_flags(phantoms, capsys):

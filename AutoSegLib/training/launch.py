@@ -152,8 +152,9 @@ def requested_ranks(gpus: int | None, nproc: int | None, device: str, cuda_count
             raise LaunchError(f"--gpus {gpus}: this machine has {cuda_count} CUDA device(s)"
                               + ("; use --nproc N --device cpu for CPU processes (gloo)" if not cuda_count else ""))
         return gpus, "cuda"
-    if device == "cuda" and nproc > cuda_count:
-        raise LaunchError(f"--nproc {nproc} with --device cuda: this machine has {cuda_count} CUDA device(s)")
+    if (device == "cuda" or (device == "auto" and cuda_count)) and nproc > cuda_count:
+        raise LaunchError(f"--nproc {nproc} on CUDA (--device {device}): this machine has {cuda_count} CUDA "
+                          "device(s), one per rank; give fewer, or --device cpu")
     return nproc, device
 
 
