@@ -9,6 +9,7 @@ usage error, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -161,6 +162,38 @@ def cmd_plan_and_preprocess(args, reporter: Reporter) -> None:
 
 
 def cmd_train(args, reporter: Reporter) -> None:
+    from AutoSegLib.training import launch
+
+    folds = launch.parse_folds(args.fold)
+    if len(folds) > 1:  # several folds: child processes over --devices (docs/scaling.md)
+        if args.gpus is not None or args.nproc is not None:
+            raise launch.LaunchError("--gpus/--nproc train one fold with several ranks; to train several folds "
+                                     "side by side give --devices (e.g. --devices 0,1)")
+        slots = launch.parse_devices(args.devices) if args.devices else [launch.Slot(args.device)]
+        if any(slot.visible is not None for slot in slots):
+            import torch
+
+            launch.check_gpus(slots, torch.cuda.device_count())
+        statuses = launch.run_folds(args.argv, args.fold, folds, slots, reporter)
+        reporter.done("train", folds=statuses)
+        return
+    if args.devices:
+        raise launch.LaunchError(f"--devices places several folds; fold {args.fold} is one (give a list such as "
+                                 "0-4, or --gpus/--nproc for one fold on several devices)")
+    if args.gpus is not None or args.nproc is not None:  # this command again, as a torchrun group
+        import torch
+
+        nproc, device = launch.requested_ranks(args.gpus, args.nproc, args.device, torch.cuda.device_count())
+        launch.launch_group(args.argv, nproc, device, reporter)
+        return  # rank 0 of the group reported the result
+    train_fold(args, reporter)
+
+
+def train_fold(args, reporter: Reporter) -> None:
+    """One fold in this process, or as one rank of a torchrun group (torchrun's environment)."""
+    from contextlib import nullcontext
+
+    from AutoSegLib.training.distributed import rank_env, split_description, start_rank_run
     from AutoSegLib.training.setup import TrainOptions, setup_run
     from AutoSegLib.training.trainer import Trainer
 
@@ -171,27 +204,49 @@ def cmd_train(args, reporter: Reporter) -> None:
                            num_workers=args.num_workers, seed=args.seed,
                            checkpoint_every_epochs=args.checkpoint_every_epochs, init_from=args.init_from,
                            optimizer=args.optimizer, initial_lr=args.lr)
-    run = setup_run(args.dataset, work, options)
+    env, group = rank_env(os.environ), None
+    if env is not None and env.world_size > 1:
+        run, group = start_rank_run(args.dataset, work, options, env)
+    else:
+        run = setup_run(args.dataset, work, options)
     reporter.log("train", f"Training {args.configuration} fold {args.fold} with the {run.preset} schedule "
                           f"[{run.preset_reason}]: {len(run.train_cases)} training, {len(run.val_cases)} validation "
                           f"case(s); {_length_text(run)}, {run.schedule.optimizer} -> {run.run_folder}")
+    if group is not None:
+        reporter.log("train", f"Data-parallel: {group.world_size} ranks ({run.device.type}, "
+                              f"{'NCCL' if run.device.type == 'cuda' else 'gloo'}), pids "
+                              f"{', '.join(map(str, group.pids))}; "
+                              f"{split_description(run.config['batch_size'], group.world_size)}")
     for note in run.notes:
         reporter.log("train", note)
-    with run.lock:  # the fold folder's, held through validation and given back even in-process (Python API)
-        result = Trainer(run, reporter).fit()
-        if args.validate:
-            from AutoSegLib.inference.validation import validate_fold
-
-            # The fold's held-out cases through the real predictor, scored in their original geometry:
-            # the numbers find-best compares (pseudo-Dice only samples patches).
-            summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
-            warn_never_predicted(summary, reporter, "train")
-            dice = (summary.get("foreground_mean") or {}).get("Dice")
-            result["validation_dice"] = dice
-            report_classes(summary, reporter, result)
-            if dice is not None:
-                reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
+    # The fold folder's lock (rank 0's in a group), held through validation and given back even
+    # in-process (Python API).
+    try:
+        with run.lock or nullcontext():
+            result = Trainer(run, reporter, group).fit()
+            if group is not None and not group.primary:
+                return  # rank 0 validates and reports
+            if args.validate:
+                result = _validate_trained(args, work, reporter, result)
+    finally:
+        if group is not None:
+            group.close()
     reporter.done("train", **result)
+
+
+def _validate_trained(args, work, reporter: Reporter, result: dict) -> dict:
+    """The fold's held-out cases through the real predictor, scored in their original geometry:
+    the numbers find-best compares (pseudo-Dice only samples patches)."""
+    from AutoSegLib.inference.validation import validate_fold
+
+    summary = validate_fold(work, args.dataset, args.configuration, args.fold, reporter, device=args.device)
+    warn_never_predicted(summary, reporter, "train")
+    dice = (summary.get("foreground_mean") or {}).get("Dice")
+    result["validation_dice"] = dice
+    report_classes(summary, reporter, result)
+    if dice is not None:
+        reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
+    return result
 
 
 def cmd_predict(args, reporter: Reporter) -> None:
@@ -201,11 +256,47 @@ def cmd_predict(args, reporter: Reporter) -> None:
     if args.device in ("auto", "cpu"):
         configure_cpu_threads()  # honours OMP_NUM_THREADS; only this process's torch is affected
     folds = _fold_list(args.folds)
+    num_parts, part_id = _prediction_part(args)
+    _use_the_ranks_gpu(args.device)
     result = predict_files(args.input, args.output, args.model, configuration=args.configuration, folds=folds,
                            checkpoint=args.checkpoint, device=args.device, tta=not args.no_tta, step=args.step,
                            save_probabilities=args.save_probabilities, uncertainty=args.uncertainty,
-                           reporter=reporter, strict=args.strict, available_memory=_available_memory_override())
+                           reporter=reporter, strict=args.strict, available_memory=_available_memory_override(),
+                           num_parts=num_parts, part_id=part_id, skip_existing=args.continue_)
     reporter.done("predict", **result)
+
+
+def _use_the_ranks_gpu(device: str) -> None:
+    """Under torchrun, each rank of a node predicts on its own GPU (LOCAL_RANK), not all on GPU 0."""
+    from AutoSegLib.training.distributed import rank_env
+
+    env = rank_env(os.environ)
+    if env is None or env.world_size == 1 or device not in ("auto", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+
+
+def _prediction_part(args) -> tuple[int, int]:
+    """``(num_parts, part_id)``: from --num-parts/--part-id, else torchrun's ranks, else (1, 0)."""
+    from AutoSegLib.training.distributed import rank_env
+
+    env = rank_env(os.environ)
+    if args.num_parts is None:
+        if args.part_id is not None:
+            raise ValueError("--part-id needs --num-parts K")
+        return (env.world_size, env.rank) if env is not None else (1, 0)
+    if env is not None and env.world_size > 1:
+        raise ValueError(f"--num-parts with torchrun: the {env.world_size} ranks already split the cases; give "
+                         "one or the other")
+    if args.part_id is None:
+        raise ValueError(f"--num-parts {args.num_parts} needs --part-id (0 to {args.num_parts - 1})")
+    if not 0 <= args.part_id < args.num_parts:
+        raise ValueError(f"--part-id {args.part_id} is out of range for --num-parts {args.num_parts} "
+                         f"(0 to {args.num_parts - 1})")
+    return args.num_parts, args.part_id
 
 
 def _evaluation_labels(args, reporter: Reporter) -> dict[str, int]:
@@ -427,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", type=Path)
     p.add_argument("configuration", help=f"{listing(TRAINABLE_CONFIGURATIONS)} (as planned); on a CPU train "
                                          f"{CPU_CONFIGURATION}, sized for it")
-    p.add_argument("fold", help="0-4, or 'all' to train on every case")
+    p.add_argument("fold", help="0-4, or 'all' to train on every case; a list (0,1,2 or 0-4) trains those folds "
+                                "in child processes, one per --devices entry at a time")
     p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help=f"schedule: auto (default) = paper on a GPU, quick on a CPU; paper = 1000 epochs x 250 "
@@ -453,8 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip predicting and scoring the fold's validation cases after training")
     p.add_argument("--checkpoint-every-epochs", type=_positive_int, default=5,
                    help="save checkpoint_latest every N epochs (default 5; also at least every 10 minutes)")
+    scale = p.add_argument_group("several devices (docs/scaling.md)")
+    scale.add_argument("--gpus", type=_positive_int, default=None, metavar="N",
+                       help="train this fold data-parallel on N GPUs of this machine (starts torchrun, NCCL)")
+    scale.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                       help="train this fold data-parallel with N processes on --device (starts torchrun; gloo "
+                            "on the CPU)")
+    scale.add_argument("--devices", default=None, metavar="LIST",
+                       help="with a fold list: where the folds train, one at a time per entry: GPU indices "
+                            "(0,1,2,3) or cpu entries (cpu,cpu)")
     _add_common(p)
-    p.set_defaults(func=cmd_train, stage="train")
+    p.set_defaults(func=cmd_train, stage="train", ranked=True)
 
     p = sub.add_parser("predict", help="segment images with a trained model folder",
                        description="Predict label maps in the input's own grid, geometry and file format. "
@@ -483,8 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write {case}_uncertainty{ending}: normalized entropy, 0 = certain, 1 = uniform")
     p.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    p.add_argument("--num-parts", type=_positive_int, default=None, metavar="K",
+                   help="split the cases (sorted by name) into K parts and predict one, for job arrays; under "
+                        "torchrun the ranks are the parts")
+    p.add_argument("--part-id", type=int, default=None, metavar="I", help="with --num-parts: the part, 0 to K-1")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="skip cases whose outputs a finished earlier run wrote (partial outputs never count)")
     _add_common(p)
-    p.set_defaults(func=cmd_predict, stage="predict")
+    p.set_defaults(func=cmd_predict, stage="predict", ranked=True)
 
     p = sub.add_parser("evaluate", help="score predicted label files against reference label files",
                        description="Dice, IoU, FP/FN voxels, HD95 and normalized surface Dice per case and class "
@@ -547,8 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()  # OpenMP's passive waits are set by importing AutoSegLib
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # to start the same command again (torchrun ranks, one fold per device)
     reporter = Reporter(events=args.events)
+    if getattr(args, "ranked", False):  # under torchrun: events from rank 0, errors naming the rank
+        from AutoSegLib.training.distributed import reporter_for
+
+        reporter = reporter_for(os.environ, args.events)
     try:
         args.func(args, reporter)
     except KeyboardInterrupt:

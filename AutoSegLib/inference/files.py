@@ -9,6 +9,12 @@ geometry and file format: ``{case}{ending}`` (labels), with ``--save-probabiliti
 Every output is written under a temporary name and renamed into place, the label file last;
 earlier outputs of a case are removed before it is predicted, so a failed run never leaves a
 file that looks like its result. A failing case is reported and the others still run.
+
+Sharding (docs/scaling.md): ``num_parts``/``part_id`` predict one part of the cases sorted by
+name (:func:`select_part`), for a job array or the ranks of a torchrun group; the parts of one
+output folder can run at the same time, each holding its own lock. ``skip_existing``
+(``--continue``) skips a case whose outputs exist: its label file appears only by a rename
+after everything else of the case was written, so a partial case never counts.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from AutoSegLib.inference.probabilities import normalized_entropy
 from AutoSegLib.locks import lock_folder
 
 STAGE = "predict"
+PART_LOCK_PREFIX = ".autoseg-part-"  # a folder inside the output folder, holding one part's lock
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -146,6 +153,28 @@ def write_case_outputs(paths: CaseOutputs, labels: np.ndarray, geometry, probabi
             write(tmp)
 
 
+def select_part(cases: list[InputCase], num_parts: int, part_id: int) -> list[InputCase]:
+    """Part ``part_id`` of ``num_parts``: every ``num_parts``-th case by name, from the ``part_id``-th.
+
+    The parts are disjoint, cover every case, and do not depend on the order files were listed in
+    (nnU-Net v2's ``-num_parts/-part_id`` split, of the sorted case list).
+
+    Example:
+        >>> names = [c.case_id for c in select_part([InputCase(n, (), "") for n in "dacbe"], 2, 1)]
+        >>> names
+        ['b', 'd']
+    """
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part {part_id} of {num_parts}: need num_parts >= 1 and 0 <= part_id < num_parts")
+    return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
+
+
+def is_finished(paths: CaseOutputs, save_probabilities: bool = False, uncertainty: bool = False) -> bool:
+    """Every output asked for exists (the label file is renamed into place last, so it marks a finished case)."""
+    wanted = [paths.labels] + [paths.probabilities] * save_probabilities + [paths.uncertainty] * uncertainty
+    return all(path.is_file() for path in wanted)
+
+
 def read_input_case(case: InputCase, reporter: Reporter | None = None) -> tuple[list[np.ndarray], Geometry]:
     """The channel arrays of a case (in channel order) and the first channel's geometry.
 
@@ -219,6 +248,7 @@ def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs],
 def predict_files(input_path: str | Path, output_path: str | Path, model_dir: str | Path | None = None,
                   predictor=None, save_probabilities: bool = False, uncertainty: bool = False,
                   reporter: Reporter | None = None, strict: bool = False, available_memory: int | None = None,
+                  num_parts: int = 1, part_id: int = 0, skip_existing: bool = False,
                   **predictor_options) -> dict:
     """Predict a folder of cases (or one file) into ``output_path``.
 
@@ -231,9 +261,12 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
             does not fit; bytes to compare with (default: measured). See :mod:`.memory`.
         predictor_options: :meth:`Predictor.from_model_dir` arguments (configuration, folds,
             checkpoint, device, tta, step, batch_size).
+        num_parts, part_id: predict only this part of the cases (:func:`select_part`).
+        skip_existing: skip cases an earlier run finished (``--continue``).
 
     Returns:
-        ``{"cases": n, "output": folder}``.
+        ``{"cases": n predicted, "skipped": n already there, "output": folder}`` (plus
+        ``part_id``/``num_parts`` for a part).
 
     Raises:
         PredictionError: bad input (before anything is written), or some cases failed.
@@ -258,23 +291,47 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     input_folder = input_path if input_path.is_dir() else input_path.parent
     if not single_target and output_path.resolve() == input_folder.resolve():
         raise PredictionError(f"{output_path}: choose an output folder other than the input folder")
+    all_cases = len(cases)
+    if num_parts > 1:
+        cases = select_part(cases, num_parts, part_id)
     outputs = [output_paths(case, output_path, single_target) for case in cases]
+    skipped = 0
+    if skip_existing:
+        keep = [not is_finished(o, save_probabilities, uncertainty) for o in outputs]
+        skipped = keep.count(False)
+        cases = [c for c, k in zip(cases, keep) if k]
+        outputs = [o for o, k in zip(outputs, keep) if k]
+    folder = output_path.parent if single_target else output_path
+    part = f" (part {part_id} of {num_parts}: {len(cases) + skipped} of {all_cases} cases)" if num_parts > 1 else ""
+    if skipped:
+        part += f"; {skipped} already predicted, skipped (--continue)"
     stages = ", ".join(f"{s.name} folds {s.folds}" for s in predictor.stages)
     if predictor.choice is not None:
         stages += f" ({predictor.choice.reason})"
-    reporter.log(STAGE, f"Predicting {len(cases)} case(s) with {stages} on {predictor.device} "
+    reporter.log(STAGE, f"Predicting {len(cases)} case(s){part} with {stages} on {predictor.device} "
                         f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
-    # One process per output folder (AutoSegLib/locks.py), before the resource check's probe file.
-    held = lock_folder(outputs[0].labels.parent, "writing predictions to this folder")
+    result = {"cases": len(cases), "skipped": skipped, "output": str(folder)}
+    if num_parts > 1:
+        result.update(part_id=part_id, num_parts=num_parts)
+    if not cases:
+        return result
+    # One process per output folder (AutoSegLib/locks.py), before the resource check's probe file;
+    # one per part of it when the cases are split (the parts write different files).
+    if num_parts > 1:
+        held = lock_folder(folder / f"{PART_LOCK_PREFIX}{part_id}-of-{num_parts}", "predicting this part")
+    else:
+        held = lock_folder(folder, "writing predictions to this folder")
     from AutoSegLib.inference.memory import check_prediction_resources
 
-    with held:  # released also when the check below refuses
+    try:  # released also when the check below refuses
         # Before any case: the output folder writable with room, the largest case's memory told.
         check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
                                    available_memory)
         failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
+    finally:
+        held.release(tidy=num_parts > 1)  # a part's lock folder goes with it
     if failures:
         # one line (each case's own error event came before it; predict_cases folded each message)
         raise PredictionError(f"prediction failed for {len(failures)} of {len(cases)} case(s): "
                               + "; ".join(failures))
-    return {"cases": len(cases), "output": str(outputs[0].labels.parent)}
+    return result

@@ -158,24 +158,35 @@ class PatchSampler:
 
 
 def make_batch(sampler: PatchSampler, augmentation, batch_size: int, rng: np.random.Generator,
-               on_case: Callable[[str], None] | None = None) -> dict:
-    """Draw, augment and stack one batch.
+               on_case: Callable[[str], None] | None = None, slots: tuple[int, int] | None = None) -> dict:
+    """Draw, augment and stack one batch (or the ``slots`` part of it).
+
+    Each sample ``j`` has its own generator, spawned from ``rng`` (``rng.spawn``), for its case,
+    its augmentation seed and its position. So sample ``j`` is the same whichever part of the
+    batch is made: the ranks of a data-parallel run, each making its ``slots = (start, stop)``
+    of the global batch (:func:`AutoSegLib.training.distributed.rank_slots`), together make
+    exactly the batch one process makes. The foreground rule counts ``j`` in the whole batch.
 
     Returns:
-        ``{"data": float32 (B, C, *patch), "target": [int16 (B, 1, *shape_k)] one per network
-        output (full resolution first), "keys": [case id per sample]}``.
+        ``{"data": float32 (b, C, *patch), "target": [int16 (b, 1, *shape_k)] one per network
+        output (full resolution first), "keys": [case id per sample]}``, b = the slots' count.
 
     Raises:
         SampleError: naming the case whose patch failed (with the original as its cause).
     """
-    keys = [sampler.case_ids[int(i)] for i in rng.integers(len(sampler.case_ids), size=batch_size)]
-    augmentation.seed(int(rng.integers(2**63)))
-    images, targets = [], []
-    for j, key in enumerate(keys):
+    start, stop = slots if slots is not None else (0, batch_size)
+    if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"slots {start}..{stop} do not fit a batch of {batch_size}")
+    generators = rng.spawn(batch_size)[start:stop]
+    keys, images, targets = [], [], []
+    for j, sample_rng in zip(range(start, stop), generators):
+        key = sampler.case_ids[int(sample_rng.integers(len(sampler.case_ids)))]
+        keys.append(key)
         if on_case is not None:
             on_case(key)
+        augmentation.seed(int(sample_rng.integers(2**63)))
         try:
-            image, seg = sampler.sample(key, is_forced_foreground(j, batch_size), rng)
+            image, seg = sampler.sample(key, is_forced_foreground(j, batch_size), sample_rng)
             image, target = augmentation(torch.from_numpy(image), torch.from_numpy(seg))
         except Exception as exc:
             raise SampleError(f"case '{key}': {type(exc).__name__}: {exc}") from exc

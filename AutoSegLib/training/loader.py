@@ -128,6 +128,7 @@ class _WorkerSpec:
     first_batch: int
     num_workers: int
     transport: str
+    slots: tuple[int, int] | None = None
 
 
 def _to_numpy(batch: dict) -> dict:
@@ -163,7 +164,8 @@ def _worker_main(worker_id: int, spec: _WorkerSpec, sender, status, parent_pid: 
             status.value = f"batch {index}, case '{case_id}'".encode()[:STATUS_BYTES]
 
         while True:
-            batch = make_batch(sampler, spec.augmentation, spec.batch_size, batch_rng(spec.seed, index), on_case)
+            batch = make_batch(sampler, spec.augmentation, spec.batch_size, batch_rng(spec.seed, index), on_case,
+                               spec.slots)
             batch["index"] = index
             sender.send(("batch", _to_numpy(batch) if spec.transport == "pipe" else batch))
             index += spec.num_workers
@@ -197,6 +199,9 @@ class BatchLoader:
         timeout: seconds a live worker may take for one batch before it is called stuck.
         transport: "auto" (= "pipe"), "pipe" or "shared_memory" (falls back to pipe when
             /dev/shm is small or missing).
+        slots: ``(start, stop)``: make only these samples of each batch of ``batch_size``
+            (one rank's part of the global batch in data-parallel training; see
+            :func:`~AutoSegLib.training.data.make_batch`). Default: the whole batch.
         start_method: multiprocessing start method; default: the platform's.
 
     Each batch is ``{"data": float32 (B, C, *patch), "target": [int16 (B, 1, *shape_k)],
@@ -215,10 +220,12 @@ class BatchLoader:
     def __init__(self, cases: list[str], config, folder: str | Path, batch_size: int | None = None,
                  num_workers: int | None = None, seed: int = 0, transforms: Augmentation | None = None, *,
                  ignore_label: int | None = None, first_batch: int = 0, timeout: float = 300.0,
-                 transport: str = "auto", start_method: str | None = None):
+                 transport: str = "auto", start_method: str | None = None, slots: tuple[int, int] | None = None):
         config = config.to_dict() if hasattr(config, "to_dict") else config
         self.augmentation = transforms or training_pipeline(config)
         self.batch_size = int(batch_size or config["batch_size"])
+        self.slots = None if slots is None else (int(slots[0]), int(slots[1]))
+        made = self.batch_size if self.slots is None else self.slots[1] - self.slots[0]
         self.seed, self.first_batch, self.timeout = int(seed), int(first_batch), float(timeout)
         self.notes: list[str] = []
         self._next = self.first_batch
@@ -235,15 +242,15 @@ class BatchLoader:
             self._sampler = PatchSampler(folder, list(cases), self.augmentation.patch_size,
                                          self.augmentation.input_patch_size, ignore_label)
             return
-        per_worker = worker_nbytes(self.augmentation.input_patch_size, self.batch_size, channels)
+        per_worker = worker_nbytes(self.augmentation.input_patch_size, made, channels)
         self.num_workers = fit_workers(requested, per_worker, available_memory())
         if self.num_workers < requested:
             self.notes.append(f"{self.num_workers} data worker(s) instead of {requested}: about "
                               f"{per_worker / 2**20:.0f} MB each and memory is short")
-        in_flight = 2 * self.num_workers * batch_nbytes(config, self.batch_size, channels)
+        in_flight = 2 * self.num_workers * batch_nbytes(config, made, channels)
         self.transport, why = choose_transport(transport, in_flight, shared_memory_free())
         self.notes.append(f"batches travel by {self.transport} ({why})")
-        spec = _WorkerSpec(*spec_args, self.num_workers, self.transport)
+        spec = _WorkerSpec(*spec_args, self.num_workers, self.transport, self.slots)
         self._start(spec, mp.get_context(start_method))
 
     def _start(self, spec: _WorkerSpec, ctx) -> None:
@@ -284,7 +291,8 @@ class BatchLoader:
         threads, np_state, torch_state = torch.get_num_threads(), np.random.get_state(), torch.get_rng_state()
         torch.set_num_threads(1)
         try:
-            batch = make_batch(self._sampler, self.augmentation, self.batch_size, batch_rng(self.seed, self._next))
+            batch = make_batch(self._sampler, self.augmentation, self.batch_size, batch_rng(self.seed, self._next),
+                               slots=self.slots)
         finally:
             torch.set_num_threads(threads)
             np.random.set_state(np_state)

@@ -126,13 +126,18 @@ def check_run_folder(run_folder: Path, options: TrainOptions) -> None:
         remove_run(run_folder)
 
 
-def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions) -> RunSetup:
+def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOptions,
+              primary: bool = True) -> RunSetup:
     # Messages of the setup (e.g. "splits created") go to ``RunSetup.notes``, for the caller to log
     # after its first line, which names the schedule.
     """Resolve plans, folds, schedule and folders; nothing is trained or written but the model files.
 
     The returned run holds its fold folder's lock (``run.lock``, AutoSegLib/locks.py) until
     ``run.lock.release()``, garbage collection or the end of the process.
+
+    ``primary=False``: a data-parallel rank other than 0 (AutoSegLib/training/distributed.py),
+    which only reads what rank 0 prepared: no lock, no check or change of the fold folder, no
+    model files written.
 
     Raises:
         FolderBusy: another process trains this fold (nothing was touched).
@@ -159,17 +164,21 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     run_folder = Path(work_dir) / MODEL_DIR / options.configuration / fold_dir_name(fold)
     # Locked first: a second trainer of this fold is refused before it judges, deletes
     # (--overwrite) or resumes anything of the running one's; a dead run's temp files go.
-    lock = lock_folder(run_folder, "training this fold", recursive=True)
+    lock = lock_folder(run_folder, "training this fold", recursive=True) if primary else None
     try:
-        check_run_folder(run_folder, options)
-        model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
-        run_folder.mkdir(parents=True, exist_ok=True)
+        if primary:
+            check_run_folder(run_folder, options)
+            model = prepare_model_folder(work_dir, dataset_folder, plans, dataset.spec)
+            run_folder.mkdir(parents=True, exist_ok=True)
+        else:
+            model = Path(work_dir) / MODEL_DIR
         device = resolve_device(options.device)
         preset, preset_reason = preset_for_device(options.preset, device.type)
         schedule = resolve_schedule(preset, budget_epochs(preset, options), options.iterations_per_epoch,
                                     optimizer=options.optimizer, initial_lr=options.initial_lr)
     except BaseException:
-        lock.release(tidy=True)  # a refused run leaves no fold folder it made
+        if lock is not None:
+            lock.release(tidy=True)  # a refused run leaves no fold folder it made
         raise
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,

@@ -10,6 +10,12 @@ Checkpoints (see :mod:`.checkpoint`): ``latest`` every few epochs and at least e
 ``checkpoint_every_s`` seconds, ``best`` on a new best moving-average pseudo-Dice, ``final``
 at the end. SIGTERM/SIGINT finish the current iteration, save ``latest`` and raise
 :class:`TrainingInterrupted`, which the CLI turns into exit status 128 + signal number.
+
+Data-parallel (torchrun, :mod:`.distributed`): the same loop on every rank with a
+:class:`~AutoSegLib.training.distributed.Group`; each rank makes its slots of every batch,
+gradients and metrics are reduced over the ranks, a signal to any rank stops all of them at the
+same step, and rank 0 alone writes files. Without torchrun the group is of one process and every
+collective returns its input.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from AutoSegLib.network import build_network
 from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
+from AutoSegLib.training.distributed import Group, loss_weight, rank_slots
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
                                       pseudo_dice)
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
@@ -79,12 +86,19 @@ def make_optimizer(network: torch.nn.Module, schedule) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    def __init__(self, run: RunSetup, reporter: Reporter | None = None):
+    def __init__(self, run: RunSetup, reporter: Reporter | None = None, group: Group | None = None):
         self.run, self.reporter = run, reporter or Reporter(quiet=True)
-        self.device = run.device
+        self.group = group or Group.solo()
+        self.device = self.group.device or run.device
         if self.device.type == "cpu":
             configure_cpu_threads()
+        # Seeded: the same initial weights for the same --seed (with one process or several).
+        torch.manual_seed(run.options.seed)
         self.network = build_network(run.config, run.n_input_channels, run.n_classes).to(self.device)
+        self.model = self.group.wrap(self.network)  # DistributedDataParallel in a group of several
+        global_batch = int(run.config["batch_size"])
+        self.slots = rank_slots(global_batch, self.group.world_size, self.group.rank)
+        self.loss_weight = loss_weight(self.slots, global_batch, self.group.world_size)
         self.optimizer = make_optimizer(self.network, run.schedule)
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
@@ -143,7 +157,8 @@ class Trainer:
             self.reporter.warning("train", f"--resume continues the run's own schedule ({self.schedule.epochs} "
                                            f"epochs x {self.schedule.iterations_per_epoch} iterations); "
                                            "--epochs and --iterations-per-epoch apply to new runs only")
-        self.records = truncate_log(self.run.run_folder, self.epoch)
+        if self.group.primary:
+            self.records = truncate_log(self.run.run_folder, self.epoch)
         self.reporter.log("train", f"Resuming from {path} at epoch {self.epoch} of {self.schedule.epochs}")
         return path
 
@@ -164,7 +179,10 @@ class Trainer:
         self.reporter.log("train", f"Starting from the weights of {path} (epoch {state.get('epoch', '?')} of its run)")
 
     def save(self, name: str) -> object:
+        """Write ``checkpoint_{name}.pt`` (rank 0 only; the other ranks hold the same weights)."""
         path = self.run.run_folder / f"checkpoint_{name}.pt"
+        if not self.group.primary:
+            return path
         ckpt.save_checkpoint(path, self.state())
         if name == "latest":
             self.last_save = time.monotonic()
@@ -180,10 +198,12 @@ class Trainer:
         seed = opts.seed + 1000 * self.epoch
         first = self.epoch * self.schedule.iterations_per_epoch
         with BatchLoader(self.run.train_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
-                         seed=seed, ignore_label=self.run.ignore_label, first_batch=first) as train_loader, \
+                         seed=seed, ignore_label=self.run.ignore_label, first_batch=first,
+                         slots=self.slots) as train_loader, \
              BatchLoader(self.run.val_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
                          seed=seed + 1, transforms=validation_pipeline(self.run.config),
-                         ignore_label=self.run.ignore_label) as val_loader, stop_on_signals() as signals:
+                         ignore_label=self.run.ignore_label, slots=self.slots) as val_loader, \
+             stop_on_signals() as signals:
             self.reporter.start("train", of=self.schedule.epochs, epoch=self.epoch)
             started = self.started = time.monotonic()
             self.signals = signals
@@ -191,16 +211,26 @@ class Trainer:
                 record = self.run_epoch(train_loader, val_loader)
                 self.finish_epoch(record, started)
         path = self.save("final")
+        self.group.barrier()  # every rank ends with the final checkpoint written
         return {"epochs": self.epoch, "ema_pseudo_dice": self.ema, "best_ema_pseudo_dice": self.best_ema,
                 "checkpoint": str(path), "run_folder": str(self.run.run_folder)}
 
     def lr(self) -> float:
         return poly_lr(self.epoch, self.schedule.epochs, self.schedule.initial_lr)
 
-    def check_stop(self) -> None:
-        """Between steps: on SIGTERM/SIGINT save ``latest`` and stop (weights of this moment)."""
-        if self.signals:
-            raise TrainingInterrupted(self.signals[0], self.save("latest"))
+    def check_stop(self, signum: int | None = None) -> None:
+        """Between steps: on SIGTERM/SIGINT save ``latest`` and stop (weights of this moment).
+
+        ``signum``: the signal any rank received, when the step already exchanged it
+        (``Group.step_sync``); else asked of the group here. In a group every rank calls this at
+        the same point, so all stop together, after rank 0 saved the one checkpoint.
+        """
+        if signum is None:
+            signum = self.group.any_signal(self.signals)
+        if signum:
+            path = self.save("latest")
+            self.group.barrier()  # no rank ends (and so makes torchrun stop the others) before the save
+            raise TrainingInterrupted(signum, path)
 
     def run_epoch(self, train_loader, val_loader) -> dict:
         started = time.monotonic()
@@ -211,11 +241,15 @@ class Trainer:
         losses, step_times = [], []
         while len(losses) < self.schedule.iterations_per_epoch:  # the budget may shorten this epoch
             step_started = time.monotonic()
-            losses.append(self.train_step(next(train_loader)))
+            with self.group.guard("a training step"):
+                loss = self.train_step(next(train_loader))
+            loss, signum = self.group.step_sync(loss * self.loss_weight, self.signals)  # the global batch's
+            losses.append(loss)
             step_times.append(time.monotonic() - step_started)
-            self.check_stop()
+            self.check_stop(signum)
             if len(losses) == BUDGET_PROBE_ITERATIONS and not self.epoch_walls:
                 self.fit_first_epoch_to_budget(step_times)
+                self.share_schedule()
             self.reporter.emit("progress", "train", epoch=self.epoch, iteration=len(losses),
                                of=self.schedule.iterations_per_epoch, loss=losses[-1])
         val_loss, dice = self.validate(val_loader)
@@ -230,18 +264,25 @@ class Trainer:
         targets = [t.to(self.device, non_blocking=True).long() for t in batch["target"]]
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss(self.network(data), targets)
+            outputs = self.model(data)
+            loss = self.loss(outputs, targets)
+            if self.group.active:
+                # DDP waits for a gradient of every parameter; the lowest output's head has loss weight 0
+                # (nnU-Net v2 gives it 1e-6 under DDP instead). A zero term gives zero gradients and
+                # leaves the loss exactly as with one process.
+                loss = loss + sum(o.sum() for w, o in zip(self.loss.weights, outputs) if w == 0) * 0.0
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {self.epoch} (cases {batch['keys']}); "
                                      "check the images for extreme values")
+        weighted = loss * self.loss_weight if self.loss_weight != 1.0 else loss  # see distributed.loss_weight
         if self.scaler:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(weighted).backward()
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
+            weighted.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
             self.optimizer.step()
         return float(loss.detach())
@@ -262,8 +303,17 @@ class Trainer:
             totals = counts if totals is None else [a + b for a, b in zip(totals, counts)]
         names = [n for n, v in sorted(self.run.spec.labels.items(), key=lambda kv: kv[1])
                  if v != 0 and v != self.run.ignore_label]
+        val_loss, totals = self.reduce_validation(losses, totals)
         dice = {n: (None if math.isnan(d) else float(d)) for n, d in zip(names, dice_from_counts(*totals))}
-        return sum(losses) / len(losses), dice
+        return val_loss, dice
+
+    def reduce_validation(self, losses: list[float], totals) -> tuple[float, list]:
+        """The global validation loss and pseudo-Dice counts: weighted losses and counts summed over ranks."""
+        k = len(totals[0])
+        local = [sum(losses) / len(losses) * self.loss_weight] + [float(v) for t in totals for v in t.tolist()]
+        summed = self.group.all_reduce_sum(local)
+        counts = [[int(round(v)) for v in summed[1 + i * k: 1 + (i + 1) * k]] for i in range(3)]
+        return summed[0] / self.group.world_size, counts
 
     def finish_epoch(self, record: dict, started: float) -> None:
         values = [v for v in record["pseudo_dice"].values() if v is not None]
@@ -272,9 +322,11 @@ class Trainer:
         record.update(mean_pseudo_dice=mean, ema_pseudo_dice=self.ema)
         self.epoch += 1
         self.records.append(record)
-        append_epoch(self.run.run_folder, record)
-        plot_progress(self.run.run_folder, self.records)
+        if self.group.primary:
+            append_epoch(self.run.run_folder, record)
+            plot_progress(self.run.run_folder, self.records)
         self.maybe_rescale_for_budget(started)
+        self.share_schedule()
         eta = estimate_eta([r["epoch_time_s"] for r in self.records], self.schedule.epochs - self.epoch)
         self.reporter.emit("epoch", "train", **record, done=self.epoch, of=self.schedule.epochs, eta_s=eta)
         self.reporter.log("train", f"epoch {self.epoch}/{self.schedule.epochs}: loss {record['train_loss']:.3f}, "
@@ -285,6 +337,11 @@ class Trainer:
         due = self.epoch % self.run.options.checkpoint_every_epochs == 0
         if due or time.monotonic() - self.last_save >= self.run.options.checkpoint_every_s:
             self.save("latest")
+
+    def share_schedule(self) -> None:
+        """With --time-budget in a group: every rank takes rank 0's schedule (each times its own steps)."""
+        if self.group.active and self.run.options.time_budget_min is not None:
+            self.schedule = self.group.broadcast_object(self.schedule)
 
     def fit_first_epoch_to_budget(self, step_times: list[float]) -> None:
         """With --time-budget: after the first few iterations, shorten a schedule that cannot fit.
