@@ -188,11 +188,13 @@ def resample_label(label: np.ndarray, new_shape, order: int = 1, separate_axis: 
     for value in values:
         np.equal(label, value, out=mask)
         resample_image(mask, new_shape, order, separate_axis, order_separate, out=score)
-        _take_better(out, value, score, best, better)
+        take_better(out, value, score, best, better)
     return out
 
 
-def _take_better(out, value, score, best, better) -> None:
+def take_better(out, value, score, best, better) -> None:
+    """Running argmax: where ``score`` beats ``best`` (strictly: ties keep the earlier value), ``out``
+    takes ``value`` and ``best`` the score."""
     np.greater(score, best, out=better)
     out[better] = value
     np.maximum(best, score, out=best)
@@ -213,7 +215,7 @@ def _resample_label_by_slice(label, out, values, order: int, axis: int) -> np.nd
                 _zoom_into(mask, score, order)
             else:
                 score.fill(0)  # what the zoom of an all-zero plane gives, at no cost
-            _take_better(first, value, score, best, better)
+            take_better(first, value, score, best, better)
         for t in targets[1:]:
             moved_out[t] = first
     return out
