@@ -9,7 +9,7 @@ read               the channels as read (``C*N0*b``) and ITK's copy of one of th
 preprocess         inputs, nonzero mask ``N0``, float32 scratch ``N0*4`` (if resampled), data ``C*N1*4``
 sliding window     inputs, data, weights ``N1*4``, logits ``K*N1*4``, [fold sum ``K*N1*4``],
                    one batch of windows through the network (``ACTIVATIONS * batch * patch * f0 * 4``)
-softmax            inputs, data, logits, probabilities ``K*N1*4``, [fold sum]
+softmax            inputs, data, logits ``K*N1*4`` (overwritten by the probabilities), [fold sum]
 restore            labels only (one configuration, no probabilities kept: ``restore_labels``): inputs,
                    fold mean ``K*N1*4``, one restored class ``N0*4``, the running maximum ``N0*4``,
                    a boolean ``N0`` and the labels ``N0``. Otherwise: inputs, fold mean ``K*N1*4``,
@@ -104,8 +104,8 @@ def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, 
     if device == "cpu":  # elsewhere the accumulators live in the device's memory, not here
         phases.append((f"{name} sliding window", {**held, **data, "weights": n1p * 4, "logits": k * n1p * 4,
                                                   **fold_sum, **network}))
-        phases.append((f"{name} softmax", {**held, **data, "logits": k * n1p * 4, "probabilities": k * n1 * 4,
-                                           **fold_sum}))
+        # the softmax overwrites the logits a slab at a time (sliding.softmax): no second K-class volume
+        phases.append((f"{name} softmax", {**held, **data, "logits (then probabilities)": k * n1p * 4, **fold_sum}))
     else:
         phases.append((f"{name} sliding window", {**held, **data, **network}))
     restored = ({"restored class": n0 * 4, "running maximum": n0 * 4, "better (bool)": n0, "labels": n0}

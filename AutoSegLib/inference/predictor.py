@@ -276,10 +276,12 @@ class Predictor:
                 stage.network.load_state_dict(weights)
             logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
                                            mirror, batch, progress=passes.next_pass(), network_device=self.device)
-            probabilities = softmax(logits)
+            probabilities = softmax(logits)  # on the CPU: the logits' own memory, an inference tensor
             del logits
-            total = probabilities if total is None else total.add_(probabilities)
-        total /= len(stage.weights)
+            with torch.inference_mode():
+                total = probabilities if total is None else total.add_(probabilities)
+        with torch.inference_mode():
+            total /= len(stage.weights)
         return total.cpu().numpy()
 
     def _forward(self, network):
