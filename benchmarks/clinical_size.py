@@ -194,6 +194,7 @@ def run_json(argv: list[str], env: dict) -> dict:
 def env_for(pythonpath: str | None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = pythonpath or str(REPO)
+    env["PYTHONSAFEPATH"] = "1"  # `python -m AutoSegLib` must not import the working directory's copy
     return env
 
 
