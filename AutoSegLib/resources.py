@@ -200,7 +200,7 @@ class MemoryEstimate:
         return self.base + self.added
 
     def describe(self, top: int = 3) -> str:
-        """E.g. ``'at labels: probabilities 5.2 GiB, argmax copy 5.2 GiB, argmax 1.7 GiB'``."""
+        """E.g. ``'at labels: probabilities (input grid) 5.2 GiB, labels 1.3 GiB'``."""
         largest = sorted(self.parts.items(), key=lambda item: -item[1])[:top]
         return f"at {self.phase}: " + ", ".join(f"{name} {format_bytes(size)}" for name, size in largest)
 

@@ -20,6 +20,7 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.fileutil import write_json
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.inference import InputError, ModelCheckpointError, ModelFolderError, Predictor
+from AutoSegLib.inference.probabilities import labels_from_probabilities
 from AutoSegLib.models.folder import read_inference_plan
 from AutoSegLib.network import build_network
 from AutoSegLib.models.checkpoint import CheckpointError, save_checkpoint
@@ -119,6 +120,28 @@ def test_prediction_is_on_the_input_grid_for_anisotropic_oblique_images(model_di
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(labels, probabilities.argmax(0))
     assert predictor.predict([image], oblique_geometry())[1] is None
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_labels_without_probabilities_are_the_argmax_of_the_probabilities(model_dir, configuration):
+    # Without probabilities the labels are restored a class at a time (restore_labels): the
+    # same labels as the argmax of the restored probabilities.
+    predictor = Predictor.from_model_dir(model_dir, configuration, device="cpu", tta=False)
+    image = blob_image((14, 31, 27), seed=3)
+    labels, none = predictor.predict([image], oblique_geometry())
+    probabilities = predictor.predict_probabilities([image], oblique_geometry())
+    assert none is None and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, probabilities.argmax(0))
+
+
+def test_labels_of_many_classes_are_taken_a_slab_at_a_time_and_equal_numpys_argmax():
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((3, 20, 512, 512), dtype=np.float32)  # 5 Mi voxels: two slabs
+    probabilities[2, 10:] = probabilities[1, 10:]  # exact ties: the lower class wins
+    labels = labels_from_probabilities(probabilities)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, probabilities.argmax(0))
+    assert labels_from_probabilities(rng.random((300, 2, 3, 4))).dtype == np.uint16
 
 
 def test_3d_network_predicts_in_channels_last_layout_with_the_same_result(model_dir):

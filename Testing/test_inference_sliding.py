@@ -230,3 +230,14 @@ def test_a_non_equivariant_network_changes_under_mirroring():
     plain = sliding_window_logits(net, data, (8, 16, 16))
     mirrored = sliding_window_logits(net, data, (8, 16, 16), mirror_axes=(0, 1, 2))
     assert not torch.allclose(plain, mirrored, atol=1e-4)
+
+
+def test_softmax_of_float32_logits_overwrites_them_with_torchs_values():
+    logits = torch.randn(5, 20, 512, 512) * 4  # 5 Mi voxels per class: two slabs
+    expected = torch.softmax(logits, dim=0)
+    probabilities = softmax(logits)
+    assert probabilities.data_ptr() == logits.data_ptr() and torch.equal(probabilities, expected)
+    padded = torch.randn(3, 9, 12, 14)
+    view = padded[:, 1:8, 2:11, :13]  # an accumulator's unpadded view, not contiguous
+    expected = torch.softmax(view, dim=0)
+    assert torch.equal(softmax(view), expected)

@@ -31,11 +31,17 @@ def test_phases_count_the_arrays_of_the_code_path_exactly():
     shape, k = (20, 30, 40), 3
     n0, n1 = 20 * 30 * 40, 10 * 15 * 20  # 1 mm to 2 mm
     result = estimate(shape, k, base=0, batch_size=1, tta=False)
-    assert result.phases["labels"] == (n0 * 2 + k * n0 * 4 * 2 + n0 * 8  # inputs, probabilities, argmax copy, int64
-                                       + network_bytes(CONFIG, 1, k, 1, False))  # kept by the allocator
+    heap = network_bytes(CONFIG, 1, k, 1, False)  # kept by the allocator
+    # labels only: restored a class at a time (one class, the running maximum, a boolean, the labels)
+    assert "labels" not in result.phases
+    assert result.phases["3d restore"] == n0 * 2 + k * n1 * 4 + n0 * 4 * 2 + n0 + n0 + heap
+    # probabilities kept: all of them on the input grid, the labels taken from them a slab at a time
+    kept = estimate(shape, k, base=0, batch_size=1, tta=False, save_probabilities=True)
+    assert kept.phases["3d restore"] == n0 * 2 + k * n1 * 4 + k * n0 * 4 + heap
+    assert kept.phases["labels"] == n0 * 2 + k * n0 * 4 + n0 + heap
     assert result.phases["3d preprocess"] == n0 * 2 + n0 + n0 * 4 + n1 * 4  # inputs, mask, scratch, data
     padded = 32 * 64 * 64  # the image is smaller than a patch: accumulators have the patch's size
-    assert result.phases["3d softmax"] == n0 * 2 + n1 * 4 + padded * 4 + k * padded * 4 + k * n1 * 4
+    assert result.phases["3d softmax"] == n0 * 2 + n1 * 4 + padded * 4 + k * padded * 4  # softmax in place
     assert result.peak == result.added and result.phase == max(result.phases, key=result.phases.get)
 
 
@@ -44,9 +50,15 @@ def test_grows_with_image_size_and_classes():
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
     classes = [estimate(classes=k).added for k in (2, 5, 20, 100)]
     assert classes == sorted(classes) and len(set(classes)) == 4
-    # on a large image the input grid dominates: twice K float32 values per voxel, and the int64 argmax
-    big = estimate((400, 512, 512), classes=6)
-    assert big.phase == "labels" and big.parts["argmax copy"] == 6 * 400 * 512 * 512 * 4
+    # on a large image the input grid dominates: with probabilities kept, K float32 values per voxel;
+    # labels only, 10 bytes per voxel whatever K (restore_labels)
+    n0 = 400 * 512 * 512
+    big = estimate((400, 512, 512), classes=6, save_probabilities=True)
+    assert big.phases["3d restore"] - big.phases["3d sliding window"] > 6 * n0 * 4 - 6 * 200 * 256 * 256 * 4
+    lean = [estimate((400, 512, 512), classes=k).phases["3d restore"] for k in (6, 30)]
+    assert estimate((400, 512, 512), classes=6).phase == "3d restore"
+    # only the fold mean (2 mm grid) and the network batch's outputs grow with K
+    assert lean[1] - lean[0] == 24 * 200 * 256 * 256 * 4 + network_bytes(CONFIG, 1, 30) - network_bytes(CONFIG, 1, 6)
 
 
 def test_tta_barely_matters_batch_and_folds_add_what_they_hold():
@@ -65,13 +77,15 @@ def test_outputs_ensembles_cascades_and_devices():
     assert estimate((300, 300, 300), uncertainty=True).phases["uncertainty"] > plain.phases["outputs"]
     coarse = dict(CONFIG, spacing=[4.0, 4.0, 4.0])
     pair = estimate((300, 300, 300), configurations={"3d": CONFIG, "coarse": coarse}, names=("3d", "coarse"))
-    assert pair.phases["coarse restore"] > plain.phases["3d restore"]  # the first one's sum is held
-    assert pair.phases["labels"] - plain.phases["labels"] == network_bytes(coarse, 1, 4)  # each run's heap stays
+    kept = estimate((300, 300, 300), save_probabilities=True)
+    assert pair.phases["coarse restore"] > kept.phases["3d restore"]  # the first one's sum is held
+    assert pair.phases["labels"] - kept.phases["labels"] == network_bytes(coarse, 1, 4)  # each run's heap stays
     assert plain.phases["3d sliding window"] > estimate((300, 300, 300), configurations={"c": coarse},
                                                         names=("c",)).phases["c sliding window"]
     cascade = dict(CONFIG, previous_stage="coarse")
     chained = estimate((300, 300, 300), configurations={"coarse": coarse, "3d": cascade})
-    assert {"coarse sliding window", "coarse labels", "3d one-hot", "3d sliding window"} <= set(chained.phases)
+    assert {"coarse sliding window", "coarse restore", "3d one-hot", "3d sliding window"} <= set(chained.phases)
+    assert chained.phases["coarse restore"] < kept.phases["3d restore"]  # the first stage is restored to labels
     gpu = estimate((300, 300, 300), device="cuda")
     assert gpu.phases["3d sliding window"] < plain.phases["3d sliding window"]
 
@@ -79,7 +93,7 @@ def test_outputs_ensembles_cascades_and_devices():
 def test_2d_configuration_on_a_3d_image_keeps_the_slice_axis():
     config = {"spacing": [1.0, 1.0], "patch_size": [128, 128], "features_per_stage": [32]}
     result = estimate((50, 256, 256), configurations={"2d": config}, names=("2d",), classes=2, base=0)
-    assert result.phases["2d softmax"] >= 2 * 2 * 50 * 256 * 256 * 4  # logits and probabilities at full size
+    assert result.phases["2d softmax"] >= 2 * 50 * 256 * 256 * 4  # logits (then probabilities) at full size
 
 
 def test_preprocess_estimate_matches_the_measured_peaks_of_case_py():

@@ -12,7 +12,8 @@ from scipy import ndimage
 
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.planning.rules import resampling_settings
-from AutoSegLib.preprocessing.case import OUTSIDE_MASK_LABEL, preprocess_case, restore_label, restore_probabilities
+from AutoSegLib.preprocessing.case import (OUTSIDE_MASK_LABEL, preprocess_case, restore_label, restore_labels,
+                                          restore_probabilities)
 from AutoSegLib.preprocessing import cropping
 from AutoSegLib.preprocessing.cropping import crop, crop_bbox, cropped_nonzero_mask, nonzero_mask, paste
 from AutoSegLib.preprocessing.normalization import normalize, normalize_ct, normalize_zscore
@@ -438,6 +439,30 @@ def test_restore_probabilities_agrees_with_restore_label_and_is_background_outsi
     # Both interpolate the one-hot channels linearly; renormalizing does not move the argmax.
     restored, _ = restore_label(prediction, props)
     assert np.array_equal(probabilities.argmax(axis=0), restored)
+
+
+@pytest.mark.parametrize("transpose, target_scale, anisotropic", [([0, 1, 2], 1.3, False), ([2, 0, 1], 0.7, False),
+                                                                  ([0, 1, 2], 1.0, True)])
+def test_restore_labels_is_the_argmax_of_restore_probabilities(transpose, target_scale, anisotropic):
+    # A class at a time with a running maximum (no (K, ...) array on the input grid) gives the
+    # argmax of the full restore: on softmax outputs with near-ties, cropped, transposed, and
+    # with nearest neighbour across distant slices.
+    case = make_case("mr", 0, 2, channels=1)
+    pad = ((2, 3), (4, 1), (0, 5))
+    images = [np.pad(image, pad) for image in case.images]
+    spacing = tuple(s * target_scale for s in case.geometry.spacing)
+    if anisotropic:
+        spacing = (spacing[0] * 4, spacing[1], spacing[2])
+    _, _, props = preprocess_case(images, None, case.geometry, config(spacing, ["ZScoreNormalization"]), transpose, {})
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(7, *props["shape_after_resampling"])).astype(np.float32)
+    logits[3] = logits[2]  # exact ties: the lower class wins in both
+    probabilities = np.exp(logits) / np.exp(logits).sum(0)
+    full, geometry = restore_probabilities(probabilities, props)
+    labels, labels_geometry = restore_labels(probabilities, props, np.uint8)
+    assert labels.dtype == np.uint8 and labels.shape == full.shape[1:] and labels_geometry == geometry
+    np.testing.assert_array_equal(labels, full.argmax(axis=0))
+    assert (labels == 3).sum() == 0 and (labels == 2).any()
 
 
 def reference_forward(image, label, props, masked):

@@ -410,3 +410,12 @@ def test_make_case_rejects_bad_arguments():
         make_case("ct", 0, 0, split="validation")
     with pytest.raises(ValueError, match="case_index must be an integer >= 0"):
         make_case("ct", 0, -1)
+
+
+def test_clinical_case_is_the_adult_patient_on_an_axial_grid_of_the_given_size():
+    from AutoSegLib.synthetic.cases import clinical_case
+
+    case = clinical_case(0, 0, shape=(20, 32, 32), spacing=(22.5, 12.8, 12.8))  # 512x512x300's extent, coarse
+    assert case.images[0].shape == case.label.shape == (20, 32, 32)
+    assert case.geometry.spacing == (22.5, 12.8, 12.8) and case.geometry.direction == tuple(np.eye(3).ravel())
+    assert case.images[0].dtype == np.int16 and {1, 2} <= set(np.unique(case.label))  # liver and spleen inside

@@ -9,28 +9,32 @@ read               the channels as read (``C*N0*b``) and ITK's copy of one of th
 preprocess         inputs, nonzero mask ``N0``, float32 scratch ``N0*4`` (if resampled), data ``C*N1*4``
 sliding window     inputs, data, weights ``N1*4``, logits ``K*N1*4``, [fold sum ``K*N1*4``],
                    one batch of windows through the network (``ACTIVATIONS * batch * patch * f0 * 4``)
-softmax            inputs, data, logits, probabilities ``K*N1*4``, [fold sum]
-restore            inputs, fold mean ``K*N1*4``, probabilities on the input grid ``K*N0*4``
-labels             inputs, probabilities ``K*N0*4``, numpy's argmax copy of them ``K*N0*4`` (it moves
-                   the class axis last, contiguous), the int64 argmax ``N0*8``
+softmax            inputs, data, logits ``K*N1*4`` (overwritten by the probabilities), [fold sum]
+restore            labels only (one configuration, no probabilities kept: ``restore_labels``): inputs,
+                   fold mean ``K*N1*4``, one restored class ``N0*4``, the running maximum ``N0*4``,
+                   a boolean ``N0`` and the labels ``N0``. Otherwise: inputs, fold mean ``K*N1*4``,
+                   probabilities on the input grid ``K*N0*4``
+labels             (probabilities path) inputs, probabilities ``K*N0*4``, labels ``N0`` (the argmax is
+                   taken a slab at a time: its temporaries are a few MiB)
 outputs            labels ``N0``, ITK's copy ``N0``; with probabilities kept ``K*N0*4``, their float16
                    copy for the ``.npz`` ``K*N0*2``; uncertainty ``N0*4`` and two float32 temporaries
 =================  ===================================================================================
 
 An ensemble of two configurations holds the first one's ``K*N0*4`` through the second; a
-cascade's first stage runs as above and leaves its labels (``N0``) and their one-hot
+cascade's first stage restores its labels as above and leaves them (``N0``) and their one-hot
 (``(K-1)*N1*4``) to the second. No cropping is assumed (headers do not say where the body is).
 
-On a 600x600x600 int16 CT with ``3d_cpu`` and 6 classes (N1 = 334x385x385) the labels phase
-peaks: 5.2 + 5.2 + 1.7 GB above 0.4 of input: the input grid, not the network, decides. Measured
-against ``/usr/bin/time -v`` in BENCHMARKS.md ("Memory estimate").
+On a 600x600x600 int16 CT with ``3d_cpu`` and 6 classes (N1 = 334x385x385) the restore peaks
+at 0.9 + 0.9 + 0.4 GB (with probabilities kept: 5.2 GB of them on the input grid; before
+issue 20 the argmax added a 5.2 GB copy and a 1.7 GB int64 result). Measured against
+``/usr/bin/time -v`` in BENCHMARKS.md ("Memory estimate", "Clinical size").
 
 Example:
     >>> config = {"spacing": [2.0, 2.0, 2.0], "patch_size": [32, 32, 32], "features_per_stage": [16, 32]}
     >>> estimate = estimate_prediction({"3d": config}, ["3d"], n_classes=3, shape=(300, 300, 300),
     ...                                spacing=(1.0, 1.0, 1.0), transpose_forward=[0, 1, 2])
     >>> estimate.phase
-    'labels'
+    '3d restore'
 """
 
 from __future__ import annotations
@@ -63,8 +67,12 @@ def model_bytes(n_parameters: int, folds: int = 1) -> int:
 
 
 def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, n_channels: int, n_classes: int,
-                  shape, spacing, transpose, folds: int, tta: bool, batch_size: int | None, device: str) -> list:
-    """Phases of one configuration (and its cascade's first stage, first); ``held`` is alive throughout."""
+                  shape, spacing, transpose, folds: int, tta: bool, batch_size: int | None, device: str,
+                  to_labels: bool = False) -> list:
+    """Phases of one configuration (and its cascade's first stage, first); ``held`` is alive throughout.
+
+    ``to_labels``: the stage is restored straight to labels (``restore_labels``), not probabilities.
+    """
     config = configurations[name]
     phases = []
     cascade = config.get("previous_stage")
@@ -72,9 +80,7 @@ def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, 
     k = n_classes
     if cascade:
         phases += _stage_phases(cascade, configurations, held, n_channels, n_classes, shape, spacing, transpose,
-                                folds, tta, batch_size, device)
-        phases.append((f"{cascade} labels", {**held, "probabilities": k * n0 * 4, "argmax copy": k * n0 * 4,
-                                            "argmax (int64)": n0 * 8}))
+                                folds, tta, batch_size, device, to_labels=True)
         held = {**held, f"{cascade} labels": n0,
                 **_retained(cascade, network_bytes(configurations[cascade], n_channels, k, batch_size, tta, device))}
     shape_t, new_shape = planning_shape(shape, spacing, config, transpose)
@@ -98,11 +104,13 @@ def _stage_phases(name: str, configurations: Mapping[str, Mapping], held: dict, 
     if device == "cpu":  # elsewhere the accumulators live in the device's memory, not here
         phases.append((f"{name} sliding window", {**held, **data, "weights": n1p * 4, "logits": k * n1p * 4,
                                                   **fold_sum, **network}))
-        phases.append((f"{name} softmax", {**held, **data, "logits": k * n1p * 4, "probabilities": k * n1 * 4,
-                                           **fold_sum}))
+        # the softmax overwrites the logits a slab at a time (sliding.softmax): no second K-class volume
+        phases.append((f"{name} softmax", {**held, **data, "logits (then probabilities)": k * n1p * 4, **fold_sum}))
     else:
         phases.append((f"{name} sliding window", {**held, **data, **network}))
-    phases.append((f"{name} restore", {**held, "fold mean": k * n1 * 4, "probabilities (input grid)": k * n0 * 4,
+    restored = ({"restored class": n0 * 4, "running maximum": n0 * 4, "better (bool)": n0, "labels": n0}
+                if to_labels else {"probabilities (input grid)": k * n0 * 4})
+    phases.append((f"{name} restore", {**held, "fold mean": k * n1 * 4, **restored,
                                        **_retained(name, network["network (one batch)"])}))
     return phases
 
@@ -149,17 +157,20 @@ def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[s
     inputs = {"inputs": n_channels * n0 * input_bytes}
     phases = [("read", {"inputs": (n_channels + 1) * n0 * input_bytes})]
     held = dict(inputs)
+    # As Predictor.predict: one configuration without probabilities is restored straight to labels.
+    to_labels = len(names) == 1 and not (save_probabilities or uncertainty)
     for i, name in enumerate(names):
         phases += _stage_phases(name, configurations, held, n_channels, k, shape, spacing, transpose_forward,
-                                folds, tta, batch_size, device)
+                                folds, tta, batch_size, device, to_labels)
         stage = configurations[name]
         while stage is not None:  # a cascade leaves its first stage's heap behind too
             inputs.update(_retained(name, network_bytes(stage, n_channels, k, batch_size, tta, device)))
             name = stage.get("previous_stage")
             stage = configurations[name] if name else None
         held = {**inputs, "ensemble sum": k * n0 * 4}
-    probabilities = {"probabilities (input grid)": k * n0 * 4}
-    phases.append(("labels", {**inputs, **probabilities, "argmax copy": k * n0 * 4, "argmax (int64)": n0 * 8}))
+    probabilities = {} if to_labels else {"probabilities (input grid)": k * n0 * 4}
+    if not to_labels:
+        phases.append(("labels", {**inputs, **probabilities, "labels": n0}))
     if postprocessing:
         phases.append(("postprocessing", {**inputs, **probabilities, "labels": n0, "components": n0 * 9}))
     kept = probabilities if (save_probabilities or uncertainty) else {}
@@ -300,10 +311,12 @@ def _advice(predictor, estimate: MemoryEstimate, header, save_probabilities: boo
         lower = added(**changes)
         if lower < 0.95 * estimate.added:
             levers.append(f"{text}: {format_bytes(lower)}")
-    n0, k = math.prod(header.shape), model.n_classes
-    grid = 2 * k * n0 * 4 + n0 * 8
+    k = model.n_classes
+    grid = estimate.parts.get("probabilities (input grid)", 0)
     advice = ("What lowers it: " + "; ".join(levers) + ". ") if levers else ""
-    advice += (f"Of the estimate, {format_bytes(grid)} is the {k} class probabilities on the input grid (and their "
-               "argmax), whatever the configuration: crop the image to the region of interest or resample it "
-               "coarser, or use a machine with more memory. --step and --no-tta change the time, not the memory.")
+    if grid:
+        advice += f"Of the estimate, {format_bytes(grid)} is the {k} class probabilities on the input grid. "
+    advice += ("Whatever the configuration, the input grid's size sets the floor: crop the image to the region of "
+               "interest or resample it coarser, or use a machine with more memory. --step and --no-tta change the "
+               "time, not the memory.")
     return advice

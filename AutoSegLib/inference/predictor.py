@@ -9,6 +9,9 @@ One case goes::
          -> mean over folds -> restore_probabilities (back to the input's grid)
       -> mean over configurations (an ensemble of two) -> argmax -> [postprocessing]
 
+With one configuration and no probabilities wanted, the restore and the argmax are one step
+(restore_labels, a class at a time): the K class probabilities never exist on the input grid.
+
 Folds and configurations are ensembled by averaging softmax probabilities (what find-best
 measured from the saved ``.npz`` files). nnU-Net v2 averages the *logits* of the folds of one
 configuration before its softmax; the two differ only where folds disagree strongly.
@@ -46,11 +49,11 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.models.folder import ModelCheckpointError, ModelFolder, ModelFolderError
 from AutoSegLib.models.choice import choose
-from AutoSegLib.inference.probabilities import labels_from_probabilities, one_hot_foreground
+from AutoSegLib.inference.probabilities import label_dtype, labels_from_probabilities, one_hot_foreground
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
 from AutoSegLib.network.layout import inference_memory_format
-from AutoSegLib.preprocessing.case import preprocess_case, restore_probabilities
+from AutoSegLib.preprocessing.case import preprocess_case, restore_labels, restore_probabilities
 
 
 CPU_BATCH_VOXELS = 2 ** 17
@@ -173,9 +176,15 @@ class Predictor:
             labels (z, y, x), uint8 (label values as in dataset.json), on the input's grid, and
             probabilities (K, z, y, x) float32 on the same grid, or None.
         """
-        probabilities = self.predict_probabilities(channels, geometry, progress)
-        labels = self.postprocess(labels_from_probabilities(probabilities))
-        return labels, (probabilities if return_probabilities else None)
+        if return_probabilities or len(self.stages) > 1:
+            probabilities = self.predict_probabilities(channels, geometry, progress)
+            labels = self.postprocess(labels_from_probabilities(probabilities))
+            return labels, (probabilities if return_probabilities else None)
+        # One configuration and no probabilities asked for: the labels come straight from the
+        # preprocessed grid, a class at a time (restore_labels), never K values per input voxel.
+        channels = self.check_input(channels, geometry)
+        passes = _PassCounter(progress, _network_passes(self.stages[0]))
+        return self.postprocess(self._stage_labels(self.stages[0], channels, geometry, passes)), None
 
     def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
                               progress: Callable[[float], None] | None = None) -> np.ndarray:
@@ -213,9 +222,20 @@ class Predictor:
 
     def _stage_probabilities(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry,
                              passes: "_PassCounter") -> np.ndarray:
+        probabilities, properties = self._stage_fold_mean(stage, channels, geometry, passes)
+        return restore_probabilities(probabilities, properties)[0]
+
+    def _stage_labels(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry,
+                      passes: "_PassCounter") -> np.ndarray:
+        probabilities, properties = self._stage_fold_mean(stage, channels, geometry, passes)
+        return restore_labels(probabilities, properties, label_dtype(self.model.n_classes))[0]
+
+    def _stage_fold_mean(self, stage: Stage, channels: list[np.ndarray], geometry: Geometry,
+                         passes: "_PassCounter") -> tuple[np.ndarray, dict]:
+        """Fold-mean probabilities on the stage's preprocessed grid, and the properties to restore them."""
         previous = None
         if stage.previous is not None:
-            previous = labels_from_probabilities(self._stage_probabilities(stage.previous, channels, geometry, passes))
+            previous = self._stage_labels(stage.previous, channels, geometry, passes)
         plans = self.model.plans
         data, seg, properties = preprocess_case(channels, previous, geometry, stage.config, plans.transpose_forward,
                                                 plans.foreground_intensity_properties_per_channel)
@@ -223,7 +243,7 @@ class Predictor:
             data = np.concatenate([data, one_hot_foreground(seg[0], self.model.foreground_values)])
         probabilities = self._fold_mean(stage, data, passes)
         del data
-        return restore_probabilities(probabilities, properties)[0]
+        return probabilities, properties
 
     def _fold_mean(self, stage: Stage, data: np.ndarray, passes: "_PassCounter") -> np.ndarray:
         """Fold-mean probabilities; on a GPU that runs out of memory, again with host accumulators.
@@ -256,10 +276,12 @@ class Predictor:
                 stage.network.load_state_dict(weights)
             logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
                                            mirror, batch, progress=passes.next_pass(), network_device=self.device)
-            probabilities = softmax(logits)
+            probabilities = softmax(logits)  # on the CPU: the logits' own memory, an inference tensor
             del logits
-            total = probabilities if total is None else total.add_(probabilities)
-        total /= len(stage.weights)
+            with torch.inference_mode():
+                total = probabilities if total is None else total.add_(probabilities)
+        with torch.inference_mode():
+            total /= len(stage.weights)
         return total.cpu().numpy()
 
     def _forward(self, network):

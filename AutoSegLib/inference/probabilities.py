@@ -12,11 +12,29 @@ import math
 
 import numpy as np
 
+from AutoSegLib.preprocessing.slabs import slabs
+
+
+def label_dtype(n_classes: int) -> type:
+    """The smallest unsigned type that holds label values ``0 .. n_classes - 1``."""
+    return np.uint8 if n_classes <= 256 else np.uint16
+
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """Most probable class per voxel (class k is label value k), as the smallest unsigned type."""
-    dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
-    return np.argmax(probabilities, axis=0).astype(dtype)
+    """Most probable class per voxel (class k is label value k; the lowest on ties), as the
+    smallest unsigned type.
+
+    A slab of slices at a time: ``np.argmax`` over the class axis of a whole (K, z, y, x) array
+    makes a contiguous copy with the class axis last (K float32 values per voxel, 5.2 GB for 6
+    classes at 600^3) and an int64 result; per slab both are a few MiB, and the labels identical.
+    """
+    out = np.empty(probabilities.shape[1:], dtype=label_dtype(probabilities.shape[0]))
+    if out.ndim == 0:
+        out[...] = np.argmax(probabilities)
+        return out
+    for s in slabs(out.shape):
+        out[s] = np.argmax(probabilities[:, s], axis=0)
+    return out
 
 
 def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:

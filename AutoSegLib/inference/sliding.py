@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from AutoSegLib.preprocessing.slabs import slabs
 from AutoSegLib.inference.windows import (VALUE_SCALE, gaussian_importance, mirror_combinations, padding_for,
                                           sliding_windows, unpad_slices)
 
@@ -115,5 +116,15 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (K, ...) float32 from averaged logits, computed in float32."""
-    return torch.softmax(logits.float(), dim=0)
+    """Class probabilities (K, ...) float32 from averaged logits, computed in float32.
+
+    float32 logits in host memory are overwritten a slab of slices at a time (the same values as
+    one ``torch.softmax`` over the whole array, tested bit for bit): no second K-class volume
+    beside the logits, 0.8 GB less for 6 classes on a 207x399x399 grid.
+    """
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() < 2:
+        return torch.softmax(logits.float(), dim=0)
+    with torch.inference_mode():  # the accumulators are inference tensors
+        for s in slabs(tuple(logits.shape[1:])):
+            logits[:, s] = torch.softmax(logits[:, s], dim=0)
+    return logits

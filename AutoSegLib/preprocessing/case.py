@@ -6,7 +6,7 @@ Forward (:func:`preprocess_case`)::
     ->  normalize each channel (scheme per plan)  ->  resample to the target spacing
     ->  data (C, ...) float32, label (1, ...) int16, properties (JSON-able dict)
 
-Backward (:func:`restore_label`, :func:`restore_probabilities`): resample to the cropped
+Backward (:func:`restore_label`, :func:`restore_probabilities`, :func:`restore_labels`): resample to the cropped
 shape, transpose back, paste into the original grid; the original geometry travels in the
 properties, so the result lines up with the input scan exactly.
 
@@ -34,7 +34,8 @@ import numpy as np
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.preprocessing.cropping import BBox, crop, cropped_nonzero_mask
 from AutoSegLib.preprocessing.normalization import normalize
-from AutoSegLib.preprocessing.resampling import resample_image, resample_label, separate_axis_for, target_shape
+from AutoSegLib.preprocessing.resampling import (resample_image, resample_label, separate_axis_for, take_better,
+                                                 target_shape)
 from AutoSegLib.preprocessing.slabs import slabs
 
 PROPERTIES_VERSION = 1
@@ -175,4 +176,30 @@ def restore_probabilities(probabilities: np.ndarray, properties: dict) -> tuple[
         total = block.sum(axis=0)
         np.maximum(total, 1e-8, out=total)
         block /= total
+    return full, Geometry.from_dict(properties["original_geometry"])
+
+
+def restore_labels(probabilities: np.ndarray, properties: dict, dtype=np.uint8) -> tuple[np.ndarray, Geometry]:
+    """The argmax of :func:`restore_probabilities`, without its (K, ...) array on the original grid.
+
+    One class at a time is resampled (linearly, as there) into one float32 volume of the crop
+    and kept where it beats the running maximum, so memory is two float32 volumes and a boolean
+    one at the original size, for any number of classes (the full restore holds K float32 values
+    per voxel: 6.3 GB for 20 classes at 512x512x300). Outside the crop it is background.
+
+    Equal to ``argmax(restore_probabilities(...))`` but for one case: there each voxel's classes
+    are divided by their sum (about 1: the restored classes of a softmax), which can round two
+    different values to the same float32 and so hand an exact tie to the lower class. Here the
+    higher value wins. No such voxel was found in the tests and benchmarks (see BENCHMARKS.md).
+    """
+    how = properties["resampling"]
+    full = np.zeros(properties["original_shape"], dtype=dtype)
+    region = _crop_region(full[None], properties)[0]
+    best = np.empty(region.shape, dtype=np.float32)
+    resample_image(probabilities[0], region.shape, 1, how["separate_axis"], 0, out=best)
+    score = np.empty_like(best)
+    better = np.empty(region.shape, dtype=bool)
+    for k in range(1, probabilities.shape[0]):
+        resample_image(probabilities[k], region.shape, 1, how["separate_axis"], 0, out=score)
+        take_better(region, k, score, best, better)
     return full, Geometry.from_dict(properties["original_geometry"])

