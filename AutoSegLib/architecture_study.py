@@ -147,7 +147,7 @@ def run_fold(dataset: Path, run_work: Path, architecture: str, configuration: st
     with run.lock:
         trainer = Trainer(run, reporter)
         train_started = time.monotonic()
-        result = trainer.fit()
+        trainer.fit()
         train_s = time.monotonic() - train_started
         iterations = len(trainer.step_seconds)
         predict_started = time.monotonic()

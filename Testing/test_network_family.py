@@ -162,6 +162,14 @@ def test_attention_only_on_the_coarse_skips():
     assert net.decoder.attention == [True, True, False]  # coarsest two of three skips
 
 
+def test_attention_keys_are_pooled_to_a_bounded_count():
+    from AutoSegLib.network.family_blocks import ATTENTION_MAX_KEYS, pooled_size
+
+    assert pooled_size([12, 24, 28], 512) == [6, 12, 7]  # 8,064 skip voxels -> 504 keys
+    assert pooled_size([4, 8, 8], 512) == [4, 8, 8]  # small skips attend unpooled
+    assert ATTENTION_MAX_KEYS == 512
+
+
 def test_swin_patch_rule_and_refusal():
     assert swin_patch([20, 48, 56], [[1, 1, 1], [2, 2, 2]]) == [32, 64, 64]
     assert swin_patch([24, 30], [[1, 1], [2, 2]]) == [32, 64]  # all 32: the longest doubles

@@ -20,6 +20,11 @@ from AutoSegLib.network.blocks import AVG_POOL, CONV, ConvNormAct, InstanceNorm,
 CONVNEXT_EXPANSION = 4
 # Attention heads get at least this many channels each; narrower skips use one head.
 ATTENTION_HEAD_CHANNELS = 32
+# Keys and values are average-pooled to at most this many positions, so the attention matrix
+# is (stage voxels x 512) per head: linear in the stage's size. Unpooled, a 16x32x32 skip
+# needed 15 GB for one training step of batch 2 (16,384^2 scores per head and sample, kept
+# for the backward pass).
+ATTENTION_MAX_KEYS = 512
 
 
 def plain_stage(dims, n, in_channels, out_channels, kernel, stride) -> nn.Module:
@@ -97,14 +102,32 @@ def convnext_stage(dims, n, in_channels, out_channels, kernel, stride) -> nn.Mod
                          *[ConvNeXtBlock(dims, out_channels, kernel) for _ in range(max(1, n - 1))])
 
 
+POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def pooled_size(size, max_positions: int) -> list[int]:
+    """Halve the longest axis (rounding up) until at most ``max_positions`` positions remain.
+
+    Example:
+        >>> pooled_size([12, 24, 28], 512)
+        [6, 12, 7]
+    """
+    size = [int(s) for s in size]
+    while math.prod(size) > max_positions:
+        longest = max(range(len(size)), key=lambda a: size[a])
+        size[longest] = (size[longest] + 1) // 2
+    return size
+
+
 class CrossAttentionSkip(nn.Module):
     """Cross-attention on a skip connection: the decoder's features ask, the skip answers.
 
     Queries come from the up-sampled decoder features, keys and values from the encoder's skip
     features at the same resolution; the attended features are added to the skip (so the
-    block starts close to a plain skip) before the usual concatenation. Attention is global
-    over the stage's voxels, so its memory grows with their square: the family decoder only
-    puts it on the coarse skips (``ATTENTION_SKIPS`` in family.py).
+    block starts close to a plain skip) before the usual concatenation. Every query sees the
+    whole skip, average-pooled to at most ``ATTENTION_MAX_KEYS`` positions, so memory grows
+    linearly with the stage's voxels; the family decoder also puts it only on the coarse
+    skips (``ATTENTION_SKIPS`` in family.py).
     """
 
     def __init__(self, dims: int, channels: int):
@@ -125,7 +148,13 @@ class CrossAttentionSkip(nn.Module):
             return t.reshape(b, h, c // h, n).transpose(-1, -2)
 
         q = tokens(self.query(self.norm_query(decoder)))
-        k, v = self.key_value(self.norm_skip(skip)).chunk(2, dim=1)
-        attended = F.scaled_dot_product_attention(q, tokens(k), tokens(v))
+        keys = self.norm_skip(skip)
+        pooled = pooled_size(size, ATTENTION_MAX_KEYS)
+        if pooled != list(size):
+            keys = POOL[len(size)](keys, pooled)
+        k, v = self.key_value(keys).chunk(2, dim=1)
+        m = math.prod(pooled)
+        k, v = (t.reshape(b, h, c // h, m).transpose(-1, -2) for t in (k, v))
+        attended = F.scaled_dot_product_attention(q, k, v)
         attended = attended.transpose(-1, -2).reshape(b, c, *size)
         return skip + self.out(attended)

@@ -13,7 +13,7 @@ from torch import nn
 
 from AutoSegLib.network import family
 from AutoSegLib.network.swin import SWIN_DIVISOR, SwinUNETRNet
-from AutoSegLib.network.unet import UNet, UNetSpec, conv_skip_unet, plain_conv_unet, residual_encoder_unet
+from AutoSegLib.network.unet import UNetSpec, conv_skip_unet, plain_conv_unet, residual_encoder_unet
 from AutoSegLib.network.unetpp import unet_plus_plus
 from AutoSegLib import names
 from AutoSegLib.names import DEFAULT_ARCHITECTURE  # noqa: F401 (re-exported)
