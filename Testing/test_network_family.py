@@ -8,6 +8,7 @@ width, 12). Exact expectations everywhere; float comparisons state their toleran
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pytest
@@ -202,6 +203,29 @@ def test_planner_records_the_design_and_rounds_only_swins_patch():
                                                                          "architecture": NESTED}}
     assert configure_for_architecture(base["configurations"]["3d_fullres"], "PlainConvUNet") == \
         base["configurations"]["3d_fullres"]
+
+
+def test_plan_explain_states_the_design_and_its_cost(tmp_path, capsys):
+    from AutoSegLib import cli
+
+    stats = {"mean": 100.0, "std": 20.0, "percentile_00_5": 10.0, "percentile_99_5": 190.0, "median": 100.0,
+             "min": 0.0, "max": 200.0}
+    fingerprint = {"spacings": [[2.0, 1.0, 1.0]] * 4, "shapes_after_crop": [[30, 60, 70]] * 4,
+                   "foreground_intensity_properties_per_channel": {"0": stats},
+                   "median_relative_size_after_cropping": 1.0}
+    (tmp_path / "fp.json").write_text(json.dumps(fingerprint))
+    argv = ["plan", "--fingerprint", str(tmp_path / "fp.json"), "--channels", "MRI", "--num-labels", "2",
+            "-o", str(tmp_path / "plans.json"), "--explain", "--architecture", NESTED]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Network variant UNetPlusPlus" in text and "Network cost" in text and "3d_cpu: UNetPlusPlus, " in text
+    plans = json.loads((tmp_path / "plans.json").read_text())
+    assert {c["network"]["architecture"] for c in plans["configurations"].values()} == {NESTED}
+
+
+def test_swin_unetr_cost_is_counted_though_monai_needs_real_tensors_to_build():
+    cost = network_cost(config(SWIN, (64, 32), dims=2), 1, 2)
+    assert cost["architecture"] == SWIN and cost["parameters"] > 1e6 and cost["gflop"] > 0
 
 
 # -- the loss and the cost -------------------------------------------------------------------
