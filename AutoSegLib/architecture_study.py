@@ -26,9 +26,9 @@ from typing import Sequence
 
 from AutoSegLib.dataset import open_dataset
 from AutoSegLib.events import Reporter
-from AutoSegLib.fileutil import read_json, write_json
+from AutoSegLib.fileutil import atomic_path, read_json, write_json
 from AutoSegLib.names import (CPU_CONFIGURATION, MODEL_DIR, PLANS_FILE, PREPROCESSED_DIR, SPLITS_FILE, SUMMARY_FILE,
-                              VALIDATION_DIR, fold_dir_name)
+                              VALIDATION_DIR, WORK_SUFFIX, fold_dir_name)
 
 STAGE = "compare-architectures"
 RUN_FILE = "study_run.json"
@@ -38,7 +38,7 @@ STUDY_PRESET = "quick"
 
 def compare_architectures(datasets: Sequence[Path], architectures: Sequence[str], study_dir: Path,
                           configuration: str = CPU_CONFIGURATION, folds: Sequence[str] | None = None,
-                          num_folds: int = DEFAULT_FOLDS, time_budget_min: float | None = 1.0,
+                          num_folds: int = DEFAULT_FOLDS, time_budget_min: float | None = None,
                           baseline: str | None = None, work_dirs: Sequence[Path] | None = None,
                           device: str = "auto", seed: int = 12345, epochs: int | None = None,
                           iterations_per_epoch: int | None = None, reporter: Reporter | None = None) -> dict:
@@ -65,10 +65,11 @@ def compare_architectures(datasets: Sequence[Path], architectures: Sequence[str]
     jobs = [(Path(d), Path(w), a, f) for d, w in zip(datasets, work_dirs) for a in architectures for f in folds]
     reporter.start(STAGE, of=len(jobs))
     records, started = [], time.monotonic()
-    prepared = {}
+    prepared: set[Path] = set()
     for done, (dataset, work, architecture, fold) in enumerate(jobs):
         if dataset not in prepared:
-            prepared[dataset] = prepare_dataset(dataset, work, configuration, study_dir, num_folds, reporter)
+            prepare_dataset(dataset, work, configuration, study_dir, num_folds, reporter)
+            prepared.add(dataset)
         run_work = prepare_design(study_dir, dataset, work, architecture)
         schedule = {"time_budget_min": time_budget_min, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch}
         records.append(run_fold(dataset, run_work, architecture, configuration, fold, schedule, device, seed,
@@ -82,7 +83,8 @@ def compare_architectures(datasets: Sequence[Path], architectures: Sequence[str]
                 "datasets": [str(d) for d in datasets]}
     report = build_report(records, architectures, baseline, settings)
     write_json(study_dir / "report.json", report)
-    (study_dir / "report.md").write_text(to_markdown(report), encoding="utf-8")
+    with atomic_path(study_dir / "report.md") as tmp:
+        tmp.write_text(to_markdown(report), encoding="utf-8")
     plot(report, study_dir / "report.png")
     reporter.log(STAGE, f"Wrote {study_dir / 'report.md'}, report.json and report.png")
     reporter.done(STAGE, report=str(study_dir / "report.json"), runs=len(records))
@@ -90,9 +92,9 @@ def compare_architectures(datasets: Sequence[Path], architectures: Sequence[str]
 
 
 def default_work(dataset: Path) -> Path:
-    from AutoSegLib.cli import default_work_dir
-
-    return default_work_dir(dataset)
+    """``<dataset folder name>.autoseg`` beside the dataset folder (docs/work-folder.md)."""
+    dataset = Path(dataset).resolve()
+    return dataset.parent / f"{dataset.name}{WORK_SUFFIX}"
 
 
 def prepare_dataset(dataset: Path, work: Path, configuration: str, study_dir: Path, num_folds: int,

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from AutoSegLib.evaluation.study import average_ranks, bootstrap_p_value, fold_wise_differences, mean_std
 from AutoSegLib.evaluation.summary import nanmean
+from AutoSegLib.fileutil import atomic_path
 
 REPORT_VERSION = 1
 FOREGROUND = "foreground mean"
@@ -143,5 +144,6 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("foreground Dice (validation)")
         ax.set_title(dataset)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
