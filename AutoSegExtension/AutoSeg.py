@@ -35,7 +35,7 @@ def _findEngine():
 _findEngine()
 
 from AutoSegLib.names import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_PRESET, PRESETS  # noqa: E402
-from AutoSegLogic import commands, dataset_export, dependencies  # noqa: E402
+from AutoSegLogic import commands, dataset_export, dependencies, quality  # noqa: E402
 from AutoSegLogic.device import DeviceProbe  # noqa: E402
 from AutoSegLogic.library import ModelLibrary  # noqa: E402
 from AutoSegLogic.session import Session  # noqa: E402
@@ -597,8 +597,12 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = not running  # a stopped run of this session, or one found on disk
         self.ui.fineTuneButton.enabled = not running
         if chain is not None:  # the whole chain's bar: steps weighted by their expected share of the time
+            finished = self.outcome(chain)
+            if chain.succeeded:  # which classes the model finds poorly: the ones to review first
+                report = quality.validation_report(chain.done_events("train"))
+                finished += f"\n{report}" if report else ""
             self.showProgress(self.ui.trainProgressBar, self.ui.trainStatusLabel, chain,
-                              chain.step_text if running else self.outcome(chain))
+                              chain.step_text if running else finished)
         job = session.prediction
         predicting = job is not None and not job.finished
         self.ui.predictButton.text = "Stop" if predicting else "Predict"

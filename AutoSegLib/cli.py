@@ -17,7 +17,7 @@ from AutoSegLib import __version__
 from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DATASET_FILE, DEFAULT_ARCHITECTURE,
-                              DEFAULT_PRESET, DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PRESETS,
+                              DEFAULT_PRESET, DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PHANTOM_ANATOMIES, PRESETS,
                               STUDY_DIR, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
 
 
@@ -37,7 +37,7 @@ def cmd_make_phantoms(args, reporter: Reporter) -> None:
 
     out = make_phantom_dataset(args.out, kind=args.kind, cases=args.cases, seed=args.seed,
                                channels=args.channels, test_cases=args.test_cases, size=args.size,
-                               reporter=reporter)
+                               reporter=reporter, anatomy=args.anatomy)
     reporter.log("make-phantoms", f"Wrote {args.cases} {args.kind.upper()} phantom case(s) to {out}")
     reporter.done("make-phantoms", dataset=str(out))
 
@@ -178,8 +178,7 @@ def cmd_train(args, reporter: Reporter) -> None:
     run = setup_run(args.dataset, work, options)
     reporter.log("train", f"Training {args.configuration} fold {args.fold} with the {run.preset} schedule "
                           f"[{run.preset_reason}]: {len(run.train_cases)} training, {len(run.val_cases)} validation "
-                          f"case(s); {run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations, "
-                          f"{run.schedule.optimizer} -> {run.run_folder}")
+                          f"case(s); {_length_text(run)}, {run.schedule.optimizer} -> {run.run_folder}")
     for note in run.notes:
         reporter.log("train", note)
     with run.lock:  # the fold folder's, held through validation and given back even in-process (Python API)
@@ -193,6 +192,7 @@ def cmd_train(args, reporter: Reporter) -> None:
             warn_never_predicted(summary, reporter, "train")
             dice = (summary.get("foreground_mean") or {}).get("Dice")
             result["validation_dice"] = dice
+            report_classes(summary, reporter, result)
             if dice is not None:
                 reporter.log("train", f"validation (whole cases, original geometry): mean foreground Dice {dice:.3f}")
     reporter.done("train", **result)
@@ -235,6 +235,25 @@ def _evaluation_labels(args, reporter: Reporter) -> dict[str, int]:
         raise ValueError(f"{path}: expected a dataset.json with integer 'labels', or an object "
                          '{"label name": value, ...}')
     return labels
+
+
+def _length_text(run) -> str:
+    length = f"{run.schedule.epochs} epochs x {run.schedule.iterations_per_epoch} iterations"
+    budget = run.options.time_budget_min
+    return length if budget is None else f"up to {length}, fitted to the time budget of {budget:g} min"
+
+
+def report_classes(summary: dict, reporter: Reporter, result: dict) -> None:
+    """Validation Dice per class, lowest first, in the log and the done event; a warning names the weak ones."""
+    from AutoSegLib.evaluation.summary import class_ranking, ranking_text, weak_classes_warning
+
+    ranking = class_ranking(summary)
+    result["validation_dice_per_class"] = dict(ranking)
+    if ranking:
+        reporter.log("train", f"validation Dice per class, lowest first: {ranking_text(ranking)}")
+    message = weak_classes_warning(summary)
+    if message:
+        reporter.warning("train", message)
 
 
 def warn_never_predicted(summary: dict, reporter: Reporter, stage: str) -> None:
@@ -358,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patient scale, > 0 and <= 4 (default 1): the same patients SIZE times larger, scanned at "
                         "the same spacing with a field of view grown to match, so images have about SIZE times the "
                         "voxels along each axis; organs and labels are unchanged")
+    p.add_argument("--anatomy", choices=PHANTOM_ANATOMIES, default="basic",
+                   help="basic: 5 labels (liver, spleen, kidneys, aorta, liver lesions); detailed: 31 labels of the same "
+                        "patients, with thin vessels (1-3 voxels), lymph nodes, adrenals, spine parts, and ribs, wall, "
+                        "kidneys and muscles by side (default basic)")
     _add_common(p)
     p.set_defaults(func=cmd_make_phantoms, stage="make-phantoms")
 

@@ -1,9 +1,10 @@
 """Dataset fingerprint: the measurements of a dataset that the planner's rules work from.
 
 Per case: spacing and shape before and after cropping to the nonzero region of all channels,
-class voxel counts, and a bounded random sample of foreground intensities per channel.
-Aggregated: per-channel foreground intensity statistics, the median relative size after
-cropping, class voxel ratios.
+class voxel counts, each class's thickness (the radius in mm of the largest ball inside it),
+and a bounded random sample of foreground intensities per channel. Aggregated: per-channel
+foreground intensity statistics, the median relative size after cropping, class voxel
+ratios, and each class's median radius (what ``3d_cpu`` may coarsen to, planning/cpu.py).
 
 The file is a superset of nnU-Net v2's ``dataset_fingerprint.json`` (same key names and
 meanings: ``spacings``, ``shapes_after_crop``, ``foreground_intensity_properties_per_channel``,
@@ -20,6 +21,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from AutoSegLib.dataset import Dataset
 from AutoSegLib.events import Reporter
@@ -29,7 +31,7 @@ from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
 from AutoSegLib.workers import run_tasks
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: class radii (fingerprints of version 1 are measured again)
 # The intensity statistics are estimated from at most this many foreground voxels in total,
 # spread evenly over the cases: enough for stable 0.5/99.5 percentiles, and memory stays
 # bounded however large the dataset (nnU-Net v2 uses the same budget of 1e8).
@@ -72,8 +74,42 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
         "crop_bbox": [list(b) for b in bbox],
         "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape_before)),
         "class_voxels": {str(v): int(counts[v]) if v < len(counts) else 0 for v in label_values},
+        "class_radius_mm": class_radii(label_c, spacing, foreground_values),
         "intensities": intensities,
     }
+
+
+def class_radii(label: np.ndarray, spacing, values: list[int]) -> dict[str, float]:
+    """Radius in mm of the largest ball inside each class present: how thin the class is.
+
+    The largest distance (mm, anisotropic spacing honoured) from a voxel of the class to the
+    nearest voxel outside it, the class's own bounding box padded by one voxel: for a vessel
+    its radius, for a plate half its thickness, for a blob about its smallest semi-axis. Its
+    resolution is the spacing itself: a structure one voxel thin measures one voxel. Classes
+    absent from the case are left out.
+    """
+    objects = ndimage.find_objects(label.astype(np.int32, copy=False))
+    radii = {}
+    for value in values:
+        box = objects[value - 1] if 0 < value <= len(objects) else None
+        if box is None:
+            continue
+        padded = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, label.shape))
+        inside = label[padded] == value
+        # The box's outer faces are outside the class too (a class touching the image border).
+        distance = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)
+        radii[str(value)] = float(distance.max())
+    return radii
+
+
+def median_class_radii(per_case: list[dict], labels: dict[str, int]) -> dict[str, float]:
+    """Each class's median radius over the cases that hold it (classes in no case left out)."""
+    radii = {}
+    for name, value in labels.items():
+        found = [m["class_radius_mm"][str(value)] for m in per_case if str(value) in m.get("class_radius_mm", {})]
+        if found:
+            radii[name] = float(np.median(found))
+    return radii
 
 
 def intensity_statistics(values: np.ndarray) -> dict:
@@ -110,6 +146,7 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
         "foreground_intensity_properties_per_channel": intensity,
         "median_relative_size_after_cropping": float(np.median([m["relative_size_after_crop"] for m in per_case])),
         "class_voxel_ratios": {n: (c / all_voxels if all_voxels else 0.0) for n, c in class_totals.items()},
+        "class_radius_mm": median_class_radii(per_case, labels),
     }
 
 

@@ -33,6 +33,7 @@ STUDY_DIR = "architecture_study"  # compare-architectures' default report folder
 DEVICES = ("auto", "cuda", "mps", "cpu")
 # "auto": the paper's recipe on a GPU, the quick recipe on a CPU (training/schedule.py).
 PRESETS = ("auto", "paper", "quick")
+PHANTOM_ANATOMIES = ("basic", "detailed")  # make-phantoms --anatomy: 5 or 31 labelled structures
 DEFAULT_PRESET = "auto"
 
 # -- folders and files -------------------------------------------------------------------------

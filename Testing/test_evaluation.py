@@ -220,3 +220,16 @@ def test_cli_evaluate_warns_naming_the_class_never_predicted(tmp_path, capsys):
     assert summary["never_predicted"] == {"tumour": 1}
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "-np", "1"]) == 0
     assert "WARNING: class 'tumour' was never predicted" in capsys.readouterr().err
+
+
+def test_classes_are_ranked_lowest_first_and_the_weak_ones_named():
+    from AutoSegLib.evaluation.summary import class_ranking, weak_classes_warning
+
+    summary = {"mean": {"liver": {"Dice": 0.95}, "vessel": {"Dice": 0.12}, "nerve": {"Dice": 0.12},
+                        "spleen": {"Dice": 0.49}, "absent": {"Dice": None}, "nan": {"Dice": math.nan}}}
+    assert class_ranking(summary) == [("nerve", 0.12), ("vessel", 0.12), ("spleen", 0.49), ("liver", 0.95)]
+    message = weak_classes_warning(summary)
+    assert message.startswith("3 of 4 class(es) below Dice 0.50 on validation, lowest first: "
+                              "nerve 0.12, vessel 0.12, spleen 0.49.")
+    assert weak_classes_warning(summary, threshold=0.1) is None
+    assert weak_classes_warning({"mean": {}}) is None

@@ -110,3 +110,27 @@ def test_aggregate_class_ratios_sum_to_one():
     per_case = [case_measurements(*box_case(seed=s), (1.0, 1.0, 1.0), [0, 1], [1], 100, 0) for s in range(2)]
     fp = aggregate(["a", "b"], per_case, {0: "CT"}, {"background": 0, "organ": 1})
     assert sum(fp["class_voxel_ratios"].values()) == pytest.approx(1.0)
+
+
+def test_class_radii_measure_thickness_in_millimetres():
+    from AutoSegLib.fingerprint import class_radii
+
+    label = np.zeros((20, 40, 40), np.uint8)
+    z, y, x = np.mgrid[:20, :40, :40]
+    label[(y - 10) ** 2 + (x - 10) ** 2 <= 4] = 1  # a tube of radius 2 voxels along z
+    label[5:8, 20:38, 20:38] = 2  # a plate 3 voxels thick
+    label[:, 39, :] = 3  # one voxel wide, on the image border
+    radii = class_radii(label, (2.0, 0.5, 0.5), [1, 2, 3, 4])
+    assert radii["1"] == pytest.approx(np.sqrt(5) * 0.5)  # axis to the nearest outside voxel (1, 2): sqrt(5) voxels
+    assert radii["2"] == pytest.approx(4.0)  # 2 slices of 2 mm from the plate's middle to outside
+    assert radii["3"] == pytest.approx(0.5)  # the border counts as outside
+    assert "4" not in radii  # absent classes are left out
+
+
+def test_fingerprint_holds_each_class_median_radius(tiny_dataset):
+    fp = extract_fingerprint(tiny_dataset, num_processes=1)
+    assert set(fp["class_radius_mm"]) <= {name for name, value in fp["labels"].items() if value}
+    assert fp["class_radius_mm"] and all(r > 0 for r in fp["class_radius_mm"].values())
+    per_case = [case_measurements(*box_case(seed=s), (1.0, 1.0, 1.0), [0, 1], [1], 100, 0) for s in range(3)]
+    merged = aggregate(["a", "b", "c"], per_case, {0: "CT"}, {"background": 0, "organ": 1})
+    assert merged["class_radius_mm"]["organ"] == pytest.approx(np.median([m["class_radius_mm"]["1"] for m in per_case]))

@@ -337,3 +337,60 @@ def test_cpu_configuration_keeps_a_small_image_at_full_resolution_and_caps_a_lar
     large = plan(fingerprint([(1.0, 0.7676, 0.7676)] * 10, [(482, 512, 512)] * 10), MR, TWO).configurations
     assert math.prod(large["3d_cpu"].patch_size) <= cpu.CPU_PATCH_VOXELS
     assert min(large["3d_cpu"].spacing) > 4 * 0.7676
+
+
+def _cpu_plan(radii: dict | None, labels=None):
+    # The CT phantoms' geometry (340,000 voxels at 1.94 x 0.96 x 0.96 mm), with class radii or without.
+    fp = fingerprint([(1.9375, 0.96484375, 0.96484375)] * 10, [(37, 91, 101)] * 10)
+    if radii is not None:
+        fp["class_radius_mm"] = radii
+    labels = labels or {"background": 0, **{name: i + 1 for i, name in enumerate(radii or {"organ": 0})}}
+    return plan(fp, MR, labels).configurations
+
+
+def test_cpu_spacing_stops_at_the_thinnest_class_and_says_why():
+    from AutoSegLib.planning import cpu
+
+    free = _cpu_plan({"liver": 9.0, "aorta": 3.5})["3d_cpu"]  # nothing thin: sized by the image alone
+    assert math.prod(free.median_image_size_in_voxels) <= cpu.CPU_IMAGE_VOXELS * 1.05
+    assert any("thinnest class, aorta (radius 3.50 mm)" in e["text"] for e in free.explanation)
+    capped = _cpu_plan({"liver": 9.0, "aorta": 3.5, "renal_artery": 1.2})
+    config = capped["3d_cpu"]
+    # Every axis at most the artery's radius (2 voxels across), or its full-resolution spacing if coarser.
+    assert np.all(np.asarray(config.spacing) <= np.maximum([1.9375, 0.96484375, 0.96484375], 1.2) + 1e-9)
+    assert config.spacing[1] == pytest.approx(1.2, rel=0.011)  # coarsened up to the limit, not beyond
+    assert config.spacing[0] == capped["3d_fullres"].spacing[0]  # the slice axis was coarser already
+    text = " ".join(e["text"] for e in config.explanation)
+    assert "renal_artery (radius 1.20 mm" in text and "keeps 2 voxels across" in text
+    assert "would be under 2 voxels across (renal_artery)" in text  # what sizing by the image would have done
+    assert math.prod(config.patch_size) <= cpu.CPU_PATCH_VOXELS * 1.05  # the cost per iteration is unchanged
+    assert config.features_per_stage[0] == 16 and config.batch_size == 2
+
+
+def test_cpu_spacing_keeps_full_resolution_when_the_thinnest_class_is_one_voxel():
+    configurations = _cpu_plan({"organ": 6.0, "nerve": 0.5})
+    assert configurations["3d_cpu"].spacing == configurations["3d_fullres"].spacing
+    assert any("kept at the full-resolution spacing" in e["text"] for e in configurations["3d_cpu"].explanation)
+
+
+def test_cpu_spacing_without_class_radii_is_sized_by_the_image_and_says_so():
+    old = _cpu_plan(None)["3d_cpu"]  # an nnU-Net v2 fingerprint has no radii
+    assert any("no class radii" in e["text"] for e in old.explanation)
+    assert old.spacing == _cpu_plan({"organ": 50.0})["3d_cpu"].spacing  # a thick class changes nothing
+
+
+def test_cpu_spacing_ignores_radii_of_unknown_classes_and_refuses_bad_ones():
+    configurations = _cpu_plan({"organ": 50.0, "gone": 0.3}, labels={"background": 0, "organ": 1})
+    assert configurations["3d_cpu"].spacing != configurations["3d_fullres"].spacing  # 'gone' is not a label
+    with pytest.raises(ValueError, match="class_radius_mm"):
+        _cpu_plan({"organ": -1.0})
+
+
+def test_cpu_plan_names_2d_as_the_other_choice_for_thick_slices_and_thin_classes():
+    fp = fingerprint([(5.0, 0.8, 0.8)] * 10, [(40, 200, 200)] * 10)
+    fp["class_radius_mm"] = {"organ": 20.0, "vessel": 1.0}
+    config = plan(fp, MR, {"background": 0, "organ": 1, "vessel": 2}).configurations["3d_cpu"]
+    assert any("The 2d configuration" in e["text"] for e in config.explanation)
+    fp["class_radius_mm"] = {"organ": 20.0, "vessel": 4.0}  # thicker than a slice: no remark
+    config = plan(fp, MR, {"background": 0, "organ": 1, "vessel": 2}).configurations["3d_cpu"]
+    assert not any("The 2d configuration" in e["text"] for e in config.explanation)

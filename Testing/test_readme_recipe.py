@@ -80,6 +80,12 @@ def test_classes_never_predicted_after_training_are_named(recipe):
     summary = json.loads(next(folder.glob("*.autoseg/model/3d_cpu/fold_0/validation/summary.json")).read_text())
     for name in summary["never_predicted"]:  # 2 iterations of training: usually several
         assert f"class '{name}' was never predicted" in results["train"].stderr
+    # Training ends with every class's validation Dice, lowest first, and names the weak ones.
+    ranking = results["train"].stderr.split("validation Dice per class, lowest first: ")[1].splitlines()[0]
+    scores = [float(item.rsplit(" ", 1)[1]) for item in ranking.split(", ")]
+    assert scores == sorted(scores) and len(scores) == len(summary["mean"])
+    if min(scores) < 0.5:
+        assert "below Dice 0.50 on validation, lowest first" in results["train"].stderr
     evaluated = json.loads((folder / "segmentations" / "summary.json").read_text())
     for name in evaluated["never_predicted"]:
         assert f"class '{name}' was never predicted" in results["evaluate"].stderr

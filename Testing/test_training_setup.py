@@ -204,3 +204,13 @@ def test_a_refused_run_leaves_the_model_folder_untouched(planned, tmp_path):
     with pytest.raises(TrainingSetupError, match="--overwrite"):
         setup_run(dataset, copy, TrainOptions("3d_fullres", "1"))
     assert model_plans.read_text() == '{"the": "plans the weights were trained with"}'
+
+
+def test_a_time_budget_sets_the_quick_schedules_length_and_nothing_else():
+    from AutoSegLib.training.schedule import PAPER
+    from AutoSegLib.training.setup import TrainOptions, budget_epochs
+
+    assert budget_epochs("quick", TrainOptions("3d_cpu", "0")) is None  # the preset's own 20 epochs
+    assert budget_epochs("quick", TrainOptions("3d_cpu", "0", time_budget_min=10)) == PAPER.epochs  # fitted later
+    assert budget_epochs("quick", TrainOptions("3d_cpu", "0", time_budget_min=10, epochs=7)) == 7  # as given
+    assert budget_epochs("paper", TrainOptions("3d_cpu", "0", time_budget_min=10)) is None

@@ -551,6 +551,11 @@ class JobChain(JobState):
     def resumable(self) -> bool:
         return self.finished and self.job is not None and self.job.resumable
 
+    def done_events(self, stage: str) -> list[dict]:
+        """The ``done`` events of this chain's jobs of ``stage`` (e.g. every trained fold's)."""
+        return [job.done_event for job in self.jobs
+                if job.done_event is not None and job.done_event.get("stage") == stage]
+
     @property
     def progress(self) -> float | None:
         """The whole chain's fraction done, steps weighted by :attr:`Step.weight`; never decreases."""

@@ -55,6 +55,35 @@ def never_predicted(per_case: list[dict], label_names: Iterable[str]) -> dict[st
     return missing
 
 
+WEAK_DICE = 0.5  # below this a class is named as weak at the end of training
+
+
+def class_ranking(summary: dict) -> list[tuple[str, float]]:
+    """(class, mean Dice) of every scored class, lowest first (ties by name); unscored ones left out."""
+    scored = [(name, float(m["Dice"])) for name, m in summary.get("mean", {}).items()
+              if isinstance(m, dict) and m.get("Dice") is not None and math.isfinite(m["Dice"])]
+    return sorted(scored, key=lambda item: (item[1], item[0]))
+
+
+def ranking_text(ranking: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{name} {dice:.2f}" for name, dice in ranking)
+
+
+def weak_classes_warning(summary: dict, threshold: float = WEAK_DICE) -> str | None:
+    """One message naming the classes under ``threshold`` Dice, lowest first; None when there are none.
+
+    A mean over 30 classes can look fine while a third of them are barely found (issue 14), so
+    training ends by naming them, and the Slicer module shows the message.
+    """
+    ranking = class_ranking(summary)
+    weak = [(name, dice) for name, dice in ranking if dice < threshold]
+    if not weak:
+        return None
+    return (f"{len(weak)} of {len(ranking)} class(es) below Dice {threshold:.2f} on validation, lowest first: "
+            f"{ranking_text(weak)}. Train longer (--time-budget MIN), on more cases that contain them, or "
+            "3d_fullres on a GPU (docs/evaluation.md)")
+
+
 def never_predicted_warnings(summary: dict) -> list[str]:
     """One message per class of ``summary["never_predicted"]``, for logs and the Slicer module."""
     cases = len(summary.get("metric_per_case", []))

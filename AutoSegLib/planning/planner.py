@@ -34,6 +34,7 @@ class _Fingerprint:
     shapes: np.ndarray
     intensity: dict
     relative_size: float
+    radii: dict  # class name -> median radius in mm (ours only; empty for an nnU-Net v2 fingerprint)
 
 
 def read_fingerprint(fingerprint: dict) -> _Fingerprint:
@@ -55,8 +56,12 @@ def read_fingerprint(fingerprint: dict) -> _Fingerprint:
         if bad.size:
             raise PlanningError(f"fingerprint '{key}' of case index {int(bad[0])} is {values[bad[0]].tolist()}; "
                                 f"values must be positive")
+    radii = fingerprint.get("class_radius_mm", {})
+    if not isinstance(radii, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                              for v in radii.values()):
+        raise PlanningError(f"fingerprint 'class_radius_mm' must map class names to positive millimetres, got {radii!r}")
     return _Fingerprint(spacings, shapes, fingerprint["foreground_intensity_properties_per_channel"],
-                        float(fingerprint["median_relative_size_after_cropping"]))
+                        float(fingerprint["median_relative_size_after_cropping"]), dict(radii))
 
 
 def _channels(channel_names: dict) -> dict[str, str]:
@@ -154,7 +159,8 @@ def to_configuration(stage: StagePlan, shared: dict, extra_notes: list[dict] = (
         explanation=notes + list(extra_notes), **copy.deepcopy(shared), **links)
 
 
-def three_d_configurations(target, median_full, args: tuple, shared: dict) -> dict[str, Configuration]:
+def three_d_configurations(target, median_full, args: tuple, shared: dict,
+                           radii: dict | None = None) -> dict[str, Configuration]:
     """3d_fullres, plus 3d_lowres and 3d_cascade_fullres when the cascade rule asks for them."""
     full = configure_3d(target, median_full, *args, source="the full-resolution target spacing")
     decision = plan_cascade(full, target, median_full, *args)
@@ -170,13 +176,13 @@ def three_d_configurations(target, median_full, args: tuple, shared: dict) -> di
             "Same network, spacing, patch and batch as 3d_fullres; it also receives the upsampled 3d_lowres "
             "segmentation (one channel per class) as input."))]
         configurations["3d_cascade_fullres"] = cascade
-    configurations[cpu.NAME] = cpu_configuration(target, median_full, args[-1], shared)
+    configurations[cpu.NAME] = cpu_configuration(target, median_full, args[-1], shared, radii)
     return configurations
 
 
-def cpu_configuration(target, median_full, axes: list[str], shared: dict) -> Configuration:
-    """``3d_cpu`` (see :mod:`.cpu`): the 3D rules at a CPU's size."""
-    stage = cpu.configure_cpu(target, median_full, axes)
+def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii: dict | None = None) -> Configuration:
+    """``3d_cpu`` (see :mod:`.cpu`): the 3D rules at a CPU's size, no coarser than its thinnest class allows."""
+    stage = cpu.configure_cpu(target, median_full, axes, radii)
     config = to_configuration(stage, shared)
     config.features_per_stage = cpu.cpu_features(len(config.strides))
     config.memory = {"model": f"sized for a CPU: typical image <= {cpu.CPU_IMAGE_VOXELS} voxels, "
@@ -236,7 +242,8 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     if rules.is_2d_data(median_full):
         note(notes, "remark", message="The images are single slices, so only the 2D configuration is planned.")
     else:
-        configurations.update(three_d_configurations(target[forward], median_full, args, shared))
+        radii = {name: r for name, r in fp.radii.items() if name in labels and name != rules.IGNORE_LABEL}
+        configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
 

@@ -22,15 +22,45 @@ anatomy. Randomness is confined to :func:`sample_anatomy`; rendering is determin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import numpy as np
 
+from AutoSegLib.names import PHANTOM_ANATOMIES
 from AutoSegLib.synthetic.grid import Pose
-from AutoSegLib.synthetic.shapes import Blob, Tube, random_rotation, rotation
+from AutoSegLib.synthetic.shapes import Blob, Tube, chain, random_rotation, rotation
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "aorta": 4, "liver_lesion": 5}
+ANATOMIES = PHANTOM_ANATOMIES
+# The detailed anatomy labels 31 structures of the same patients, as a whole-abdomen dataset
+# would: large organs, touching ones (vertebral body, discs, arch, spinous process, canal),
+# left/right pairs told apart only by side, thin vessels (renal arteries 2-2.8 mm across, a
+# voxel or two at the phantoms' 0.7-1.5 mm pixels), small blobs (adrenals, lymph nodes) and
+# thin plates (ribs, 2-3 mm).
+DETAILED_LABELS = {name: value for value, name in enumerate((
+    "background", "liver", "spleen", "kidney_right", "kidney_left", "adrenal_gland_right",
+    "adrenal_gland_left", "aorta", "inferior_vena_cava", "portal_vein", "superior_mesenteric_artery",
+    "renal_artery_right", "renal_artery_left", "renal_vein_right", "renal_vein_left", "gallbladder",
+    "stomach", "pancreas", "liver_lesion", "lymph_nodes", "vertebral_body", "intervertebral_discs",
+    "vertebral_arch", "spinous_process", "spinal_canal", "paraspinal_muscle_right",
+    "paraspinal_muscle_left", "ribs_right", "ribs_left", "abdominal_wall_right", "abdominal_wall_left",
+    "subcutaneous_fat"))}
+# The basic anatomy's label of each painted structure; any other structure paints background.
+_BASIC_STROKES = {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 3, "aorta": 4, "liver_lesion": 5}
+
+
+def stroke_labels(anatomy: str) -> dict[str, int]:
+    """Structure name -> label value painted for it, for ``anatomy`` ("basic" or "detailed")."""
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; allowed: {', '.join(ANATOMIES)}")
+    return dict(_BASIC_STROKES) if anatomy == "basic" else {k: v for k, v in DETAILED_LABELS.items() if v}
+
+
+def label_names(anatomy: str) -> dict[str, int]:
+    """Label name -> value as dataset.json declares it for ``anatomy``."""
+    stroke_labels(anatomy)
+    return dict(LABELS) if anatomy == "basic" else dict(DETAILED_LABELS)
 _REF_CAVITY = (36.0, 24.0)  # mm; organ layout below is written for this cavity and scaled
 
 
@@ -104,11 +134,14 @@ class Anatomy:
     visceral_fat: float  # texture threshold: lower means more mesenteric fat
     bowel_gas: float  # texture threshold: lower means more gas
     texture_seed: int
+    details: dict = field(default_factory=dict)  # the detailed anatomy's extra structures (sample_details)
 
     def labelled_shapes(self) -> list:
         """Bounds of every labelled structure; the field of view must hold all of them.
 
         The aorta runs through every slice, so a disc of it at organ level stands in for it.
+        The detailed anatomy's extra structures do not widen it: a patient gets the same grid
+        with either label table, and a structure at the edge may be cut, as in real scans.
         """
         names = ("liver_right", "liver_left", "spleen", "kidney_right", "kidney_left")
         return [self.shapes[n] for n in names] + list(self.lesions) + [self.shapes["aorta"].section(10.0)]
@@ -207,3 +240,61 @@ def _lesions(rng: np.random.Generator, lobe: Blob) -> tuple[Blob, ...]:
         radius = rng.uniform(4.0, 8.0) if n == 0 else rng.uniform(3.0, 5.5)
         lesions.append(Blob.sample(rng, lobe.point(u), radius * rng.uniform(0.85, 1.15, 3), 90.0, wobble=0.1))
     return tuple(lesions)
+
+
+def sample_details(rng: np.random.Generator, anatomy: Anatomy) -> dict:
+    """The detailed anatomy's extra structures for ``anatomy`` (drawn from their own stream).
+
+    Placed relative to the patient's own organs, so they move with them: adrenals cap the
+    upper poles of the kidneys, renal arteries run from the aorta and renal veins to the vena
+    cava (the left vein passing in front of the aorta, under the superior mesenteric artery),
+    the portal vein rises from behind the pancreas into the liver, lymph nodes lie in the fat
+    beside the aorta.
+    """
+    s = anatomy.shapes
+    aorta, ivc, vertebra = s["aorta"], s["ivc"], s["vertebra"]
+    k = vertebra.rx / 6.0  # the patient's scale (vertebra is 6 k wide)
+    front = aorta.cy - aorta.rx  # anterior wall of the aorta
+    details: dict = {}
+    for side, sign in (("right", 1.0), ("left", -1.0)):  # sign: +1 where medial is +x
+        kidney = s[f"kidney_{side}"]
+        top = kidney.point((0.0, 0.0, 0.95))
+        centre = top + np.array([sign * 2.0 * k, 0.5 * k, 3.5 * k]) + rng.normal(0, 0.5, 3)
+        semi = np.array([1.6, 4.0, 5.0]) * k * rng.uniform(0.85, 1.15)
+        details[f"adrenal_gland_{side}"] = Blob.sample(rng, centre, semi, 10.0,
+                                                       base=rotation([0, 0, 1], np.radians(-30 * sign)), wobble=0.08)
+        hilum = kidney.point((sign * 0.75, -0.15, 0.05))
+        level = kidney.centre[2] + rng.uniform(1.0, 4.0)
+        artery = [(aorta.cx, aorta.cy, level), (0.5 * (aorta.cx + hilum[0]), aorta.cy + 1.5 * k, level), hilum]
+        details[f"renal_artery_{side}"] = chain(artery, rng.uniform(1.0, 1.4) * k)
+        vein_level = level + rng.uniform(1.0, 3.0)
+        if side == "right":
+            vein = [hilum + np.array([0.0, -1.5 * k, 1.0]), (ivc.cx, ivc.cy, vein_level)]
+        else:  # in front of the aorta, behind the superior mesenteric artery
+            vein = [hilum + np.array([0.0, -1.5 * k, 1.0]), (aorta.cx + 4.0 * k, front - 1.8 * k, vein_level),
+                    (aorta.cx, front - 2.0 * k, vein_level), (ivc.cx, ivc.cy, vein_level)]
+        details[f"renal_vein_{side}"] = chain(vein, rng.uniform(1.4, 2.0) * k)
+    renal = min(s["kidney_right"].centre[2], s["kidney_left"].centre[2])
+    sma_top = renal + rng.uniform(8.0, 12.0)
+    sma_radius = rng.uniform(1.0, 1.4) * k
+    sma = [(aorta.cx, aorta.cy, sma_top), (aorta.cx, front - 4.5 * k, sma_top - 4.0),
+           (aorta.cx + rng.normal(0, 1.0), front - 5.5 * k, renal - 60.0)]
+    details["superior_mesenteric_artery"] = chain(sma, sma_radius)
+    details["pancreas"] = Blob.sample(
+        rng, np.array([aorta.cx + 5.0 * k, front - 8.0 * k, sma_top - 3.0]) + rng.normal(0, 1.0, 3),
+        np.array([14.0, 3.2, 4.0]) * k * rng.uniform(0.85, 1.15), 8.0,
+        base=rotation([0, 0, 1], np.radians(-10)), wobble=0.1)
+    liver = s["liver_right"]
+    porta = liver.point((0.55, -0.1, -0.2))
+    confluence = np.array([aorta.cx - 4.0 * k, front - 8.0 * k, sma_top - 5.0])
+    details["portal_vein"] = chain([confluence, 0.5 * (confluence + porta) + np.array([0, 0, 2.0]), porta],
+                                   rng.uniform(1.8, 2.4) * k)
+    nodes = []
+    for _ in range(2 + int(rng.integers(3))):
+        side = rng.choice([-1.0, 1.0])
+        centre = np.array([aorta.cx + side * (aorta.rx + rng.uniform(2.5, 5.0) * k),
+                           aorta.cy + rng.uniform(-3.0, 3.0) * k, renal + rng.uniform(-12.0, 10.0)])
+        nodes.append(Blob.sample(rng, centre, rng.uniform(1.5, 3.0) * rng.uniform(0.8, 1.2, 3) * k, 90.0,
+                                 wobble=0.1))
+    details["lymph_nodes"] = tuple(nodes)
+    return details

@@ -22,7 +22,7 @@ import numpy as np
 
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.synthetic import ct, mr
-from AutoSegLib.synthetic.anatomy import LABELS, sample_anatomy
+from AutoSegLib.synthetic.anatomy import ANATOMIES, label_names, sample_anatomy, sample_details
 from AutoSegLib.synthetic.grid import PROTOCOLS, Grid, enlarged, sample_grid
 from AutoSegLib.synthetic.render import render
 
@@ -85,10 +85,16 @@ def check_channels(kind: str, channels: int | None) -> int:
     return channels
 
 
-def label_table(kind: str) -> dict[str, int]:
-    """Label name -> value of ``kind`` phantoms (background 0, values consecutive)."""
+def check_anatomy(anatomy: str) -> str:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown phantom anatomy {anatomy!r}; allowed: {', '.join(ANATOMIES)}")
+    return anatomy
+
+
+def label_table(kind: str, anatomy: str = "basic") -> dict[str, int]:
+    """Label name -> value of ``kind`` phantoms of ``anatomy`` (background 0, values consecutive)."""
     check_kind(kind)
-    return dict(LABELS)
+    return label_names(check_anatomy(anatomy))
 
 
 def channel_names(kind: str, channels: int | None = None) -> dict[int, str]:
@@ -109,7 +115,8 @@ def protocol_of(seed: int, index: int, split: str = "train") -> str:
 
 
 def make_case(kind: str, seed: int, case_index: int, channels: int | None = None, *,
-              split: str = "train", grid: Grid | None = None, size: float = 1.0) -> PhantomCase:
+              split: str = "train", grid: Grid | None = None, size: float = 1.0,
+              anatomy: str = "basic") -> PhantomCase:
     """Generate one case in memory.
 
     Args:
@@ -122,6 +129,8 @@ def make_case(kind: str, seed: int, case_index: int, channels: int | None = None
         size: scale of the patient (0 < size <= 4). The case's own grid keeps its spacing and
             grows with the patient, so each axis has about ``size`` times the voxels; a given
             ``grid`` is used as it is.
+        anatomy: "basic" (5 labels) or "detailed" (31 labels: the same patients with more
+            structures, thin and small ones among them, drawn from a stream of their own).
 
     Example:
         >>> case = make_case("mr", seed=0, case_index=3, channels=2)
@@ -132,17 +141,21 @@ def make_case(kind: str, seed: int, case_index: int, channels: int | None = None
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     seed, case_index = check_int("seed", seed, 0), check_int("case_index", case_index, 0)
-    size = check_size(size)
-    streams = np.random.SeedSequence([seed, SPLITS[split], 0, case_index]).spawn(3)
-    anatomy_rng, grid_rng, look_rng = (np.random.default_rng(s) for s in streams)
-    anatomy = sample_anatomy(anatomy_rng)
+    size, labels = check_size(size), check_anatomy(anatomy)
+    # Children of a SeedSequence do not depend on how many are spawned: the basic streams are
+    # the same whether or not the detailed anatomy's fourth one is drawn.
+    streams = np.random.SeedSequence([seed, SPLITS[split], 0, case_index]).spawn(4)
+    anatomy_rng, grid_rng, look_rng, detail_rng = (np.random.default_rng(s) for s in streams)
+    patient = sample_anatomy(anatomy_rng)
+    if labels == "detailed":
+        patient = replace(patient, details=sample_details(detail_rng, patient))
     protocol = protocol_of(seed, case_index, split) if grid is None else "custom"
     if grid is None:
-        grid = sample_grid(grid_rng, protocol, anatomy.pose, anatomy.labelled_shapes(), [anatomy.body])
+        grid = sample_grid(grid_rng, protocol, patient.pose, patient.labelled_shapes(), [patient.body])
         if size != 1.0:  # at 1 the origin would only be rounded again
-            grid = enlarged(grid, anatomy.pose, size)
-    anatomy = replace(anatomy, pose=replace(anatomy.pose, scale=size))
-    rendering = render(anatomy, grid)
+            grid = enlarged(grid, patient.pose, size)
+    patient = replace(patient, pose=replace(patient.pose, scale=size))
+    rendering = render(patient, grid, labels)
     if kind == "ct":
         images, bias = [ct.ct_image(rendering, grid.geometry.spacing, look_rng)], None
     else:

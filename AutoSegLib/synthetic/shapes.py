@@ -132,3 +132,35 @@ class Tube:
 
     def scaled(self, factor: float) -> "Tube":
         return Tube(self.cx, self.cy, self.rx * factor, self.ry * factor)
+
+
+@dataclass(frozen=True)
+class Capsule:
+    """A straight vessel segment: points within ``radius`` mm of the segment ``start``-``end``.
+
+    Vessels that branch sideways (renal arteries and veins, the portal vein) are chains of
+    capsules; their rounded ends join without gaps.
+    """
+
+    start: np.ndarray
+    end: np.ndarray
+    radius: float
+
+    def inside(self, q: tuple[np.ndarray, ...]) -> np.ndarray:
+        axis = np.asarray(self.end, float) - np.asarray(self.start, float)
+        length2 = float(axis @ axis)
+        d = [q[c] - np.float32(self.start[c]) for c in range(3)]
+        t = sum(d[c] * np.float32(axis[c] / length2) for c in range(3))
+        t = np.clip(t, np.float32(0.0), np.float32(1.0))
+        r2 = sum((d[c] - t * np.float32(axis[c])) ** 2 for c in range(3))
+        return r2 < np.float32(self.radius * self.radius)
+
+    def support(self, v: np.ndarray) -> tuple[float, float]:
+        a, b = float(np.asarray(self.start) @ v), float(np.asarray(self.end) @ v)
+        return (a + b) / 2, abs(b - a) / 2 + self.radius
+
+
+def chain(points, radius: float) -> tuple[Capsule, ...]:
+    """Capsules joining consecutive ``points`` (a polyline vessel of one radius)."""
+    points = [np.asarray(p, float) for p in points]
+    return tuple(Capsule(a, b, radius) for a, b in zip(points[:-1], points[1:]))

@@ -18,7 +18,7 @@ from AutoSegLib.models.device import resolve_device
 from AutoSegLib.planning import Plans
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
-from AutoSegLib.training.schedule import Schedule, preset_for_device, resolve_schedule
+from AutoSegLib.training.schedule import PAPER, Schedule, preset_for_device, resolve_schedule
 from AutoSegLib.training import splits as splitting
 
 from AutoSegLib.names import (CASCADE_CONFIGURATION, DATASET_FILE, DEFAULT_PRESET, MODEL_DIR, PLANS_FILE,
@@ -166,7 +166,7 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
         run_folder.mkdir(parents=True, exist_ok=True)
         device = resolve_device(options.device)
         preset, preset_reason = preset_for_device(options.preset, device.type)
-        schedule = resolve_schedule(preset, options.epochs, options.iterations_per_epoch,
+        schedule = resolve_schedule(preset, budget_epochs(preset, options), options.iterations_per_epoch,
                                     optimizer=options.optimizer, initial_lr=options.initial_lr)
     except BaseException:
         lock.release(tidy=True)  # a refused run leaves no fold folder it made
@@ -175,6 +175,21 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
                     schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
                     notes=notes, preset=preset, preset_reason=preset_reason, device=device, lock=lock)
+
+
+def budget_epochs(preset: str, options: TrainOptions) -> int | None:
+    """The epoch count to start from: ``--epochs``, else the preset's - or, for the quick preset
+    with ``--time-budget``, as many as the budget holds.
+
+    The quick preset's 500 iterations are a length for trying things; a user who gives it ten
+    minutes wants ten minutes of training. So it starts from the paper's epoch count and the
+    trainer fits it to the budget after its first iterations (``fit_first_epoch_to_budget``),
+    the poly decay ending at the budget's end. The paper's preset is longer than any budget
+    already; ``--epochs`` is always kept as given.
+    """
+    if options.epochs is not None or options.time_budget_min is None or preset != "quick":
+        return options.epochs
+    return PAPER.epochs
 
 
 def configure_cpu_threads() -> int:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from AutoSegLogic import commands, jobs, testing
+from AutoSegLogic import commands, jobs, quality, testing
 from AutoSegLogic.jobs import Job, JobChain, Step, ThreadJob
 from AutoSegLogic.session import Session
 
@@ -135,6 +135,11 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_run(work_copy):
     poll_until(session, timeout=90)
     assert resumed.succeeded, resumed.job.failure
     assert resumed.job.done_event["epochs"] == 4
+    # The fold's validation Dice per class reaches the module, weakest first (shown when training ends).
+    dice = resumed.job.done_event["validation_dice_per_class"]
+    assert list(dice) == sorted(dice, key=lambda name: (dice[name], name))
+    assert resumed.done_events("train") == [resumed.job.done_event]
+    assert quality.validation_report(resumed.done_events("train")).startswith("Validation Dice, weakest first: ")
     assert session.curves.column("epoch") == [1, 2, 3, 4]  # one chart for the run, across the resume
     assert sorted(p.name for p in (work / "logs").iterdir()) == ["001-train.log"]  # one log per run, resumes appended
     assert "Resuming from" in resumed.job.log_tail(50)
@@ -295,3 +300,15 @@ def test_a_thread_job_reports_like_an_engine_job():
     job = ThreadJob(broken, "write files").start()
     testing.wait_until(job, timeout=10)
     assert job.status == jobs.FAILED and job.failure == "write files: disk full"
+
+
+def test_the_validation_report_ranks_classes_over_folds_and_counts_the_weak_ones():
+    folds = [{"stage": "train", "validation_dice_per_class": {"liver": 0.9, "vessel": 0.2, "nerve": 0.4}},
+             {"stage": "train", "validation_dice_per_class": {"liver": 0.8, "vessel": 0.4, "nerve": None}}]
+    assert quality.class_dice(folds) == pytest.approx({"liver": 0.85, "vessel": 0.3, "nerve": 0.4})
+    assert quality.validation_report(folds) == ("Validation Dice, weakest first: vessel 0.30, nerve 0.40, liver 0.85; "
+                                                "2 of 3 below 0.50: review them first")
+    assert quality.validation_report(folds, shown=1).startswith("Validation Dice, weakest first: vessel 0.30 (+2 more)")
+    assert quality.validation_report([{"stage": "train"}]) == ""  # trained with --no-validation
+    good = [{"validation_dice_per_class": {"liver": 0.9}}]
+    assert quality.validation_report(good).endswith("every class at 0.50 or above")

@@ -1,0 +1,152 @@
+"""Does the CPU path learn every class? One training variant on a many-class dataset, scored per class.
+
+    python benchmarks/bench_many_classes.py VARIANT [--dataset D] [--work W] [--fold 0]
+        [--epochs 20] [--iterations 25] [--time-budget MIN] [--threads N] [--cases 24]
+
+Makes (once) the detailed CT phantoms (``make-phantoms --anatomy detailed``: 31 structures,
+thin vessels, lymph nodes, left/right pairs), plans and preprocesses ``3d_cpu`` in a work
+folder of the variant's plan, trains fold 0 with the variant, validates it on the fold's
+held-out cases as ``autoseg train`` does, and prints:
+
+- wall time, training iterations, the load average (the 2-core test machine is shared);
+- mean foreground Dice, classes never predicted, classes under 0.5;
+- every class's Dice, lowest first, with its median voxel count in the held-out references.
+
+Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
+
+- ``coarse``: the CPU plan before issue 14 - spacing sized by the image alone (class radii
+  ignored), so thin classes end up under two voxels across;
+- ``capped``: the shipped plan - coarsened no further than the thinnest class allows;
+- ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
+  (nnU-Net forces one third);
+- ``capped-lr1e-2`` / ``capped-lr1e-3``: AdamW at another starting rate (quick preset: 3e-3).
+
+Fixed ``--epochs`` x ``--iterations`` compare variants at equal work whatever the machine's
+load; ``--time-budget`` measures what a user gets in that many minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+VARIANTS = {
+    "coarse": {"plan": "coarse"},
+    "capped": {"plan": "capped"},
+    "capped-fg66": {"plan": "capped", "oversample": 0.66},
+    "capped-fg100": {"plan": "capped", "oversample": 1.0},
+    "capped-lr1e-2": {"plan": "capped", "lr": 1e-2},
+    "capped-lr1e-3": {"plan": "capped", "lr": 1e-3},
+}
+
+
+def prepare(dataset: Path, work: Path, plan_kind: str, cases: int) -> None:
+    from AutoSegLib.fingerprint import extract_fingerprint
+    from AutoSegLib.fileutil import write_json
+    from AutoSegLib.planning import plan
+    from AutoSegLib.preprocessing.runner import preprocess_dataset
+    from AutoSegLib.synthetic import make_phantom_dataset
+    from AutoSegLib.dataset import open_dataset
+
+    if not (dataset / "dataset.json").is_file():
+        make_phantom_dataset(dataset, kind="ct", cases=cases, test_cases=8, seed=0, anatomy="detailed")
+    if (work / "plans.json").is_file():
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    fingerprint = extract_fingerprint(dataset)
+    write_json(work / "dataset_fingerprint.json", fingerprint)
+    if plan_kind == "coarse":
+        fingerprint = {k: v for k, v in fingerprint.items() if k != "class_radius_mm"}
+    spec = open_dataset(dataset).spec
+    plans = plan(fingerprint, spec.channel_names, spec.labels, dataset_name=dataset.name)
+    write_json(work / "plans.json", plans.to_dict())
+    preprocess_dataset(dataset, work, ["3d_cpu"])
+
+
+def share_preprocessed(base: Path, work: Path) -> None:
+    """A variant's own work folder (its own model folder) over the plan's preprocessed data."""
+    import shutil
+
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("plans.json", "dataset_fingerprint.json"):
+        shutil.copy2(base / name, work / name)
+    if not (work / "preprocessed").exists():
+        (work / "preprocessed").symlink_to(base / "preprocessed")
+
+
+def patch_oversampling(fraction: float) -> None:
+    from AutoSegLib.training import data
+
+    original = data.is_forced_foreground
+    data.is_forced_foreground = lambda j, batch_size, _=None: original(j, batch_size, fraction)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--dataset", type=Path, default=Path("/tmp/bench_many/Dataset950_Detailed"))
+    parser.add_argument("--work", type=Path, default=None, help="default: DATASET.<variant>.autoseg beside it")
+    parser.add_argument("--fold", default="0")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--time-budget", type=float, default=None, help="minutes; overrides --epochs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the CLI's)")
+    parser.add_argument("--cases", type=int, default=24)
+    args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    variant = VARIANTS[args.variant]
+    work = args.work or args.dataset.parent / f"{args.dataset.name}.{args.variant}.autoseg"
+    base = args.dataset.parent / f"{args.dataset.name}.{variant['plan']}-plan.autoseg"
+    prepare(args.dataset, base, variant["plan"], args.cases)
+    share_preprocessed(base, work)
+    if "oversample" in variant:
+        patch_oversampling(variant["oversample"])
+
+    from AutoSegLib.cli import main as autoseg
+
+    argv = ["train", str(args.dataset), "3d_cpu", args.fold, "-w", str(work), "--overwrite", "--device", "cpu",
+            "--preset", "quick", "--iterations-per-epoch", str(args.iterations)]
+    argv += ["--time-budget", str(args.time_budget)] if args.time_budget else ["--epochs", str(args.epochs)]
+    if "lr" in variant:
+        argv += ["--lr", str(variant["lr"])]
+    started = time.monotonic()
+    status = autoseg(argv)
+    wall = time.monotonic() - started
+    if status != 0:
+        raise SystemExit(f"training failed with status {status}")
+    fold_dir = work / "model" / "3d_cpu" / f"fold_{args.fold}"
+    log = [json.loads(line) for line in (fold_dir / "training_log.jsonl").read_text().splitlines() if line.strip()]
+    iterations = sum(int(e.get("iterations", args.iterations)) for e in log if "train_loss" in e)
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    report(args.variant, summary, wall, iterations, len([e for e in log if "train_loss" in e]))
+
+
+def report(variant: str, summary: dict, wall: float, iterations: int, epochs: int) -> None:
+    from AutoSegLib.evaluation.summary import class_ranking
+
+    ranking = class_ranking(summary)
+    sizes = {}
+    for name in summary["mean"]:
+        counts = [row["metrics"][name].get("n_ref") or 0 for row in summary["metric_per_case"]]
+        sizes[name] = int(np.median([c for c in counts if c] or [0]))
+    dice = summary["foreground_mean"]["Dice"]
+    big = [(n, d) for n, d in ranking if sizes[n] >= 200]
+    print(f"== {variant}: {wall / 60:.1f} min wall, {epochs} epochs (~{iterations} iterations), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"mean foreground Dice {dice:.3f}; never predicted {len(summary['never_predicted'])}; "
+          f"under 0.5: {sum(d < 0.5 for _, d in ranking)} of {len(ranking)}; classes >= 200 voxels: {len(big)}, "
+          f"lowest {min(d for _, d in big):.2f}" if big else "")
+    print(", ".join(f"{n} {d:.2f} ({sizes[n]})" for n, d in ranking))
+
+
+if __name__ == "__main__":
+    main()
