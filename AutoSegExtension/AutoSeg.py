@@ -34,7 +34,7 @@ def _findEngine():
 
 _findEngine()
 
-from AutoSegLib.names import DEFAULT_PRESET, PRESETS  # noqa: E402
+from AutoSegLib.names import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_PRESET, PRESETS  # noqa: E402
 from AutoSegLogic import commands, dataset_export, dependencies, quality  # noqa: E402
 from AutoSegLogic.device import DeviceProbe  # noqa: E402
 from AutoSegLogic.library import ModelLibrary  # noqa: E402
@@ -99,6 +99,7 @@ class AutoSegParameterNode:
     timeBudgetMinutes: Annotated[float, WithinRange(0, 100000)] = 0.0
     folds: str = "0"
     device: Annotated[str, Choice(list(commands.DEVICES))] = "auto"
+    architecture: Annotated[str, Choice(list(ARCHITECTURES))] = DEFAULT_ARCHITECTURE
     modelFolder: pathlib.Path
     inputVolume0: vtkMRMLScalarVolumeNode
     inputVolume1: vtkMRMLScalarVolumeNode
@@ -323,7 +324,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return commands.TrainSettings(dataset=self.datasetFolder(), work=_path(p.workFolder),
                                       configuration=configuration, folds=commands.parse_folds(p.folds),
                                       preset=p.preset, time_budget_min=p.timeBudgetMinutes or None,
-                                      device=p.device, overwrite=overwrite)
+                                      device=p.device, overwrite=overwrite, architecture=p.architecture)
 
     def onTrainButton(self) -> None:
         session = self.logic.session

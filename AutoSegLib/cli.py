@@ -19,7 +19,7 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DATASET_FILE, DEFAULT_ARCHITECTURE,
                               DEFAULT_PRESET, DEVICES, INFERENCE_PLAN_FILE, MODEL_DIR, PHANTOM_ANATOMIES, PRESETS,
-                              TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
+                              STUDY_DIR, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
 
 
 class CommandFailed(ReportedFailure):
@@ -107,6 +107,10 @@ def cmd_plan(args, reporter: Reporter, finish: bool = True) -> None:
                              architecture=args.architecture)
         out = Path(work) / PLANS_FILE
     text = plans.explain() if args.explain else plans.summary()
+    if args.explain:
+        from AutoSegLib.network.cost import describe_costs
+
+        text += "\n\n" + describe_costs(plans.to_dict())
     (sys.stderr if args.events else sys.stdout).write(text + "\n")
     if finish:
         reporter.done("plan", plans=str(out), configurations=list(plans.to_dict()["configurations"]))
@@ -377,6 +381,20 @@ def cmd_find_best(args, reporter: Reporter) -> None:
                   postprocessing=plan["postprocessing"])
 
 
+def cmd_compare_architectures(args, reporter: Reporter) -> None:
+    from AutoSegLib.architecture_study import compare_architectures
+
+    datasets = [Path(d) for d in args.datasets]
+    if args.work is not None and len(datasets) > 1:
+        raise ValueError("-w/--work names one dataset's work folder; with several datasets use their defaults")
+    work_dirs = [args.work] if args.work is not None else None
+    study = args.output or (args.work or default_work_dir(datasets[0])) / STUDY_DIR
+    compare_architectures(datasets, args.architectures, study, configuration=args.configuration,
+                          folds=_fold_list(args.folds), num_folds=args.num_folds, time_budget_min=args.time_budget,
+                          baseline=args.baseline, work_dirs=work_dirs, device=args.device, seed=args.seed,
+                          epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch, reporter=reporter)
+
+
 def cmd_demo(args, reporter: Reporter) -> None:
     from AutoSegLib.demo import run_demo
 
@@ -617,6 +635,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
     _add_common(p)
     p.set_defaults(func=cmd_find_best, stage="find-best")
+
+    p = sub.add_parser("compare-architectures", help="train several network designs on the same plan and folds, "
+                                                     "and report their cross-validation Dice, cost and speed",
+                       description="Every design trains on the same plan, splits, schedule and augmentation (only the "
+                                   "network changes), is validated on whole cases, and is compared with the baseline: "
+                                   "Dice per class (mean and std over folds), fold-wise differences with bootstrap "
+                                   "p-values, average rank, parameters, GFLOP, seconds per iteration and per case. "
+                                   "Writes report.md, report.json and report.png; finished runs are reused "
+                                   "(docs/architectures.md).")
+    p.add_argument("datasets", type=Path, nargs="+", metavar="DATASET",
+                   help="dataset folder(s); with several, ranks are also averaged over datasets")
+    p.add_argument("--architectures", nargs="+", required=True, choices=ARCHITECTURES, metavar="ARCH",
+                   help=f"designs to compare, of {listing(ARCHITECTURES)}")
+    p.add_argument("--baseline", default=None, choices=ARCHITECTURES, metavar="ARCH",
+                   help="design the others are compared with (default: the first of --architectures)")
+    p.add_argument("-c", "--configuration", default=CPU_CONFIGURATION, choices=TRAINABLE_CONFIGURATIONS,
+                   metavar="CONFIG", help=f"of {listing(TRAINABLE_CONFIGURATIONS)} (default {CPU_CONFIGURATION})")
+    p.add_argument("--num-folds", type=_positive_int, default=3,
+                   help="folds of the study's own split (default 3; the work folder's splits are not used)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD",
+                   help="folds to run (default: all of --num-folds)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="training time per run: every design gets the same minutes (default: the quick "
+                        "schedule's 500 iterations)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="fix the schedule instead: epochs per run")
+    p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
+    p.add_argument("-w", "--work", type=Path, default=None, help="work folder of a single DATASET (default: "
+                                                                "<dataset>.autoseg beside it)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help=f"study folder (default: the first dataset's work folder/{STUDY_DIR})")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--seed", type=int, default=12345)
+    _add_common(p)
+    p.set_defaults(func=cmd_compare_architectures, stage="compare-architectures")
 
     p = sub.add_parser("demo", help="run the whole pipeline on embedded phantom data")
     p.add_argument("-w", "--work", type=Path, default=Path("autoseg_demo"),

@@ -23,8 +23,13 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", CASCADE_CONFIGURATION, CPU_CO
 TRAINABLE_CONFIGURATIONS = (CPU_CONFIGURATION, "2d", "3d_fullres", "3d_lowres")
 
 # -- networks, devices, schedules --------------------------------------------------------------
-ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet")
+# The blueprint, nnU-Net's residual encoder, and the U-Net family of the architecture study
+# (docs/architectures.md). SwinUNETR needs the optional MONAI extra.
+ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet", "ConvSkipUNet", "ResBlockUNet", "ResBlock3UNet",
+                 "ConvNeXtUNet", "ConvSkipResBlockUNet", "AttentionSkipUNet", "HalfUNet", "UNetPlusPlus",
+                 "SwinUNETR")
 DEFAULT_ARCHITECTURE = "PlainConvUNet"
+STUDY_DIR = "architecture_study"  # compare-architectures' default report folder, in the work folder
 DEVICES = ("auto", "cuda", "mps", "cpu")
 # "auto": the paper's recipe on a GPU, the quick recipe on a CPU (training/schedule.py).
 PRESETS = ("auto", "paper", "quick")

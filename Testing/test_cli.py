@@ -95,7 +95,7 @@ def test_plan_explain_reads_as_an_explanation(phantom_ct):
     result = run("plan", phantom_ct, "-w", phantom_ct.parent / "work_explain", "--explain")
     assert result.returncode == 0, result.stderr
     for phrase in ("Configuration 3d_fullres", "Configuration 2d", "CT normalization", "Batch size",
-                   "no low-resolution cascade", "mm"):
+                   "no low-resolution cascade", "mm", "Network cost", "3d_cpu: PlainConvUNet, ", " GFLOP for a "):
         assert phrase in result.stdout
 
 

@@ -17,8 +17,9 @@ from typing import Sequence
 from AutoSegLib.models import choice as modelchoice
 from AutoSegLib.dataset import load_spec
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.names import (CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_PRESET, DEVICES, GPU_CONFIGURATION, MODEL_DIR,
-                              PLANS_FILE, PRESETS, TRAINABLE_CONFIGURATIONS, WORK_SUFFIX, listing)
+from AutoSegLib.names import (ARCHITECTURES, CONFIGURATIONS, CPU_CONFIGURATION, DEFAULT_ARCHITECTURE, DEFAULT_PRESET,
+                              DEVICES, GPU_CONFIGURATION, MODEL_DIR, PLANS_FILE, PRESETS, TRAINABLE_CONFIGURATIONS,
+                              WORK_SUFFIX, listing)
 from AutoSegLib.training.schedule import get_preset, preset_for_device, seconds_per_epoch
 
 from AutoSegLogic.jobs import Step
@@ -101,10 +102,12 @@ class TrainSettings:
     time_budget_min: float | None = None
     device: str = "auto"
     overwrite: bool = False
+    architecture: str = DEFAULT_ARCHITECTURE  # the "Advanced" section's network design (docs/architectures.md)
 
     def check(self) -> None:
         for name, value, allowed in [("configuration", self.configuration, TRAINABLE_CONFIGURATIONS),
-                                     ("preset", self.preset, PRESETS), ("device", self.device, DEVICES)]:
+                                     ("preset", self.preset, PRESETS), ("device", self.device, DEVICES),
+                                     ("architecture", self.architecture, ARCHITECTURES)]:
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(allowed)}"
                                  + (" (resolve 'auto' with resolve_configuration first)" if value == AUTO else ""))
@@ -115,8 +118,10 @@ def training_steps(settings: TrainSettings) -> list[Step]:
     settings.check()
     dataset, work = str(settings.dataset), str(work_folder(settings.dataset, settings.work))
     # weights: each step's rough share of the chain's time, for one progress bar that never moves back
+    # The design is planned into plans.json; the default adds no flag, so older engines run the chain too.
+    design = [] if settings.architecture == DEFAULT_ARCHITECTURE else ["--architecture", settings.architecture]
     steps = [Step(["verify", dataset], "check the dataset", weight=0.2),
-             Step(["plan-and-preprocess", dataset, "-w", work, "-c", settings.configuration],
+             Step(["plan-and-preprocess", dataset, "-w", work, "-c", settings.configuration, *design],
                   "plan and preprocess", weight=1.0)]
     for fold in settings.folds:
         steps.append(Step(["train", dataset, settings.configuration, fold, "-w", work, *_train_flags(settings)],

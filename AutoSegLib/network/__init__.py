@@ -1,7 +1,9 @@
 """The U-Net of a plans configuration, with nnU-Net v2's parameter layout.
 
 Architectures come from a fixed registry (``ARCHITECTURES``): ``PlainConvUNet`` (the
-blueprint, default), ``ResidualEncoderUNet`` and ``ConvSkipUNet``. The first two have exactly
+blueprint, default), ``ResidualEncoderUNet``, ``ConvSkipUNet`` and the U-Net family of the
+architecture study (docs/architectures.md: residual, ConvNeXt, attention-skip, Half-U-Net,
+U-Net++ and MONAI's Swin-UNETR). ``PlainConvUNet`` and ``ResidualEncoderUNet`` have exactly
 the state_dict of dynamic-network-architectures (DNA) 0.4.4, so nnU-Net v2 weights load into
 them. We do not depend on DNA: its requirements (timm -> torchvision) make pip replace the
 user's torch with another version and about 3 GB of CUDA libraries.

@@ -11,14 +11,33 @@ from typing import Callable
 
 from torch import nn
 
-from AutoSegLib.network.unet import UNet, UNetSpec, conv_skip_unet, plain_conv_unet, residual_encoder_unet
+from AutoSegLib.network import family
+from AutoSegLib.network.swin import SWIN_DIVISOR, SwinUNETRNet
+from AutoSegLib.network.unet import UNetSpec, conv_skip_unet, plain_conv_unet, residual_encoder_unet
+from AutoSegLib.network.unetpp import unet_plus_plus
+from AutoSegLib import names
 from AutoSegLib.names import DEFAULT_ARCHITECTURE  # noqa: F401 (re-exported)
 
-ARCHITECTURES: dict[str, Callable[[UNetSpec], UNet]] = {
+
+def swin_unetr(spec: UNetSpec) -> SwinUNETRNet:
+    """MONAI's Swin-UNETR at the plan's dimensionality; its width follows the first stage's."""
+    return SwinUNETRNet(spec.dims, spec.n_input_channels, spec.n_classes, spec.features[0], spec.deep_supervision)
+
+
+ARCHITECTURES: dict[str, Callable[[UNetSpec], nn.Module]] = {
     "PlainConvUNet": plain_conv_unet,
     "ResidualEncoderUNet": residual_encoder_unet,
     "ConvSkipUNet": conv_skip_unet,
+    "ResBlockUNet": family.resblock_unet,
+    "ResBlock3UNet": family.resblock3_unet,
+    "ConvNeXtUNet": family.convnext_unet,
+    "ConvSkipResBlockUNet": family.conv_skip_resblock_unet,
+    "AttentionSkipUNet": family.attention_skip_unet,
+    "HalfUNet": family.half_unet,
+    "UNetPlusPlus": unet_plus_plus,
+    "SwinUNETR": swin_unetr,
 }
+assert tuple(ARCHITECTURES) == names.ARCHITECTURES, "names.ARCHITECTURES and the registry must list the same designs"
 # Options the planner writes into ``network`` that have exactly one supported value: a plan
 # naming anything else is refused rather than silently trained with the blueprint.
 FIXED_OPTIONS = {"norm": "InstanceNorm", "nonlinearity": "LeakyReLU",
@@ -31,7 +50,7 @@ class NetworkConfigError(ValueError):
 
 
 def build_network(config: dict, n_input_channels: int, n_classes: int,
-                  deep_supervision: bool = True) -> UNet:
+                  deep_supervision: bool = True) -> nn.Module:
     """The U-Net a plans configuration describes, initialised like nnU-Net.
 
     Args:
@@ -47,8 +66,32 @@ def build_network(config: dict, n_input_channels: int, n_classes: int,
         >>> net = build_network(plans["configurations"]["3d_fullres"], 1, 3)  # doctest: +SKIP
         >>> [o.shape[2:] for o in net(torch.zeros(2, 1, *patch))]  # doctest: +SKIP
     """
-    name = architecture_name(config.get("network", {}))
-    return ARCHITECTURES[name](spec_from_config(config, n_input_channels, n_classes, deep_supervision))
+    network = config.get("network", {})
+    name = architecture_name(network)
+    spec = spec_from_config(config, n_input_channels, n_classes, deep_supervision)
+    if name == "SwinUNETR":
+        check_swin_patch(config["patch_size"])
+    net = ARCHITECTURES[name](spec)
+    if "inference_depth" in network:
+        set_inference_depth(net, name, network["inference_depth"])
+    return net
+
+
+def check_swin_patch(patch_size) -> None:
+    odd = [int(p) for p in patch_size if int(p) % SWIN_DIVISOR]
+    if odd:
+        raise NetworkConfigError(f"SwinUNETR needs every patch axis divisible by {SWIN_DIVISOR}, got patch_size "
+                                 f"{list(patch_size)}; plan with `autoseg plan --architecture SwinUNETR`, which "
+                                 "rounds the patch")
+
+
+def set_inference_depth(net: nn.Module, name: str, depth) -> None:
+    """U-Net++'s pruned inference (``network.inference_depth``); other designs have no such choice."""
+    if name != "UNetPlusPlus":
+        raise NetworkConfigError(f"network inference_depth is a UNetPlusPlus option, not one of {name}")
+    if type(depth) is not int or not 1 <= depth <= net.decoder.depth:
+        raise NetworkConfigError(f"network inference_depth {depth!r} must be an integer from 1 to {net.decoder.depth}")
+    net.inference_depth = depth
 
 
 def architecture_name(network: dict) -> str:

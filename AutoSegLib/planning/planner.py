@@ -14,6 +14,7 @@ from AutoSegLib.planning import cpu, rules
 from AutoSegLib.planning.cascade import plan_cascade
 from AutoSegLib.planning.configure import StagePlan, configure_2d, configure_3d
 from AutoSegLib.planning.explain import note
+from AutoSegLib.planning.architectures import configure_for_architecture
 from AutoSegLib.planning.plans import ARCHITECTURES, Configuration, Plans, PlanningError
 from AutoSegLib.planning.topology import CONVS_PER_STAGE, features_per_stage
 
@@ -200,9 +201,9 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
         labels: label name -> value, background included; ``ignore`` is not a predicted class.
         gpu_memory_gb: GPU memory to plan for; 8 reproduces the paper's plans.
         dataset_name: recorded in the plans.
-        architecture: ``PlainConvUNet`` (the blueprint, default), ``ResidualEncoderUNet`` or
-            ``ConvSkipUNet`` (the variants of the seed study's U-Net comparison); the topology,
-            patch and batch rules are the same for all three.
+        architecture: ``PlainConvUNet`` (the blueprint, default) or another design of
+            ``names.ARCHITECTURES`` (docs/architectures.md); the topology, patch and batch rules
+            are the same for all (Swin-UNETR's patch is then rounded to multiples of 32).
 
     Example:
         >>> fp = {"spacings": [[1.0, 1.0, 1.0]] * 260, "shapes_after_crop": [[36, 50, 35]] * 260,
@@ -243,6 +244,8 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     else:
         radii = {name: r for name, r in fp.radii.items() if name in labels and name != rules.IGNORE_LABEL}
         configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
+    configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
+                      for name, c in configurations.items()}
 
     return Plans(dataset_name=dataset_name, gpu_memory_gb=float(gpu_memory_gb), transpose_forward=forward,
                  transpose_backward=[int(i) for i in np.argsort(forward)], num_training_cases=n_cases,

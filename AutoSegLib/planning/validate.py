@@ -35,7 +35,7 @@ NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
 # registry refuses others too, but only when the network is built.
 FIXED_NETWORK_OPTIONS = {"norm": "InstanceNorm", "nonlinearity": "LeakyReLU",
                          "downsampling": "strided_conv", "upsampling": "transposed_conv"}
-NETWORK_KEYS = ("architecture", *FIXED_NETWORK_OPTIONS, "deep_supervision")
+NETWORK_KEYS = ("architecture", *FIXED_NETWORK_OPTIONS, "deep_supervision", "inference_depth")
 LABEL_ENCODINGS = ("one_hot",)
 CT_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 
@@ -232,6 +232,9 @@ def network_problems(key: str, network) -> list[str]:
             problems.append(_problem(f"{key}.{option}", network[option], f"not supported; allowed: {allowed!r}"))
     if not isinstance(network.get("deep_supervision", True), bool):
         problems.append(_problem(f"{key}.deep_supervision", network["deep_supervision"], "must be true or false"))
+    depth = network.get("inference_depth")
+    if depth is not None and (network.get("architecture") != "UNetPlusPlus" or not is_int(depth) or depth < 1):
+        problems.append(_problem(f"{key}.inference_depth", depth, "a positive integer, for UNetPlusPlus only"))
     unknown = [k for k in network if k not in NETWORK_KEYS]
     if unknown:
         problems.append(_problem(key, unknown, f"unknown network option(s); known: {listing(NETWORK_KEYS, 'and')}"))

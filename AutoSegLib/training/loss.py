@@ -155,11 +155,29 @@ class DeepSupervisionLoss(nn.Module):
         self.weights = [float(w) for w in weights]
 
     def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not (len(outputs) == len(targets) == len(self.weights)):
+        if len(outputs) != len(self.weights) or len(targets) < len(outputs):
             raise ValueError(f"deep supervision: {len(outputs)} outputs, {len(targets)} targets, "
                              f"{len(self.weights)} weights; they must match")
+        targets = matching_targets(outputs, targets)
         terms = [w * self.loss(o, t) for w, o, t in zip(self.weights, outputs, targets) if w != 0]
         return torch.stack(terms).sum()
+
+
+def matching_targets(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The target of each output: the one at the same index when the shapes agree (the blueprint's
+    one output per decoder stage), else the first of the output's spatial shape (U-Net++'s nested
+    heads are all at full resolution; Swin-UNETR has one head)."""
+    matched = []
+    for i, output in enumerate(outputs):
+        if i < len(targets) and targets[i].shape[2:] == output.shape[2:]:
+            matched.append(targets[i])
+            continue
+        same = [t for t in targets if t.shape[2:] == output.shape[2:]]
+        if not same:
+            raise ValueError(f"deep supervision: output {i} of shape {tuple(output.shape[2:])} has no target of "
+                             f"that shape (targets: {[tuple(t.shape[2:]) for t in targets]})")
+        matched.append(same[0])
+    return matched
 
 
 def deep_supervision_shapes(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:

@@ -103,13 +103,16 @@ class Trainer:
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         n_outputs = len(run.config["strides"]) - 1
-        self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label),
-                                        deep_supervision_weights(n_outputs))
+        # Designs whose outputs are not one per decoder stage (U-Net++'s nested heads, Swin-UNETR's
+        # single head) say how to weigh them; the loss pairs each output with the target of its shape.
+        weights = getattr(self.network, "supervision_weights", None) or deep_supervision_weights(n_outputs)
+        self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label), weights)
         self.schedule = run.schedule
         self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
         self.signals: list[int] = []
         self.last_save = time.monotonic()
         self.epoch_walls: list[float] = []  # wall-clock seconds per epoch in this process (time budget)
+        self.step_seconds: list[float] = []  # every training step of this process (architecture study)
         self._last_epoch_end: float | None = None
         self.started = time.monotonic()  # of the training loop; train() sets it again
 
@@ -246,6 +249,7 @@ class Trainer:
             loss, signum = self.group.step_sync(loss * self.loss_weight, self.signals)  # the global batch's
             losses.append(loss)
             step_times.append(time.monotonic() - step_started)
+            self.step_seconds.append(step_times[-1])
             self.check_stop(signum)
             if len(losses) == BUDGET_PROBE_ITERATIONS and not self.epoch_walls:
                 self.fit_first_epoch_to_budget(step_times)

@@ -167,6 +167,18 @@ def test_training_steps_are_verify_plan_then_one_run_per_fold(tmp_path):
         assert set(a for a in step.args if a.startswith("-")) <= commands.engine_flags(step.args[0]) | train_flags
 
 
+def test_the_advanced_network_choice_is_planned_and_checked(tmp_path):
+    # The default adds no flag (older engines run the chain); another design goes to plan-and-preprocess.
+    default = commands.training_steps(commands.TrainSettings(tmp_path / "DS"))
+    assert "--architecture" not in default[1].args
+    steps = commands.training_steps(commands.TrainSettings(tmp_path / "DS", architecture="UNetPlusPlus"))
+    assert steps[1].args[-2:] == ["--architecture", "UNetPlusPlus"]
+    assert "--architecture" in commands.engine_flags("plan-and-preprocess")
+    assert all("--architecture" not in s.args for s in steps[2:])  # training reads the design from the plans
+    with pytest.raises(ValueError, match="architecture 'os.system' is not one of PlainConvUNet, "):
+        commands.training_steps(commands.TrainSettings(tmp_path / "DS", architecture="os.system"))
+
+
 def test_parse_folds():
     assert commands.parse_folds("") == ["0"]
     assert commands.parse_folds("all") == ["all"]
