@@ -79,27 +79,56 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
     }
 
 
+# Radii are measured up to this many mm: a class thicker than that never limits a plan (3d_cpu
+# stops coarsening at the thinnest class's radius), and the cap bounds the work and memory.
+RADIUS_CAP_MM = 20.0
+# A class whose padded box holds more voxels than this is measured slab by slab along the
+# first axis (the distance transform needs ~20 bytes per voxel: 8 M voxels ~ 160 MB).
+SLAB_VOXELS = 8_000_000
+
+
 def class_radii(label: np.ndarray, spacing, values: list[int]) -> dict[str, float]:
     """Radius in mm of the largest ball inside each class present: how thin the class is.
 
     The largest distance (mm, anisotropic spacing honoured) from a voxel of the class to the
-    nearest voxel outside it, the class's own bounding box padded by one voxel: for a vessel
-    its radius, for a plate half its thickness, for a blob about its smallest semi-axis. Its
-    resolution is the spacing itself: a structure one voxel thin measures one voxel. Classes
-    absent from the case are left out.
+    nearest voxel outside it, on the class's own bounding box padded by one voxel: for a vessel
+    its radius, for a plate half its thickness, for a blob about its smallest semi-axis; at most
+    ``RADIUS_CAP_MM``. Its resolution is the spacing itself: a structure one voxel thin measures
+    one voxel. Classes absent from the case are left out.
     """
-    objects = ndimage.find_objects(label.astype(np.int32, copy=False))
+    # find_objects takes the label map's own integer type: no 4-byte copy of a clinical-size map.
+    integer = label if np.issubdtype(label.dtype, np.integer) else label.astype(np.int32)
+    objects = ndimage.find_objects(integer)
     radii = {}
     for value in values:
         box = objects[value - 1] if 0 < value <= len(objects) else None
         if box is None:
             continue
         padded = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, label.shape))
-        inside = label[padded] == value
-        # The box's outer faces are outside the class too (a class touching the image border).
-        distance = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)
-        radii[str(value)] = float(distance.max())
+        radii[str(value)] = _largest_radius(label[padded] == value, tuple(float(s) for s in spacing))
     return radii
+
+
+def _largest_radius(inside: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Largest distance from ``inside`` to outside it (the box's faces count as outside), capped.
+
+    A large box is cut into slabs along the first axis that overlap by the cap: every distance
+    up to ``RADIUS_CAP_MM`` is then the same as on the whole box, and memory stays bounded.
+    """
+    slab = max(1, SLAB_VOXELS // max(1, int(np.prod(inside.shape[1:]))))
+    margin = int(np.ceil(RADIUS_CAP_MM / spacing[0])) + 1
+    best = 0.0
+    for start in range(0, inside.shape[0], slab):
+        low, high = max(0, start - margin), min(inside.shape[0], start + slab + margin)
+        part = inside[low:high]
+        # Pad only the faces that are the box's own; a cut face borders more of the class.
+        pad = [(1 if low == 0 else 0, 1 if high == inside.shape[0] else 0), (1, 1), (1, 1)][:inside.ndim]
+        distance = ndimage.distance_transform_edt(np.pad(part, pad), sampling=spacing)
+        core = distance[pad[0][0] + start - low: pad[0][0] + min(start + slab, inside.shape[0]) - low]
+        best = max(best, float(core.max()))
+        if best >= RADIUS_CAP_MM:
+            break
+    return min(best, RADIUS_CAP_MM)
 
 
 def median_class_radii(per_case: list[dict], labels: dict[str, int]) -> dict[str, float]:

@@ -134,3 +134,19 @@ def test_fingerprint_holds_each_class_median_radius(tiny_dataset):
     per_case = [case_measurements(*box_case(seed=s), (1.0, 1.0, 1.0), [0, 1], [1], 100, 0) for s in range(3)]
     merged = aggregate(["a", "b", "c"], per_case, {0: "CT"}, {"background": 0, "organ": 1})
     assert merged["class_radius_mm"]["organ"] == pytest.approx(np.median([m["class_radius_mm"]["1"] for m in per_case]))
+
+
+def test_class_radii_of_a_large_box_are_measured_in_slabs_alike(monkeypatch):
+    from AutoSegLib import fingerprint
+
+    label = np.zeros((60, 30, 30), np.uint8)
+    z, y, x = np.mgrid[:60, :30, :30]
+    label[(y - 15) ** 2 + (x - 15) ** 2 <= 9] = 1  # a tube along the first axis, through every slab
+    label[10:50, 2:28, 2:5] = 2  # a plate 3 voxels thick
+    label[5:55, 5:25, 20:29] = 3  # a block, thicker than the cap allows at this spacing
+    whole = fingerprint.class_radii(label, (1.0, 1.0, 1.0), [1, 2, 3])
+    monkeypatch.setattr(fingerprint, "SLAB_VOXELS", 30 * 30 * 4)  # slabs of 4 slices
+    monkeypatch.setattr(fingerprint, "RADIUS_CAP_MM", 4.0)
+    sliced = fingerprint.class_radii(label, (1.0, 1.0, 1.0), [1, 2, 3])
+    assert sliced["1"] == pytest.approx(whole["1"]) and sliced["2"] == pytest.approx(whole["2"])
+    assert whole["3"] > 4.0 and sliced["3"] == 4.0  # capped
