@@ -18,6 +18,10 @@ Only :mod:`.writer` touches disk. Labels of both kinds::
 
     background 0, liver 1, spleen 2, kidneys 3, aorta 4, liver_lesion 5
 
+or, with ``anatomy="detailed"`` (``make-phantoms --anatomy detailed``), the same patients with
+31 labelled structures (``anatomy.DETAILED_LABELS``): both kidneys and adrenals, thin vessels,
+lymph nodes, spine parts, and ribs, wall and back muscles by side.
+
 Example:
     >>> from AutoSegLib.synthetic import make_phantom_dataset
     >>> make_phantom_dataset("Dataset900_PhantomCT", kind="ct", cases=20, test_cases=5)  # doctest: +SKIP
