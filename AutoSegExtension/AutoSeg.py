@@ -392,12 +392,18 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model = commands.model_folder(self.datasetFolder(), _path(p.workFolder))
         return model
 
+    def stopPredictionOrReady(self) -> bool:
+        """The Predict and Apply buttons read Stop while a prediction runs: cancel it and say
+        False; otherwise True when the engine's packages are ready to start one."""
+        prediction = self.logic.session.prediction
+        if prediction is not None and not prediction.finished:
+            prediction.cancel()
+            return False
+        return self.dependenciesReady()
+
     def onPredictButton(self) -> None:
         session = self.logic.session
-        if session.prediction is not None and not session.prediction.finished:
-            session.prediction.cancel()
-            return
-        if not self.dependenciesReady():
+        if not self.stopPredictionOrReady():
             return
         p = self._parameterNode
         try:
@@ -495,10 +501,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyModel(self) -> None:
         session = self.logic.session
-        if session.prediction is not None and not session.prediction.finished:
-            session.prediction.cancel()
-            return
-        if not self.dependenciesReady():
+        if not self.stopPredictionOrReady():
             return
         p = self._parameterNode
         name = self.ui.libraryModelComboBox.currentText

@@ -3,15 +3,15 @@
 ``autoseg train`` ends by validating the fold on its held-out cases and puts each class's
 Dice in its ``done`` event (``validation_dice_per_class``). A mean over thirty classes can
 look fine while a third of them are barely found, so the module shows the ranking when
-training finishes and names the classes under :data:`WEAK_DICE` (the engine's own warning
-threshold, AutoSegLib/evaluation/summary.py): those are the segments to review first.
+training finishes and names the classes under the engine's own warning threshold
+(``WEAK_DICE``, AutoSegLib/evaluation/summary.py): those are the segments to review first.
 """
 
 from __future__ import annotations
 
 import math
 
-WEAK_DICE = 0.5
+from AutoSegLib.evaluation.summary import WEAK_DICE  # the engine's warning threshold, one number for both
 SHOWN = 8  # classes listed in the status line; the weak ones are all counted
 
 

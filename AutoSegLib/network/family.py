@@ -25,33 +25,13 @@ from torch import nn
 from AutoSegLib.network.blocks import CONV, TRANSPOSED_CONV, ConvNormAct, StackedConvs, init_he
 from AutoSegLib.network.family_blocks import (CrossAttentionSkip, ResidualStage, convnext_stage, plain_stage,
                                               residual3_stage, residual_stage)
-from AutoSegLib.network.unet import UNet, UNetSpec
+from AutoSegLib.network.unet import StagedEncoder, UNet, UNetSpec
 
 StageBuilder = Callable[..., nn.Module]
 # Cross-attention costs memory in the square of a stage's voxels, so only the coarsest skips
 # get it: with the planner's patches these hold at most a few thousand voxels (16^3 for a
 # 128^3 patch); the finer skips stay plain concatenations.
 ATTENTION_SKIPS = 2
-
-
-class FamilyEncoder(nn.Module):
-    """One ``stage`` per resolution, the first block of each strided; returns every stage's output."""
-
-    def __init__(self, spec: UNetSpec, stage: StageBuilder):
-        super().__init__()
-        stages, channels = [], spec.n_input_channels
-        for s in range(spec.n_stages):
-            stages.append(stage(spec.dims, spec.n_conv_encoder[s], channels, spec.features[s],
-                                list(spec.kernel_sizes[s]), list(spec.strides[s])))
-            channels = spec.features[s]
-        self.stages = nn.Sequential(*stages)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
 
 
 class FamilyDecoder(nn.Module):
@@ -125,7 +105,7 @@ class HalfUNetDecoder(nn.Module):
 
 
 def _family_unet(name: str, spec: UNetSpec, stage: StageBuilder, skip: str | None = None) -> UNet:
-    net = UNet(name, FamilyEncoder(spec, stage), FamilyDecoder(spec, stage, skip))
+    net = UNet(name, StagedEncoder(spec, stage), FamilyDecoder(spec, stage, skip))
     net.apply(init_he)
     return net
 
@@ -151,6 +131,6 @@ def attention_skip_unet(spec: UNetSpec) -> UNet:
 
 
 def half_unet(spec: UNetSpec) -> UNet:
-    net = UNet("HalfUNet", FamilyEncoder(spec, plain_stage), HalfUNetDecoder(spec))
+    net = UNet("HalfUNet", StagedEncoder(spec, plain_stage), HalfUNetDecoder(spec))
     net.apply(init_he)
     return net

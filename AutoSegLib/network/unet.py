@@ -42,16 +42,16 @@ class UNetSpec:
         return len(self.features)
 
 
-class PlainConvEncoder(nn.Module):
-    """Stacked convolutions per stage, the first one strided; returns every stage's output."""
+class StagedEncoder(nn.Module):
+    """One ``stage(dims, n_convs, in, out, kernel, stride)`` per resolution, the first block of
+    each strided; returns every stage's output (the skips, full resolution first)."""
 
-    def __init__(self, spec: UNetSpec):
+    def __init__(self, spec: UNetSpec, stage):
         super().__init__()
         stages, channels = [], spec.n_input_channels
         for s in range(spec.n_stages):
-            # The extra Sequential is DNA's slot for an optional pooling layer; it is in the keys.
-            stages.append(nn.Sequential(StackedConvs(spec.dims, spec.n_conv_encoder[s], channels,
-                                                     spec.features[s], spec.kernel_sizes[s], spec.strides[s])))
+            stages.append(stage(spec.dims, spec.n_conv_encoder[s], channels, spec.features[s],
+                                list(spec.kernel_sizes[s]), list(spec.strides[s])))
             channels = spec.features[s]
         self.stages = nn.Sequential(*stages)
 
@@ -61,6 +61,18 @@ class PlainConvEncoder(nn.Module):
             x = stage(x)
             skips.append(x)
         return skips
+
+
+def _plain_stage(dims, n_convs, in_channels, out_channels, kernel, stride) -> nn.Module:
+    # The extra Sequential is DNA's slot for an optional pooling layer; it is in the keys.
+    return nn.Sequential(StackedConvs(dims, n_convs, in_channels, out_channels, kernel, stride))
+
+
+class PlainConvEncoder(StagedEncoder):
+    """Stacked convolutions per stage, the first one strided; returns every stage's output."""
+
+    def __init__(self, spec: UNetSpec):
+        super().__init__(spec, _plain_stage)
 
 
 class ResidualEncoder(nn.Module):
