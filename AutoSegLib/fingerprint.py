@@ -26,12 +26,13 @@ from scipy import ndimage
 from AutoSegLib.dataset import Dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
+from AutoSegLib.planning.mirroring import left_right_axis
 from AutoSegLib.preprocessing.cropping import crop_bbox, nonzero_mask
 from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
 from AutoSegLib.workers import run_tasks
 
-FINGERPRINT_VERSION = 2  # 2: class radii (fingerprints of version 1 are measured again)
+FINGERPRINT_VERSION = 3  # 2: class radii; 3: left-right axes (older fingerprints are measured again)
 # The intensity statistics are estimated from at most this many foreground voxels in total,
 # spread evenly over the cases: enough for stable 0.5/99.5 percentiles, and memory stays
 # bounded however large the dataset (nnU-Net v2 uses the same budget of 1e8).
@@ -47,7 +48,7 @@ class FingerprintError(ValueError):
 
 def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tuple[float, ...],
                       label_values: list[int], foreground_values: list[int], samples_per_case: int,
-                      seed: int) -> dict:
+                      seed: int, direction: tuple[float, ...] | None = None) -> dict:
     """Everything the fingerprint needs from one case (pure; arrays in, JSON-able dict out).
 
     ``foreground_values`` are the class labels whose voxels feed the intensity statistics
@@ -75,6 +76,7 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
         "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape_before)),
         "class_voxels": {str(v): int(counts[v]) if v < len(counts) else 0 for v in label_values},
         "class_radius_mm": class_radii(label_c, spacing, foreground_values),
+        "left_right_axis": None if direction is None else left_right_axis(direction),
         "intensities": intensities,
     }
 
@@ -176,6 +178,8 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
         "median_relative_size_after_cropping": float(np.median([m["relative_size_after_crop"] for m in per_case])),
         "class_voxel_ratios": {n: (c / all_voxels if all_voxels else 0.0) for n, c in class_totals.items()},
         "class_radius_mm": median_class_radii(per_case, labels),
+        # per case, the array axis (z, y, x) closest to the patient's left-right (planning.mirroring)
+        "left_right_axes": [m.get("left_right_axis") for m in per_case],
     }
 
 
@@ -185,7 +189,7 @@ def _measure_case(job: CaseJob, label_values: list[int], foreground_values: list
     # named, before bincount sizes anything by a label value.
     case = read_case(job)
     return case_measurements(case.channels, case.label, case.geometry.spacing, label_values, foreground_values,
-                             samples_per_case, seed)
+                             samples_per_case, seed, case.geometry.direction)
 
 
 def _case_seed(case_id: str) -> int:

@@ -53,6 +53,7 @@ from AutoSegLib.inference.probabilities import label_dtype, labels_from_probabil
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
 from AutoSegLib.network.layout import inference_memory_format
+from AutoSegLib.planning.plans import mirror_axes
 from AutoSegLib.preprocessing.case import preprocess_case, restore_labels, restore_probabilities
 
 
@@ -76,13 +77,9 @@ class Stage:
 
 
 def mirror_axes_for(config: dict) -> tuple[int, ...]:
-    """Patch axes to mirror at test time: those training mirrored, every axis of the patch.
-
-    Training (:func:`AutoSegLib.training.augmentation.training_pipeline`) flips each patch
-    axis with p 0.5, anisotropic patches included; a configuration may narrow this with a
-    ``mirror_axes`` entry.
-    """
-    return tuple(int(a) for a in config.get("mirror_axes", range(len(config["patch_size"]))))
+    """Patch axes to mirror at test time: those training mirrored (the plan's ``mirror_axes``,
+    else every axis; :func:`AutoSegLib.planning.plans.mirror_axes`)."""
+    return mirror_axes(config)
 
 
 def default_batch_size(config: dict, device: torch.device) -> int:

@@ -39,7 +39,6 @@ class ModelFolder:
     path: Path
     plans: Plans
     spec: DatasetSpec
-    raw_configurations: dict
     inference_plan: dict | None
 
     @classmethod
@@ -70,7 +69,7 @@ class ModelFolder:
             raise ModelFolderError(f"{path / DATASET_FILE}: {summarize(mismatch)}")
         plan_path = path / INFERENCE_PLAN_FILE
         inference_plan = read_inference_plan(plan_path) if plan_path.is_file() else None
-        return cls(path, plans, spec, raw.get("configurations", {}), inference_plan)
+        return cls(path, plans, spec, inference_plan)
 
     @property
     def n_channels(self) -> int:
@@ -86,13 +85,11 @@ class ModelFolder:
         return sorted(self.spec.foreground_labels.values())
 
     def configuration(self, name: str) -> dict:
-        """One configuration of the plans, checked; keeps an optional ``mirror_axes`` entry."""
+        """One configuration of the plans (its optional ``mirror_axes`` included), checked."""
         if name not in self.plans.configurations:
             raise ModelFolderError(f"{self.path / PLANS_FILE}: configuration {name!r} is not planned; planned: "
                                    f"{', '.join(self.plans.configurations)}")
         config = self.plans.configurations[name].to_dict()
-        if "mirror_axes" in self.raw_configurations.get(name, {}):
-            config["mirror_axes"] = self.raw_configurations[name]["mirror_axes"]
         problems = configuration_problems(name, config, len(self.plans.channel_names),
                                           list(self.plans.configurations), self.n_classes)
         if problems:

@@ -213,4 +213,4 @@ def open_nnunet_model(path: str | Path) -> NnUNetModelFolder:
     mismatch = model_folder_problems(converted, spec.channel_names, spec.labels)
     if mismatch:
         raise NnUNetModelError(f"{dataset_path}: {summarize(mismatch)}")
-    return NnUNetModelFolder(path, plans, spec, converted["configurations"], None, folders=folders)
+    return NnUNetModelFolder(path, plans, spec, None, folders=folders)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from AutoSegLib.planning import cpu, rules
+from AutoSegLib.planning import cpu, mirroring, rules
 from AutoSegLib.planning.cascade import plan_cascade
 from AutoSegLib.planning.configure import StagePlan, configure_2d, configure_3d
 from AutoSegLib.planning.explain import note
@@ -35,6 +35,7 @@ class _Fingerprint:
     intensity: dict
     relative_size: float
     radii: dict  # class name -> median radius in mm (ours only; empty for an nnU-Net v2 fingerprint)
+    left_right_axes: list  # per case, the array axis closest to left-right (ours only; empty for nnU-Net's)
 
 
 def read_fingerprint(fingerprint: dict) -> _Fingerprint:
@@ -60,8 +61,11 @@ def read_fingerprint(fingerprint: dict) -> _Fingerprint:
     if not isinstance(radii, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
                                               for v in radii.values()):
         raise PlanningError(f"fingerprint 'class_radius_mm' must map class names to positive millimetres, got {radii!r}")
+    left_right = fingerprint.get("left_right_axes", [])
+    if not isinstance(left_right, list) or not all(a is None or a in (0, 1, 2) for a in left_right):
+        raise PlanningError(f"fingerprint 'left_right_axes' must list 0, 1, 2 or null per case, got {left_right!r}")
     return _Fingerprint(spacings, shapes, fingerprint["foreground_intensity_properties_per_channel"],
-                        float(fingerprint["median_relative_size_after_cropping"]), dict(radii))
+                        float(fingerprint["median_relative_size_after_cropping"]), dict(radii), list(left_right))
 
 
 def _channels(channel_names: dict) -> dict[str, str]:
@@ -191,6 +195,19 @@ def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii:
     return config
 
 
+def keep_sides(configurations: dict[str, Configuration], labels: dict, left_right_axes: list,
+               forward: list[int], notes: list[dict]) -> None:
+    """No mirroring across left-right when labels name a side (:mod:`.mirroring`); else nothing changes."""
+    sides = mirroring.side_labels(labels)
+    if not sides:
+        return
+    left_right, assumed = mirroring.planning_axes(left_right_axes, forward)
+    for config in configurations.values():
+        config.mirror_axes = mirroring.mirror_axes_without(left_right, config.spatial_dims)
+    note(notes, "remark", message=mirroring.mirroring_text(sides, left_right, [AXIS_NAMES[a] for a in forward],
+                                                           assumed))
+
+
 def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: float = 8.0,
          dataset_name: str = "", architecture: str = "PlainConvUNet") -> Plans:
     """Plan every configuration for a dataset from its fingerprint.
@@ -246,6 +263,7 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
         configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
+    keep_sides(configurations, labels, fp.left_right_axes, forward, notes)
 
     return Plans(dataset_name=dataset_name, gpu_memory_gb=float(gpu_memory_gb), transpose_forward=forward,
                  transpose_backward=[int(i) for i in np.argsort(forward)], num_training_cases=n_cases,

@@ -21,6 +21,16 @@ NORMALIZATION_SCHEMES = ("CTNormalization", "ZScoreNormalization")
 CONFIGURATION_NAMES = CONFIGURATIONS
 
 
+def mirror_axes(config: dict) -> tuple[int, ...]:
+    """Patch axes mirrored in training (p 0.5 each) and at test time: the configuration's
+    ``mirror_axes``, else every patch axis (the method's default).
+
+    The planner leaves out the left-right axis when labels name a side (kidney_left, ...):
+    mirrored, a left kidney would be taught as kidney_left on the right (docs/decisions.md).
+    """
+    return tuple(int(a) for a in config.get("mirror_axes", range(len(config["patch_size"]))))
+
+
 class PlanningError(ValueError):
     """Planning input or a plans file cannot be used; the message names the offending value."""
 
@@ -48,6 +58,8 @@ class Configuration:
     next_stage: str | None = None
     previous_stage: str | None = None
     explanation: list[dict] = field(default_factory=list)
+    # Patch axes mirrored in training and at test time (None: every axis, the method's default).
+    mirror_axes: list[int] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -55,9 +67,9 @@ class Configuration:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for link in ("next_stage", "previous_stage"):
-            if out[link] is None:
-                del out[link]
+        for optional in ("next_stage", "previous_stage", "mirror_axes"):
+            if out[optional] is None:
+                del out[optional]
         return json.loads(json.dumps(out))  # deep, plain copy
 
     @classmethod

@@ -48,6 +48,8 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
+from AutoSegLib.planning.plans import mirror_axes
+
 OUTSIDE_LABEL = -1  # preprocessing's mark for "outside the body region"; padding uses it too
 LABEL_INTERPOLATIONS = ("bilinear", "nearest")
 
@@ -251,8 +253,9 @@ def training_pipeline(config, params: AugmentationParams = AugmentationParams())
     else:
         steps.append(_spatial(patch, angle, params))
     steps += _intensity(params, ignore_axes=(0,) if dummy_2d else None)
-    if params.mirror:
-        steps.append(MirrorTransform(allowed_axes=tuple(range(len(patch)))))
+    axes = mirror_axes(config)  # the plan's: left-right is not mirrored when labels name a side
+    if params.mirror and axes:
+        steps.append(MirrorTransform(allowed_axes=axes))
     steps += _fix_ups(config)
     sample_size = initial_patch_size(patch, angle, dummy_2d, params.scaling[0])
     return Augmentation(sample_size, patch, ComposeTransforms(steps))
