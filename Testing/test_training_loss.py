@@ -13,6 +13,7 @@ from AutoSegLib.training.loss import (
     masked_cross_entropy,
     prepare_target,
     pseudo_dice,
+    rare_class_weights,
     soft_dice,
 )
 
@@ -158,6 +159,36 @@ def test_masked_cross_entropy_matches_ignore_index():
     labels, mask = prepare_target(target, 3, 3)
     expected = torch.nn.functional.cross_entropy(logits, target[:, 0], ignore_index=3)
     assert masked_cross_entropy(logits, labels, mask).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_weighted_cross_entropy_matches_torch_with_and_without_ignore():
+    logits, target = random_case(seed=8)
+    weights = torch.tensor([1.0, 2.5, 4.0])
+    labels, _ = prepare_target(target, 3, None)
+    expected = torch.nn.functional.cross_entropy(logits, target[:, 0], weight=weights)
+    assert masked_cross_entropy(logits, labels, None, weights).item() == pytest.approx(expected.item(), abs=1e-6)
+    target[0, 0, 1] = 3
+    labels, mask = prepare_target(target, 3, 3)
+    expected = torch.nn.functional.cross_entropy(logits, target[:, 0], weight=weights, ignore_index=3)
+    assert masked_cross_entropy(logits, labels, mask, weights).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_class_weights_change_only_the_cross_entropy_term():
+    logits, target = random_case(seed=9)
+    plain, weighted = DiceCELoss(False), DiceCELoss(False, class_weights=[1.0, 1.0, 5.0])
+    ce_plain, dice_plain = plain.components(logits, target)
+    ce_weighted, dice_weighted = weighted.components(logits, target)
+    assert dice_weighted.item() == pytest.approx(dice_plain.item(), abs=1e-7)
+    assert abs(ce_weighted.item() - ce_plain.item()) > 1e-3
+
+
+def test_rare_class_weights_lift_only_classes_rarer_than_the_median():
+    # background, then foreground shares 0.08, 0.02 (common), 0.01 (median), 0.0025 (4x rarer), 1e-7 (capped)
+    weights = rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025, 1e-7])
+    assert weights[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert weights[4] == pytest.approx(2.0)
+    assert weights[5] == 10.0
+    assert rare_class_weights([1.0, 0.0, 0.0]) == [1.0, 1.0, 1.0]
 
 
 def test_deep_supervision_weights():

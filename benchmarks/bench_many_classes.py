@@ -19,7 +19,15 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``capped``: the shipped plan - coarsened no further than the thinnest class allows;
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
-- ``capped-lr1e-2`` / ``capped-lr1e-3``: AdamW at another starting rate (quick preset: 3e-3).
+- ``capped-lr1e-2`` / ``capped-lr1e-3``: AdamW at another starting rate (quick preset: 3e-3);
+- ``capped-f32``: 32 feature maps at full resolution instead of 16 (doubling per stage), on the
+  same preprocessed data: does a 31-class output need a wider network?
+- ``capped-nolr``: no mirroring across the left-right axis (the patch's last axis here), in
+  training and at test time: mirrored, a kidney_left is taught as kidney_left on the right;
+- ``capped-bd``: the Dice term pooled over the batch (``batch_dice``), as the method does where a
+  patch covers part of the image: a class absent from one sample's patch no longer scores 0;
+- ``capped-cew``: cross-entropy weighted for rare classes (``loss.rare_class_weights``: a class
+  rarer than the median foreground class by ``(median / share) ** 0.5``, at most 10).
 
 Fixed ``--epochs`` x ``--iterations`` compare variants at equal work whatever the machine's
 load; ``--time-budget`` measures what a user gets in that many minutes.
@@ -45,6 +53,10 @@ VARIANTS = {
     "capped-fg100": {"plan": "capped", "oversample": 1.0},
     "capped-lr1e-2": {"plan": "capped", "lr": 1e-2},
     "capped-lr1e-3": {"plan": "capped", "lr": 1e-3},
+    "capped-f32": {"plan": "capped", "base_features": 32},
+    "capped-cew": {"plan": "capped", "class_weights": 0.5},
+    "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
+    "capped-bd": {"plan": "capped", "batch_dice": True},
 }
 
 
@@ -82,6 +94,46 @@ def share_preprocessed(base: Path, work: Path) -> None:
         (work / "preprocessed").symlink_to(base / "preprocessed")
 
 
+def set_plan_entry(work: Path, key: str, value) -> None:
+    """Rewrite one entry of the variant's copy of the 3d_cpu plan."""
+    from AutoSegLib.fileutil import write_json
+
+    plans = json.loads((work / "plans.json").read_text())
+    plans["configurations"]["3d_cpu"][key] = value
+    write_json(work / "plans.json", plans)
+
+
+def widen(work: Path, base_features: int) -> None:
+    """Rewrite the variant's copy of the 3d_cpu plan with ``base_features`` maps at full resolution."""
+    from AutoSegLib.fileutil import write_json
+    from AutoSegLib.planning.topology import MAX_FEATURES
+
+    plans = json.loads((work / "plans.json").read_text())
+    config = plans["configurations"]["3d_cpu"]
+    stages = len(config["features_per_stage"])
+    config["features_per_stage"] = [min(base_features * 2 ** i, MAX_FEATURES[3]) for i in range(stages)]
+    write_json(work / "plans.json", plans)
+
+
+def patch_class_weights(work: Path, dataset: Path, power: float) -> None:
+    """Every Trainer of this process weights its cross-entropy by the fingerprint's class shares."""
+    from AutoSegLib.training import trainer
+    from AutoSegLib.training.loss import rare_class_weights
+
+    ratios = json.loads((work / "dataset_fingerprint.json").read_text())["class_voxel_ratios"]
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    shares = [ratios[name] for name, _ in sorted(labels.items(), key=lambda item: int(item[1]))]
+    weights = rare_class_weights(shares, power)
+    print("cross-entropy class weights:", ", ".join(f"{w:.2f}" for w in weights))
+    original = trainer.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.loss.loss.class_weights = __import__("torch").tensor(weights)
+
+    trainer.Trainer.__init__ = init
+
+
 def patch_oversampling(fraction: float) -> None:
     from AutoSegLib.training import data
 
@@ -108,6 +160,13 @@ def main() -> None:
     base = args.dataset.parent / f"{args.dataset.name}.{variant['plan']}-plan.autoseg"
     prepare(args.dataset, base, variant["plan"], args.cases)
     share_preprocessed(base, work)
+    for key in ("mirror_axes", "batch_dice"):
+        if key in variant:
+            set_plan_entry(work, key, variant[key])
+    if "base_features" in variant:
+        widen(work, variant["base_features"])
+    if "class_weights" in variant:
+        patch_class_weights(work, args.dataset, variant["class_weights"])
     if "oversample" in variant:
         patch_oversampling(variant["oversample"])
 

@@ -83,17 +83,43 @@ def soft_dice(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | N
     return dice.mean()
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                         class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy averaged over the voxels in ``mask``; 0 when the mask is empty.
 
     Same as ``ignore_index`` in torch, except that a patch of ignore voxels only gives 0
-    rather than NaN (nnU-Net skips the term in that case).
+    rather than NaN (nnU-Net skips the term in that case). With ``class_weights`` (one per
+    class) each voxel counts by its true class's weight, normalized by the weights' sum, as
+    torch's weighted ``mean`` does.
     """
-    per_voxel = F.cross_entropy(logits.float(), labels[:, 0], reduction="none")
-    if mask is None:
-        return per_voxel.mean()
-    keep = mask[:, 0]
-    return torch.where(keep, per_voxel, 0.0).sum() / keep.sum().clamp(min=1)
+    truth = labels[:, 0]
+    weight = None if class_weights is None else class_weights.to(logits.device, torch.float32)
+    per_voxel = F.cross_entropy(logits.float(), truth, weight=weight, reduction="none")
+    counts = torch.ones_like(per_voxel) if weight is None else weight[truth]
+    if mask is not None:
+        keep = mask[:, 0]
+        per_voxel, counts = torch.where(keep, per_voxel, 0.0), torch.where(keep, counts, 0.0)
+    return per_voxel.sum() / counts.sum().clamp(min=1e-8 if weight is not None else 1)
+
+
+def rare_class_weights(voxel_ratios: Sequence[float], power: float = 0.5, cap: float = 10.0) -> list[float]:
+    """Cross-entropy weights that lift classes rarer than the typical foreground class.
+
+    ``voxel_ratios``: each class's share of all voxels (the fingerprint's
+    ``class_voxel_ratios``, background first). A foreground class rarer than the median
+    foreground class gets ``(median / ratio) ** power``, at most ``cap``; every other class,
+    background included, keeps 1.
+
+    Example:
+        >>> rare_class_weights([0.9, 0.08, 0.01, 0.0025])
+        [1.0, 1.0, 1.0, 2.0]
+    """
+    ratios = [float(r) for r in voxel_ratios]
+    present = sorted(r for r in ratios[1:] if r > 0)
+    if not present:
+        return [1.0] * len(ratios)
+    median = present[len(present) // 2] if len(present) % 2 else 0.5 * (present[len(present) // 2 - 1] + present[len(present) // 2])
+    return [1.0] + [min(cap, (median / r) ** power) if 0 < r < median else 1.0 for r in ratios[1:]]
 
 
 class DiceCELoss(nn.Module):
@@ -106,8 +132,9 @@ class DiceCELoss(nn.Module):
     """
 
     def __init__(self, batch_dice: bool, ignore_label: int | None = None, smooth: float = 1e-5,
-                 weight_ce: float = 1.0, weight_dice: float = 1.0):
+                 weight_ce: float = 1.0, weight_dice: float = 1.0, class_weights: Sequence[float] | None = None):
         super().__init__()
+        self.class_weights = None if class_weights is None else torch.tensor([float(w) for w in class_weights])
         self.batch_dice = batch_dice
         self.ignore_label = ignore_label
         self.smooth = smooth
@@ -120,7 +147,7 @@ class DiceCELoss(nn.Module):
             target = target[:, None]
         labels, mask = prepare_target(target, logits.shape[1], self.ignore_label)
         dice = soft_dice(logits, labels, mask, self.batch_dice, self.smooth)
-        return masked_cross_entropy(logits, labels, mask), 1 - dice
+        return masked_cross_entropy(logits, labels, mask, self.class_weights), 1 - dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce, dice_loss = self.components(logits, target)
