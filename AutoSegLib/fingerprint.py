@@ -27,12 +27,15 @@ from AutoSegLib.dataset import Dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
 from AutoSegLib.planning.mirroring import left_right_axis
+from AutoSegLib.preprocessing.orientation import CANONICAL, STORED, canonical_orientation
 from AutoSegLib.preprocessing.cropping import crop_bbox, nonzero_mask
 from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
 from AutoSegLib.workers import run_tasks
 
-FINGERPRINT_VERSION = 3  # 2: class radii; 3: left-right axes (older fingerprints are measured again)
+# 2: class radii; 3: canonical axes (spacings and shapes along them) and left-right axes. Older
+# fingerprints are measured again.
+FINGERPRINT_VERSION = 3
 # The intensity statistics are estimated from at most this many foreground voxels in total,
 # spread evenly over the cases: enough for stable 0.5/99.5 percentiles, and memory stays
 # bounded however large the dataset (nnU-Net v2 uses the same budget of 1e8).
@@ -54,6 +57,7 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
     ``foreground_values`` are the class labels whose voxels feed the intensity statistics
     (every label but background and ``ignore``: unannotated voxels say nothing about tissue).
     """
+    oriented = STORED if direction is None else canonical_orientation(direction)
     bbox = crop_bbox(nonzero_mask(channels))
     crop = tuple(slice(a, b) for a, b in bbox)
     label_c = label[crop]
@@ -66,17 +70,19 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
     for channel in channels:
         values = channel[crop][foreground]
         intensities.append(values[pick].astype(np.float32))
-    shape_before = tuple(int(s) for s in label.shape)
-    shape_after = tuple(int(s) for s in label_c.shape)
+    # spacings and shapes along the canonical axes, as the plan will see the case
+    shape_before = oriented.shape(label.shape)
+    shape_after = oriented.shape(label_c.shape)
     return {
-        "spacing": [float(s) for s in spacing],
+        "spacing": list(oriented.spacing(spacing)),
         "shape_before_crop": list(shape_before),
         "shape_after_crop": list(shape_after),
         "crop_bbox": [list(b) for b in bbox],
         "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape_before)),
         "class_voxels": {str(v): int(counts[v]) if v < len(counts) else 0 for v in label_values},
         "class_radius_mm": class_radii(label_c, spacing, foreground_values),
-        "left_right_axis": None if direction is None else left_right_axis(direction),
+        "left_right_axis": None if direction is None else oriented.axes.index(left_right_axis(direction)),
+        "canonical": direction is not None,
         "intensities": intensities,
     }
 
@@ -180,6 +186,7 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
         "class_radius_mm": median_class_radii(per_case, labels),
         # per case, the array axis (z, y, x) closest to the patient's left-right (planning.mirroring)
         "left_right_axes": [m.get("left_right_axis") for m in per_case],
+        **({"orientation": CANONICAL} if per_case and all(m.get("canonical") for m in per_case) else {}),
     }
 
 

@@ -235,7 +235,7 @@ class Predictor:
             previous = self._stage_labels(stage.previous, channels, geometry, passes)
         plans = self.model.plans
         data, seg, properties = preprocess_case(channels, previous, geometry, stage.config, plans.transpose_forward,
-                                                plans.foreground_intensity_properties_per_channel)
+                                                plans.foreground_intensity_properties_per_channel, plans.orientation)
         if seg is not None:
             data = np.concatenate([data, one_hot_foreground(seg[0], self.model.foreground_values)])
         probabilities = self._fold_mean(stage, data, passes)

@@ -17,6 +17,7 @@ from AutoSegLib.planning.explain import note
 from AutoSegLib.planning.architectures import configure_for_architecture
 from AutoSegLib.planning.plans import ARCHITECTURES, Configuration, Plans, PlanningError
 from AutoSegLib.planning.topology import CONVS_PER_STAGE, features_per_stage
+from AutoSegLib.preprocessing.orientation import CANONICAL
 
 AXIS_NAMES = ("z", "y", "x")
 REQUIRED_KEYS = ("spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
@@ -264,6 +265,13 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
     keep_sides(configurations, labels, fp.left_right_axes, forward, notes)
+    canonical = fingerprint.get("orientation") == CANONICAL
+    if canonical:
+        note(notes, "remark", message=(
+            "Every case is first viewed along the same anatomical axes (z towards the head, y towards the back, "
+            "x towards the patient's left), whatever orientation its file was stored in: the axes are only permuted "
+            "and reversed, never resampled, and predictions go back to each file's own grid exactly. A network then "
+            "sees every patient the same way round; spacings and shapes above are along these axes."))
 
     return Plans(dataset_name=dataset_name, gpu_memory_gb=float(gpu_memory_gb), transpose_forward=forward,
                  transpose_backward=[int(i) for i in np.argsort(forward)], num_training_cases=n_cases,
@@ -271,4 +279,5 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
                  original_median_spacing=median_spacing.tolist(),
                  original_median_shape=np.median(fp.shapes, axis=0).tolist(),
                  foreground_intensity_properties_per_channel=copy.deepcopy(fp.intensity),
-                 configurations=configurations, explanation=notes)
+                 configurations=configurations, explanation=notes,
+                 orientation=CANONICAL if canonical else None)

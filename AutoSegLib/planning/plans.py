@@ -128,12 +128,15 @@ class Plans:
     explanation: list[dict] = field(default_factory=list)
     planner: str = "AutoSegLib.planning: nnU-Net paper rules (v1 procedure and memory model)"
     version: int = PLANS_VERSION
+    # "canonical": every case is viewed along LPS axes before anything else
+    # (preprocessing/orientation.py); None: arrays as stored, as nnU-Net reads them.
+    orientation: str | None = None
 
     def to_dict(self) -> dict:
         """The plans.json content (plain JSON types only)."""
         out = {"version": self.version}
         for f in fields(self):
-            if f.name not in ("version", "configurations"):
+            if f.name not in ("version", "configurations") and not (f.name == "orientation" and self.orientation is None):
                 out[f.name] = getattr(self, f.name)
         out["configurations"] = {k: c.to_dict() for k, c in self.configurations.items()}
         return json.loads(json.dumps(out))

@@ -323,6 +323,8 @@ def plans_problems(data) -> list[str]:
         if [forward[b] for b in backward] != list(range(len(forward))):
             problems.append(_problem("transpose_backward", backward,
                                      f"is not the inverse of transpose_forward {forward}"))
+    if data.get("orientation") not in (None, "canonical"):
+        problems.append(_problem("orientation", data.get("orientation"), "must be \"canonical\" or absent"))
     channels = data.get("channel_names")
     n_channels = None
     if not (isinstance(channels, dict) and 1 <= len(channels) <= MAX_CHANNELS

@@ -2,13 +2,15 @@
 
 Forward (:func:`preprocess_case`)::
 
-    channels (z,y,x) + label  ->  crop to the nonzero region  ->  transpose to planning order
+    channels (z,y,x) + label  ->  crop to the nonzero region  ->  canonical axes (when planned)
+    ->  transpose to planning order
     ->  normalize each channel (scheme per plan)  ->  resample to the target spacing
     ->  data (C, ...) float32, label (1, ...) int16, properties (JSON-able dict)
 
 Backward (:func:`restore_label`, :func:`restore_probabilities`, :func:`restore_labels`): resample to the cropped
-shape, transpose back, paste into the original grid; the original geometry travels in the
-properties, so the result lines up with the input scan exactly.
+shape, transpose back, undo the canonical axes, paste into the original grid (all through one
+view of the crop region); the original geometry travels in the properties, so the result lines
+up with the input scan exactly. Canonical axes (:mod:`.orientation`) only permute and reverse.
 
 Everything here is arrays in, arrays out; files are :mod:`.storage`'s job.
 
@@ -34,6 +36,7 @@ import numpy as np
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.preprocessing.cropping import BBox, crop, cropped_nonzero_mask
 from AutoSegLib.preprocessing.normalization import normalize
+from AutoSegLib.preprocessing.orientation import CANONICAL, STORED, Orientation, canonical_orientation, canonical_view
 from AutoSegLib.preprocessing.resampling import (resample_image, resample_label, separate_axis_for, take_better,
                                                  target_shape)
 from AutoSegLib.preprocessing.slabs import slabs
@@ -64,8 +67,9 @@ def resampling_plan(case_spacing, target_spacing, resampling: dict, spatial_dims
 
 
 def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geometry: Geometry, config: dict,
-                    transpose_forward, intensity_properties: dict) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Crop, transpose, normalize and resample one case for one configuration.
+                    transpose_forward, intensity_properties: dict,
+                    orientation: str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, orient, transpose, normalize and resample one case for one configuration.
 
     Args:
         channels: the case's images, (z, y, x) each, in channel order.
@@ -74,14 +78,18 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
         config: one configuration of plans.json (``Configuration.to_dict()``).
         transpose_forward: the plans' axis permutation into planning order.
         intensity_properties: plans' ``foreground_intensity_properties_per_channel``.
+        orientation: the plans' ``orientation``: ``"canonical"`` views the case along LPS axes
+            first (from ``geometry.direction``); None keeps the stored axes (nnU-Net's way).
 
     Returns:
         data (C, ...) float32, label (1, ...) int16 or None, and the case's properties.
     """
     inside, bbox = cropped_nonzero_mask(channels)
+    oriented = case_orientation(geometry, orientation)
     transpose = tuple(int(a) for a in transpose_forward)
-    spacing = tuple(geometry.spacing[a] for a in transpose)
-    mask = inside.transpose(transpose)
+    oriented_spacing = oriented.spacing(geometry.spacing)
+    spacing = tuple(oriented_spacing[a] for a in transpose)
+    mask = canonical_view(inside, oriented).transpose(transpose)
     shape_after_crop = mask.shape
     target_spacing = full_target_spacing(config["spacing"], spacing)
     new_shape = target_shape(shape_after_crop, spacing, target_spacing)
@@ -93,7 +101,7 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
     # scratch that the spline prefilter may overwrite: no other full-size float32 copy.
     scratch = np.empty(shape_after_crop, dtype=np.float32) if resample else None
     for c, channel in enumerate(channels):
-        image = crop(channel, bbox).transpose(transpose)
+        image = canonical_view(crop(channel, bbox), oriented).transpose(transpose)
         use_mask = config["use_mask_for_norm"][c]
         normalize(image, config["normalization_schemes"][c], intensity_properties.get(str(c)),
                   mask if use_mask else None, out=scratch if resample else data[c])
@@ -103,7 +111,7 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
     del scratch
     seg = None
     if label is not None:
-        seg = _label_in_planning_order(label, bbox, transpose, mask)
+        seg = _label_in_planning_order(label, bbox, oriented, transpose, mask)
         del mask, inside  # not needed to resample the label
         if resample:
             seg = resample_label(seg, new_shape, how["label_order"], how["separate_axis"], 0)
@@ -113,6 +121,7 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
         "original_shape": [int(s) for s in channels[0].shape],
         "original_geometry": geometry.to_dict(),
         "crop_bbox": [list(b) for b in bbox],
+        "orientation": oriented.to_dict(),
         "transpose_forward": list(transpose),
         "shape_after_crop": [int(s) for s in shape_after_crop],
         "spacing_after_crop": [float(s) for s in spacing],
@@ -123,10 +132,20 @@ def preprocess_case(channels: list[np.ndarray], label: np.ndarray | None, geomet
     return data, seg, properties
 
 
-def _label_in_planning_order(label: np.ndarray, bbox: BBox, transpose, mask: np.ndarray) -> np.ndarray:
-    """The label cropped and transposed as int16, background outside ``mask`` marked."""
+def case_orientation(geometry: Geometry, orientation: str | None) -> Orientation:
+    """The case's axis permutation and reversals: canonical from its direction, or none."""
+    if orientation is None:
+        return STORED
+    if orientation != CANONICAL:
+        raise ValueError(f"orientation {orientation!r}; allowed: {CANONICAL!r} or none")
+    return canonical_orientation(geometry.direction)
+
+
+def _label_in_planning_order(label: np.ndarray, bbox: BBox, oriented: Orientation, transpose,
+                             mask: np.ndarray) -> np.ndarray:
+    """The label cropped, oriented and transposed as int16, background outside ``mask`` marked."""
     seg = np.empty(mask.shape, dtype=np.int16)
-    seg[...] = crop(label, bbox).transpose(transpose)
+    seg[...] = canonical_view(crop(label, bbox), oriented).transpose(transpose)
     for s in slabs(seg.shape):  # a slab at a time: no full-size boolean temporaries
         part = seg[s]
         part[(part == 0) & ~mask[s]] = OUTSIDE_MASK_LABEL
@@ -134,11 +153,12 @@ def _label_in_planning_order(label: np.ndarray, bbox: BBox, transpose, mask: np.
 
 
 def _crop_region(full: np.ndarray, properties: dict) -> np.ndarray:
-    """View of ``full`` (leading axes kept) on the crop box, in planning axis order."""
+    """View of ``full`` (leading axes kept) on the crop box, oriented, in planning axis order."""
     region = tuple(slice(a, b) for a, b in properties["crop_bbox"])
     lead = full.ndim - len(region)
     forward = tuple(range(lead)) + tuple(lead + int(a) for a in properties["transpose_forward"])
-    return full[(slice(None),) * lead + region].transpose(forward)
+    oriented = Orientation.from_dict(properties.get("orientation"))  # absent: written before orientation
+    return canonical_view(full[(slice(None),) * lead + region], oriented).transpose(forward)
 
 
 def restore_label(seg: np.ndarray, properties: dict) -> tuple[np.ndarray, Geometry]:

@@ -67,6 +67,7 @@ def case_signature(plans: Plans, name: str, case: Case, classes: list[int]) -> s
     config = plans.configurations[name].to_dict()
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (*case.images, case.label) if p]
     payload = {"config": {k: config[k] for k in _DATA_FIELDS}, "transpose": plans.transpose_forward,
+               "orientation": plans.orientation,
                "intensity": plans.foreground_intensity_properties_per_channel, "version": PROPERTIES_VERSION,
                "sampling": [MAX_LOCATIONS_PER_CLASS, MIN_FRACTION], "classes": classes, "files": stats}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -77,12 +78,12 @@ def _case_seed(case_id: str) -> int:
 
 
 def preprocess_one(case: CaseJob, config: dict, transpose: list[int], intensity: dict, classes: list[int],
-                   folder: str, signature: str) -> dict:
+                   folder: str, signature: str, orientation: str | None = None) -> dict:
     """Read (checked as ``verify`` checks it), preprocess and write one case (runs in a worker process)."""
     started = time.monotonic()
     loaded = read_case(case)  # raises CaseError naming the case and file before anything is written
     data, seg, properties = preprocess_case(loaded.channels, loaded.label, loaded.geometry, config, transpose,
-                                            intensity)
+                                            intensity, orientation)
     del loaded
     if seg is not None:
         foreground = sample_foreground_locations(seg[0], classes, _case_seed(case.case_id))
@@ -146,7 +147,7 @@ def preprocess_dataset(dataset_folder: str | Path, work_dir: str | Path, configu
                 job = case_job(dataset.folder, dataset.spec, case)
                 todo.append((case.case_id, (job, config, plans.transpose_forward,
                                             plans.foreground_intensity_properties_per_channel, classes,
-                                            str(folder), signature)))
+                                            str(folder), signature, plans.orientation)))
         skipped = len(dataset.cases) - len(todo)
         if skipped:
             reporter.log("preprocess", f"{name}: {skipped} case(s) already preprocessed for this plan; skipped")
