@@ -33,7 +33,7 @@ from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
 from AutoSegLib.workers import run_tasks
 
-# 2: class radii; 3: canonical axes (spacings and shapes along them) and left-right axes. Older
+# 2: class radii; 3: canonical axes (spacings and shapes along them) and class sides. Older
 # fingerprints are measured again.
 FINGERPRINT_VERSION = 3
 # The intensity statistics are estimated from at most this many foreground voxels in total,
@@ -81,10 +81,37 @@ def case_measurements(channels: list[np.ndarray], label: np.ndarray, spacing: tu
         "relative_size_after_crop": float(np.prod(shape_after) / np.prod(shape_before)),
         "class_voxels": {str(v): int(counts[v]) if v < len(counts) else 0 for v in label_values},
         "class_radius_mm": class_radii(label_c, spacing, foreground_values),
-        "left_right_axis": None if direction is None else oriented.axes.index(left_right_axis(direction)),
+        "class_side": {} if direction is None else class_sides(label_c, direction, foreground_values),
         "canonical": direction is not None,
         "intensities": intensities,
     }
+
+
+def class_sides(label: np.ndarray, direction, values: list[int]) -> dict[str, float]:
+    """Where each class present lies across the patient, from -0.5 (right edge) to 0.5 (left edge).
+
+    The offset of the class's centroid from the middle of the (cropped) image along its
+    left-right axis, as a share of the image's width there: about 0 for a central or a paired
+    class (the aorta, "kidneys"), positive for a class on the patient's left (the spleen),
+    negative on the right (the liver). Counted a slice at a time: no full-size index array.
+    """
+    axis = left_right_axis(direction)
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    towards_left = matrix[0, 2 - axis] > 0  # ITK's world x runs from the patient's right to left
+    width = label.shape[axis]
+    size = max(values) + 1 if values else 1
+    counts = np.zeros((width, size), dtype=np.int64)
+    for p in range(width):
+        counts[p] = np.bincount(label.take(p, axis=axis).ravel().astype(np.int64), minlength=size)[:size]
+    positions = (np.arange(width) + 0.5) / width - 0.5
+    if not towards_left:
+        positions = -positions
+    sides = {}
+    for v in values:
+        total = int(counts[:, v].sum())
+        if total:
+            sides[str(v)] = float(positions @ counts[:, v] / total)
+    return sides
 
 
 # Radii are measured up to this many mm: a class thicker than that never limits a plan (3d_cpu
@@ -139,14 +166,15 @@ def _largest_radius(inside: np.ndarray, spacing: tuple[float, ...]) -> float:
     return min(best, RADIUS_CAP_MM)
 
 
-def median_class_radii(per_case: list[dict], labels: dict[str, int]) -> dict[str, float]:
-    """Each class's median radius over the cases that hold it (classes in no case left out)."""
-    radii = {}
+def median_class_radii(per_case: list[dict], labels: dict[str, int], key: str = "class_radius_mm") -> dict[str, float]:
+    """Each class's median of a per-case measurement (``key``: its radius, or its side) over the
+    cases that hold it; classes in no case are left out."""
+    medians = {}
     for name, value in labels.items():
-        found = [m["class_radius_mm"][str(value)] for m in per_case if str(value) in m.get("class_radius_mm", {})]
+        found = [m[key][str(value)] for m in per_case if str(value) in m.get(key, {})]
         if found:
-            radii[name] = float(np.median(found))
-    return radii
+            medians[name] = float(np.median(found))
+    return medians
 
 
 def intensity_statistics(values: np.ndarray) -> dict:
@@ -185,7 +213,8 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
         "class_voxel_ratios": {n: (c / all_voxels if all_voxels else 0.0) for n, c in class_totals.items()},
         "class_radius_mm": median_class_radii(per_case, labels),
         # per case, the array axis (z, y, x) closest to the patient's left-right (planning.mirroring)
-        "left_right_axes": [m.get("left_right_axis") for m in per_case],
+        # class name -> median offset across the patient, -0.5 right edge .. 0.5 left edge
+        "class_sides": median_class_radii(per_case, labels, "class_side"),
         **({"orientation": CANONICAL} if per_case and all(m.get("canonical") for m in per_case) else {}),
     }
 

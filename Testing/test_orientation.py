@@ -145,4 +145,4 @@ def test_fingerprint_measures_along_canonical_axes(tmp_path):
     measured = case_measurements([image], label, (3.0, 2.0, 1.0), [0, 1, 2], [1, 2], 10, 0, tuple(swapped))
     assert measured["spacing"] == [3.0, 1.0, 2.0]
     assert measured["shape_before_crop"] == [12, 16, 14]
-    assert measured["left_right_axis"] == 2 and measured["canonical"]
+    assert measured["canonical"] and set(measured["class_side"]) == {"1", "2"}

@@ -36,7 +36,7 @@ class _Fingerprint:
     intensity: dict
     relative_size: float
     radii: dict  # class name -> median radius in mm (ours only; empty for an nnU-Net v2 fingerprint)
-    left_right_axes: list  # per case, the array axis closest to left-right (ours only; empty for nnU-Net's)
+    sides: dict  # class name -> median offset across the patient, -0.5 right .. 0.5 left (ours only)
 
 
 def read_fingerprint(fingerprint: dict) -> _Fingerprint:
@@ -62,11 +62,15 @@ def read_fingerprint(fingerprint: dict) -> _Fingerprint:
     if not isinstance(radii, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
                                               for v in radii.values()):
         raise PlanningError(f"fingerprint 'class_radius_mm' must map class names to positive millimetres, got {radii!r}")
-    left_right = fingerprint.get("left_right_axes", [])
-    if not isinstance(left_right, list) or not all(a is None or a in (0, 1, 2) for a in left_right):
-        raise PlanningError(f"fingerprint 'left_right_axes' must list 0, 1, 2 or null per case, got {left_right!r}")
     return _Fingerprint(spacings, shapes, fingerprint["foreground_intensity_properties_per_channel"],
-                        float(fingerprint["median_relative_size_after_cropping"]), dict(radii), list(left_right))
+                        float(fingerprint["median_relative_size_after_cropping"]), dict(radii),
+                        _sides(fingerprint.get("class_sides", {})))
+
+
+def _sides(sides) -> dict[str, float]:
+    if not isinstance(sides, dict) or not all(isinstance(v, (int, float)) and -0.5 <= v <= 0.5 for v in sides.values()):
+        raise PlanningError(f"fingerprint 'class_sides' must map class names to offsets from -0.5 to 0.5, got {sides!r}")
+    return {str(k): float(v) for k, v in sides.items()}
 
 
 def _channels(channel_names: dict) -> dict[str, str]:
@@ -196,17 +200,18 @@ def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii:
     return config
 
 
-def keep_sides(configurations: dict[str, Configuration], labels: dict, left_right_axes: list,
+def keep_sides(configurations: dict[str, Configuration], labels: dict, sides: dict[str, float],
                forward: list[int], notes: list[dict]) -> None:
-    """No mirroring across left-right when labels name a side (:mod:`.mirroring`); else nothing changes."""
-    sides = mirroring.side_labels(labels)
-    if not sides:
+    """In a canonical plan: no mirroring across left-right when labels name a side or classes keep
+    to one side of every patient (:mod:`.mirroring`); else nothing changes."""
+    named = mirroring.side_labels(labels)
+    lateral = mirroring.lateral_classes(sides)
+    if not named and not lateral:
         return
-    left_right, assumed = mirroring.planning_axes(left_right_axes, forward)
+    left_right = [int(a) for a in forward].index(mirroring.CANONICAL_LEFT_RIGHT)
     for config in configurations.values():
         config.mirror_axes = mirroring.mirror_axes_without(left_right, config.spatial_dims)
-    note(notes, "remark", message=mirroring.mirroring_text(sides, left_right, [AXIS_NAMES[a] for a in forward],
-                                                           assumed))
+    note(notes, "remark", message=mirroring.mirroring_text(named, lateral, AXIS_NAMES[forward[left_right]]))
 
 
 def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: float = 8.0,
@@ -264,7 +269,6 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
         configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
-    keep_sides(configurations, labels, fp.left_right_axes, forward, notes)
     canonical = fingerprint.get("orientation") == CANONICAL
     if canonical:
         note(notes, "remark", message=(
@@ -272,7 +276,7 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
             "x towards the patient's left), whatever orientation its file was stored in: the axes are only permuted "
             "and reversed, never resampled, and predictions go back to each file's own grid exactly. A network then "
             "sees every patient the same way round; spacings and shapes above are along these axes."))
-
+        keep_sides(configurations, labels, fp.sides, forward, notes)
     return Plans(dataset_name=dataset_name, gpu_memory_gb=float(gpu_memory_gb), transpose_forward=forward,
                  transpose_backward=[int(i) for i in np.argsort(forward)], num_training_cases=n_cases,
                  channel_names=channels, labels=dict(labels), num_classes=n_classes,
