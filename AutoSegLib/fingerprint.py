@@ -26,8 +26,7 @@ from scipy import ndimage
 from AutoSegLib.dataset import Dataset
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import read_json
-from AutoSegLib.planning.mirroring import left_right_axis
-from AutoSegLib.preprocessing.orientation import CANONICAL, STORED, canonical_orientation
+from AutoSegLib.preprocessing.orientation import CANONICAL, STORED, canonical_orientation, left_right_axis
 from AutoSegLib.preprocessing.cropping import crop_bbox, nonzero_mask
 from AutoSegLib.verify import case_job, open_checked_dataset
 from AutoSegLib.verify_checks import CHECKS_VERSION, CaseJob, read_case
@@ -166,9 +165,9 @@ def _largest_radius(inside: np.ndarray, spacing: tuple[float, ...]) -> float:
     return min(best, RADIUS_CAP_MM)
 
 
-def median_class_radii(per_case: list[dict], labels: dict[str, int], key: str = "class_radius_mm") -> dict[str, float]:
-    """Each class's median of a per-case measurement (``key``: its radius, or its side) over the
-    cases that hold it; classes in no case are left out."""
+def median_per_class(per_case: list[dict], labels: dict[str, int], key: str) -> dict[str, float]:
+    """Each class's median of a per-case measurement (``key``: ``class_radius_mm``, ``class_side``)
+    over the cases that hold it; classes in no case are left out."""
     medians = {}
     for name, value in labels.items():
         found = [m[key][str(value)] for m in per_case if str(value) in m.get(key, {})]
@@ -211,10 +210,9 @@ def aggregate(case_ids: list[str], per_case: list[dict], channel_names: dict[int
         "foreground_intensity_properties_per_channel": intensity,
         "median_relative_size_after_cropping": float(np.median([m["relative_size_after_crop"] for m in per_case])),
         "class_voxel_ratios": {n: (c / all_voxels if all_voxels else 0.0) for n, c in class_totals.items()},
-        "class_radius_mm": median_class_radii(per_case, labels),
-        # per case, the array axis (z, y, x) closest to the patient's left-right (planning.mirroring)
+        "class_radius_mm": median_per_class(per_case, labels, "class_radius_mm"),
         # class name -> median offset across the patient, -0.5 right edge .. 0.5 left edge
-        "class_sides": median_class_radii(per_case, labels, "class_side"),
+        "class_sides": median_per_class(per_case, labels, "class_side"),
         **({"orientation": CANONICAL} if per_case and all(m.get("canonical") for m in per_case) else {}),
     }
 

@@ -8,7 +8,8 @@ import pytest
 
 from AutoSegLib.fingerprint import class_sides, extract_fingerprint
 from AutoSegLib.planning import Plans, PlanningError, plan
-from AutoSegLib.planning.mirroring import left_right_axis, mirror_axes_without, names_a_side, side_labels
+from AutoSegLib.planning.mirroring import mirror_axes_without, names_a_side, side_labels
+from AutoSegLib.preprocessing.orientation import left_right_axis
 from AutoSegLib.planning.plans import mirror_axes
 from AutoSegLib.training.augmentation import training_pipeline
 from test_planning import HEART, uniform

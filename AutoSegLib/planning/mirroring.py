@@ -22,9 +22,6 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Sequence
-
-import numpy as np
 
 # A side as a word of the name: kidney_left, Left-Hippocampus, lung_upper_lobe_right, iliac_artery_l,
 # femur_R, LeftKidney; not "leftover", "bright" or "vertebrae_L1".
@@ -44,16 +41,6 @@ def names_a_side(name: str) -> bool:
 def side_labels(labels: dict) -> list[str]:
     """The label names that say a side, in the labels' order (background and ignore never do)."""
     return [name for name in labels if name not in ("background", "ignore") and names_a_side(name)]
-
-
-def left_right_axis(direction: Sequence[float]) -> int:
-    """Array axis (z, y, x order) closest to the patient's left-right, from an ITK direction.
-
-    ``direction`` is row-major, its columns the world directions of the x, y, z index axes;
-    ITK's world x runs right to left.
-    """
-    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
-    return 2 - int(np.argmax(np.abs(matrix[0])))
 
 
 def mirror_axes_without(left_right: int, dims: int) -> list[int]:

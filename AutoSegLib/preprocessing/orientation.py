@@ -75,6 +75,16 @@ def canonical_orientation(direction: Sequence[float]) -> Orientation:
     return Orientation(axes, flip)
 
 
+def left_right_axis(direction: Sequence[float]) -> int:
+    """Array axis (z, y, x order) closest to the patient's left-right, from an ITK direction.
+
+    ``direction`` is row-major, its columns the world directions of the x, y, z index axes;
+    ITK's world x runs right to left.
+    """
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(matrix[0])))
+
+
 def canonical_view(array: np.ndarray, orientation: Orientation) -> np.ndarray:
     """``array`` (leading axes kept, the last three spatial, stored order) seen canonically: a view."""
     lead = array.ndim - 3
