@@ -270,6 +270,18 @@ def cmd_predict(args, reporter: Reporter) -> None:
     reporter.done("predict", **result)
 
 
+def cmd_engine(args, reporter: Reporter) -> None:
+    from AutoSegLib.inference.engine_server import serve
+    from AutoSegLib.training.setup import configure_cpu_threads
+
+    if args.device in ("auto", "cpu"):
+        configure_cpu_threads()
+    status = serve(args.model, args.configuration, _fold_list(args.folds), device=args.device, tta=args.tta,
+                   checkpoint=args.checkpoint)
+    if status:
+        raise SystemExit(status)
+
+
 def _use_the_ranks_gpu(device: str) -> None:
     """Under torchrun, each rank of a node predicts on its own GPU (LOCAL_RANK), not all on GPU 0."""
     from AutoSegLib.training.distributed import rank_env
@@ -610,6 +622,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip cases whose outputs a finished earlier run wrote (partial outputs never count)")
     _add_common(p)
     p.set_defaults(func=cmd_predict, stage="predict", ranked=True)
+
+    p = sub.add_parser("engine", help="keep a model loaded and answer click refinements over stdin/stdout",
+                       description="A persistent process for interactive correction (docs/clicks.md): JSON lines "
+                                   "in on stdin, one JSON line out per request on stdout; arrays as .npy files. "
+                                   "Python clients use AutoSegLib.inference.engine_process.EngineProcess.")
+    p.add_argument("model", type=Path, help=f"model folder (WORK/{MODEL_DIR})")
+    p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS, metavar="CONFIG",
+                   help="the configuration to refine with (default: the model's choice; refining runs one)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD")
+    p.add_argument("--checkpoint", default=None, choices=["final", "best", "latest"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--tta", action="store_true", help="mirror each window (8x the work per click in 3D)")
+    p.set_defaults(func=cmd_engine, stage="engine", events=False)
 
     p = sub.add_parser("evaluate", help="score predicted label files against reference label files",
                        description="Dice, IoU, FP/FN voxels, HD95 and normalized surface Dice per case and class "

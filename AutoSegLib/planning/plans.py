@@ -47,6 +47,7 @@ class Configuration:
     memory: dict = field(default_factory=dict)
     next_stage: str | None = None
     previous_stage: str | None = None
+    guidance: dict | None = None  # click guidance (planning/guidance.py); None: a plain network
     explanation: list[dict] = field(default_factory=list)
 
     @property
@@ -55,7 +56,7 @@ class Configuration:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for link in ("next_stage", "previous_stage"):
+        for link in ("next_stage", "previous_stage", "guidance"):
             if out[link] is None:
                 del out[link]
         return json.loads(json.dumps(out))  # deep, plain copy
