@@ -1,0 +1,332 @@
+"""Correct with clicks (issue 21), on real MRML classes: Markups points -> LPS clicks, one segment
+changed inside the answered region only, exact undo, and the real engine process behind it.
+
+The engine runs a tiny model with random weights and click guidance, written in code: what is
+tested is where the voxels go, not how good the answer is; the expected voxels of the chosen
+segment come from the same model's ``Predictor.refine`` run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the Slicer logic tests need the slicer-core wheel")
+
+from AutoSegLib.imageio import Geometry  # noqa: E402
+from AutoSegLib.inference.clicks import Click, click_index, index_to_physical  # noqa: E402
+
+from AutoSegLogic import corrections, results, segment_masks  # noqa: E402
+from AutoSegLogic.segment_masks import Grid, SegmentGridError  # noqa: E402
+from AutoSegLogic.volumes import add_volume  # noqa: E402
+
+LABELS = {"background": 0, "organ": 1, "tumour": 2}
+SHAPE = (12, 24, 28)
+# An oblique grid with its own spacing and origin: RAS != LPS != index anywhere.
+_A = np.deg2rad(25)
+GEOMETRY = Geometry((2.0, 1.0, 1.5), (-31.5, 12.25, 40.0),
+                    tuple((np.array([[np.cos(_A), -np.sin(_A), 0], [np.sin(_A), np.cos(_A), 0], [0, 0, 1]])
+                           @ np.diag([1, -1, 1])).ravel()))
+
+
+def phantom():
+    rng = np.random.default_rng(4)
+    z, y, x = np.indices(SHAPE)
+    organ = ((z - 6) / 5) ** 2 + ((y - 12) / 9) ** 2 + ((x - 13) / 10) ** 2 < 1
+    tumour = ((z - 6) / 2.5) ** 2 + ((y - 12) / 3) ** 2 + ((x - 18) / 3) ** 2 < 1
+    image = (100 * organ + 80 * tumour + rng.normal(0, 5, SHAPE)).astype(np.float32)
+    label = np.where(tumour, 2, np.where(organ, 1, 0)).astype(np.uint8)
+    return image, label
+
+
+def build_scene(label=None):
+    """A scene with the volume and a predicted segmentation (organ, tumour, one shared layer) plus a
+    hand-made segment the model does not know ("marker", its own layer)."""
+    scene = slicer.vtkMRMLScene()
+    image, truth = phantom()
+    label = truth if label is None else label
+    volume = add_volume(scene, image, GEOMETRY, "ct")
+    segmentation = results.segmentation_from_labels(scene, label, GEOMETRY, LABELS, "ct AutoSeg", volume)
+    grid = Grid.of_volume(volume)
+    marker = segmentation.GetSegmentation().AddEmptySegment("", "marker")
+    mask = np.zeros(SHAPE, bool)
+    mask[5:8, 10:14, 15:20] = True  # overlaps organ and tumour voxels: an overlapping layer of its own
+    segment_masks.set_segment_mask(segmentation, marker, mask, grid)
+    return scene, volume, segmentation, grid
+
+
+def masks(segmentation, grid) -> dict[str, np.ndarray]:
+    return {segment_masks.segment_name(segmentation, s): segment_masks.segment_mask(segmentation, s, grid)
+            for s in segment_masks.segment_ids(segmentation)}
+
+
+def segment_id(segmentation, name):
+    return segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
+
+
+def outside(region):
+    out = np.ones(SHAPE, bool)
+    out[region[0]:region[1], region[2]:region[3], region[4]:region[5]] = False
+    return out
+
+
+# -- masks on the grid -------------------------------------------------------------------------------
+def test_segments_read_back_voxel_for_voxel_on_an_oblique_grid():
+    scene, volume, segmentation, grid = build_scene()
+    _, truth = phantom()
+    found = masks(segmentation, grid)
+    np.testing.assert_array_equal(found["organ"], truth == 1)
+    np.testing.assert_array_equal(found["tumour"], truth == 2)
+    assert found["marker"].sum() == 3 * 4 * 5
+    np.testing.assert_array_equal(segment_masks.label_map(segmentation, grid, LABELS), truth)  # marker: no label
+
+
+def test_a_segmentation_off_the_volumes_grid_is_refused():
+    scene, volume, segmentation, grid = build_scene()
+    shifted = Grid(grid.shape, grid.ijk_to_ras + np.pad(np.ones((3, 1)) * 0.5, ((0, 1), (3, 0))), "other")
+    with pytest.raises(SegmentGridError, match="not on the voxel grid of 'other'"):
+        segment_masks.check_segmentation(segmentation, shifted)
+
+
+# -- applying an answer ---------------------------------------------------------------------------
+def test_an_answer_changes_only_the_chosen_segment_and_only_inside_the_region():
+    scene, volume, segmentation, grid = build_scene()
+    before = masks(segmentation, grid)
+    answer = np.zeros(SHAPE, np.uint8)  # the engine's whole label map: it disagrees everywhere
+    answer[:, :, :] = 2
+    answer[2:9, 4:20, 6:22] = 1
+    answer[6, 12, 10] = 0
+    region = (3, 9, 8, 18, 9, 24)
+    step = segment_masks.apply_class_change(segmentation, segment_id(segmentation, "organ"), 1, answer, region, grid)
+    after = masks(segmentation, grid)
+    box = ~outside(region)
+    organ = before["organ"].copy()
+    organ[box] = answer[box] == 1
+    np.testing.assert_array_equal(after["organ"], organ)
+    gained = box & organ & ~before["organ"]
+    assert gained.any() and (before["tumour"] & gained).any() and (before["marker"] & gained).any()
+    for name in ("tumour", "marker"):  # lose exactly the voxels the organ gained; never gain any
+        np.testing.assert_array_equal(after[name], before[name] & ~gained)
+    assert not after["tumour"][before["organ"] & ~organ].any()  # what the organ lost goes to nobody
+    for name in after:
+        np.testing.assert_array_equal(after[name][outside(region)], before[name][outside(region)])
+    assert step.changed_voxels == sum(int((after[n] != before[n]).sum()) for n in after)
+
+    segment_masks.undo_step(segmentation, step, grid)
+    for name, mask in masks(segmentation, grid).items():
+        np.testing.assert_array_equal(mask, before[name])
+
+
+def test_undo_is_refused_when_the_segment_was_edited_after_the_click():
+    scene, volume, segmentation, grid = build_scene()
+    answer = np.ones(SHAPE, np.uint8)
+    organ = segment_id(segmentation, "organ")
+    step = segment_masks.apply_class_change(segmentation, organ, 1, answer, (0, 4, 0, 4, 0, 4), grid)
+    edited = segment_masks.segment_mask(segmentation, organ, grid)
+    edited[1, 1, 1] = False  # as a Segment Editor erase would
+    segment_masks.set_segment_mask(segmentation, organ, edited, grid)
+    with pytest.raises(SegmentGridError, match="organ were edited after this click"):
+        segment_masks.undo_step(segmentation, step, grid)
+    np.testing.assert_array_equal(segment_masks.segment_mask(segmentation, organ, grid), edited)
+
+
+# -- Markups -> clicks ---------------------------------------------------------------------------------
+def test_points_become_lps_clicks_through_the_volume_geometry_and_a_parent_transform():
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    positive, negative = corrections.click_nodes(scene)
+    assert corrections.click_nodes(scene) == (positive, negative)  # found again, not made twice
+    assert positive.GetName() == corrections.POSITIVE_NAME and negative.GetAttribute(corrections.ROLE_ATTRIBUTE) == \
+        "negative"
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    for row, value in enumerate((5.0, -3.0, 2.5)):
+        shift.SetElement(row, 3, value)
+    transform.SetMatrixTransformToParent(shift)
+    positive.SetAndObserveTransformNodeID(transform.GetID())
+    lps = index_to_physical((3, 4, 5), GEOMETRY)  # the centre of voxel (z, y, x) = (3, 4, 5)
+    ras = (-lps[0], -lps[1], lps[2])
+    positive.AddControlPoint(vtk.vtkVector3d(ras[0] - 5.0, ras[1] + 3.0, ras[2] - 2.5))  # local = world - shift
+    negative.AddControlPoint(vtk.vtkVector3d(*ras))
+    (_, world), = corrections.placed_points(positive)
+    np.testing.assert_allclose(world, ras, atol=1e-9)
+    click = Click(1, True, corrections.lps_from_ras(world))
+    np.testing.assert_allclose(click.point, lps, atol=1e-9)
+    assert click_index(click, GEOMETRY, SHAPE) == (3, 4, 5)
+    (_, plain), = corrections.placed_points(negative)
+    assert click_index(Click(1, False, corrections.lps_from_ras(plain)), GEOMETRY, SHAPE) == (3, 4, 5)
+
+
+def test_engine_errors_lose_their_log_lines():
+    message = corrections.plain_error("refine: the engine process ended during refine (killed by signal 9). Its last "
+                                      "messages:\nTraceback (most recent call last):\n  File x")
+    assert message == "refine: the engine process ended during refine (killed by signal 9)."
+    assert "Traceback" not in message
+
+
+# -- the session with the real engine ------------------------------------------------------------------
+def tiny_guided_model(root):
+    """A model folder: one tiny 3d_fullres configuration with click guidance, random weights, fold 0."""
+    import torch
+
+    from AutoSegLib.fileutil import write_json
+    from AutoSegLib.models.checkpoint import save_checkpoint
+    from AutoSegLib.network import build_network
+    from AutoSegLib.planning.guidance import default_guidance
+
+    config = {"spacing": [2.0, 1.0, 1.5], "patch_size": [8, 16, 16], "batch_size": 2,
+              "median_image_size_in_voxels": list(SHAPE), "strides": [[1, 1, 1], [2, 2, 2]],
+              "kernel_sizes": [[3, 3, 3]] * 2, "features_per_stage": [4, 8], "n_conv_per_stage_encoder": [1, 1],
+              "n_conv_per_stage_decoder": [1], "normalization_schemes": ["ZScoreNormalization"],
+              "use_mask_for_norm": [False], "network": {"architecture": "PlainConvUNet"},
+              "resampling": {"image_order": 3, "label_order": 1, "label_encoding": "one_hot",
+                             "separate_z_anisotropy_threshold": 3.0, "out_of_plane_order": 0,
+                             "separate_z_for_typical_case": False},
+              "guidance": default_guidance()}
+    plans = {"version": 1, "dataset_name": "Clicks", "gpu_memory_gb": 8.0, "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "num_training_cases": 4, "channel_names": {"0": "CT"},
+             "labels": LABELS, "num_classes": 3, "original_median_spacing": [2.0, 1.0, 1.5],
+             "original_median_shape": list(SHAPE),
+             "foreground_intensity_properties_per_channel": {"0": {
+                 "mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 200.0,
+                 "percentile_00_5": 5.0, "percentile_99_5": 190.0}},
+             "configurations": {"3d_fullres": config}}
+    model = root / "model"
+    model.mkdir(parents=True)
+    write_json(model / "plans.json", plans)
+    write_json(model / "dataset.json", {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 4,
+                                        "file_ending": ".nii.gz"})
+    torch.manual_seed(0)
+    network = build_network(config, 1 + 2 * 2, len(LABELS))
+    save_checkpoint(model / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+                    {"network_weights": network.state_dict(), "epoch": 1})
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_guided_model(tmp_path_factory.mktemp("clicks"))
+
+
+ENGINE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_until(session, condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        session.poll()
+        assert time.monotonic() < deadline, f"gave up waiting; status {session.status}, {session.messages}"
+        time.sleep(0.05)
+
+
+def open_session(model, **kwargs):
+    scene, volume, segmentation, grid = build_scene()
+    session = corrections.CorrectionSession(scene, segmentation, [volume], model, device="cpu", env=ENGINE_ENV,
+                                            **kwargs)
+    run_until(session, lambda: session.status != corrections.STARTING)
+    assert session.status == corrections.READY, session.messages
+    return scene, volume, segmentation, grid, session
+
+
+def place(node, index):
+    import vtk
+
+    lps = index_to_physical(index, GEOMETRY)
+    node.AddControlPoint(vtk.vtkVector3d(-lps[0], -lps[1], lps[2]))
+
+
+def test_clicks_update_only_the_chosen_segment_near_them_and_undo_exactly(model):
+    import torch
+
+    from AutoSegLib.inference import Predictor
+
+    scene, volume, segmentation, grid, session = open_session(model)
+    try:
+        assert session.guided
+        assert [name for _, name in session.segment_choices()] == ["organ", "tumour"]  # "marker": not the model's
+        with pytest.raises(ValueError, match="'marker' is not a structure of the model"):
+            session.choose_segment(segment_id(segmentation, "marker"))
+        session.choose_segment(segment_id(segmentation, "tumour"))
+        before = masks(segmentation, grid)
+        previous = segment_masks.label_map(segmentation, grid, LABELS)
+        place(session.positive, (6, 12, 11))
+        place(session.negative, (6, 12, 19))
+        run_until(session, lambda: session.undo_stack)
+        step = session.undo_stack[-1]
+        after = masks(segmentation, grid)
+        assert session.positive.GetNthControlPointLabel(0) == "+ tumour"
+        assert session.negative.GetNthControlPointLabel(0) == "- tumour"
+
+        # the chosen segment inside the region is the engine's answer, as Predictor.refine computes it
+        torch.set_num_threads(1)
+        predictor = Predictor.from_model_dir(model, device="cpu", tta=False)
+        expected = predictor.refine([phantom()[0]], GEOMETRY, previous, session.clicks())
+        assert tuple(expected.region) == step.region
+        box = ~outside(step.region)
+        assert 0 < box.sum() < box.size  # near the clicks, not the whole image
+        np.testing.assert_array_equal(after["tumour"][box], expected.labels[box] == 2)
+        gained = box & after["tumour"] & ~before["tumour"]
+        for name in ("organ", "marker"):
+            np.testing.assert_array_equal(after[name], before[name] & ~gained)
+        for name in after:
+            np.testing.assert_array_equal(after[name][outside(step.region)], before[name][outside(step.region)])
+
+        message = session.undo()
+        assert message.startswith("Undone: the last click on tumour")
+        for name, mask in masks(segmentation, grid).items():
+            np.testing.assert_array_equal(mask, before[name])
+        assert session.positive.GetNumberOfControlPoints() == session.negative.GetNumberOfControlPoints() == 0
+        with pytest.raises(ValueError, match="no click to undo"):
+            session.undo()
+    finally:
+        session.close()
+    assert scene.GetFirstNodeByName(corrections.POSITIVE_NAME) is None  # Done removes the click lists
+
+
+def test_a_dead_engine_is_reported_in_plain_words_and_the_click_is_removed(model):
+    scene, volume, segmentation, grid, session = open_session(model)
+    try:
+        session.choose_segment(segment_id(segmentation, "organ"))
+        before = masks(segmentation, grid)
+        session.engine.process.kill()
+        session.engine.process.wait(10)
+        place(session.positive, (6, 12, 11))
+        run_until(session, lambda: session.status == corrections.FAILED)
+        text = "\n".join(session.messages)
+        assert "The click could not be applied (its point was removed): the engine process ended before refine " \
+               "(killed by signal 9)." in text
+        assert "press Correct with clicks again to restart it" in text and "last messages" not in text
+        assert session.positive.GetNumberOfControlPoints() == 0
+        for name, mask in masks(segmentation, grid).items():
+            np.testing.assert_array_equal(mask, before[name])
+    finally:
+        session.close()
+
+
+def test_a_point_outside_the_volume_is_removed_with_a_message(model):
+    scene, volume, segmentation, grid, session = open_session(model)
+    try:
+        session.choose_segment(segment_id(segmentation, "organ"))
+        place(session.positive, (6, 12, 40))  # x = 40 of 28 voxels
+        run_until(session, lambda: any("outside volume 'ct'" in m for m in session.messages))
+        assert session.positive.GetNumberOfControlPoints() == 0 and not session.undo_stack
+    finally:
+        session.close()
+
+
+def test_an_engine_that_cannot_start_says_why(tmp_path):
+    broken = tiny_guided_model(tmp_path)
+    (broken / "3d_fullres" / "fold_0" / "checkpoint_final.pt").write_bytes(b"")
+    scene, volume, segmentation, grid = build_scene()
+    session = corrections.CorrectionSession(scene, segmentation, [volume], broken, device="cpu", env=ENGINE_ENV)
+    try:
+        run_until(session, lambda: session.status != corrections.STARTING)
+        assert session.status == corrections.FAILED
+        assert session.messages[0].startswith("The correction engine could not start:")
+        assert "Traceback" not in session.messages[0]
+    finally:
+        session.close()
