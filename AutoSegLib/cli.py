@@ -104,7 +104,7 @@ def cmd_plan(args, reporter: Reporter, finish: bool = True) -> None:
         work = args.work or default_work_dir(args.dataset)
         plans = plan_dataset(args.dataset, work, gpu_memory_gb=budget, num_processes=args.num_processes,
                              reporter=reporter, force_fingerprint=args.refresh_fingerprint,
-                             architecture=args.architecture)
+                             architecture=args.architecture, guidance=args.guidance)
         out = Path(work) / PLANS_FILE
     text = plans.explain() if args.explain else plans.summary()
     if args.explain:
@@ -138,8 +138,11 @@ def _plan_from_fingerprint(args, budget: float):
     if n_intensity != len(channels):
         raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
                          f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
-    return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem,
-                architecture=args.architecture)
+    from AutoSegLib.planning.guidance import with_guidance
+
+    return with_guidance(plan(fingerprint, channels, labels, gpu_memory_gb=budget,
+                              dataset_name=Path(args.fingerprint).stem, architecture=args.architecture),
+                         args.guidance)
 
 
 def cmd_preprocess(args, reporter: Reporter) -> None:
@@ -506,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"network variant: {listing(ARCHITECTURES)} (default: {DEFAULT_ARCHITECTURE}, the plain "
                         "U-Net of the blueprint)")
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    p.add_argument("--no-guidance", dest="guidance", action="store_false",
+                   help="plain networks: no click-guidance input channels (default: networks also trained to take "
+                        "correction clicks, docs/clicks.md)")
     p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
     p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
     p.add_argument("--channels", default=None, help="with --fingerprint: channel names in order, e.g. CT or T1,T2")
@@ -538,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true")
     p.add_argument("--gpu-memory", default=8.0, type=gpu_memory_arg, metavar="GB|auto")
     p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES)
+    p.add_argument("--no-guidance", dest="guidance", action="store_false",
+                   help="plain networks without click-guidance channels")
     p.add_argument("--refresh-fingerprint", action="store_true")
     add_preprocess_flags(p)
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)

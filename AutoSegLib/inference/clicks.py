@@ -156,11 +156,15 @@ def encode_guidance(points: Iterable[tuple[int, bool, Sequence[float]]], shape: 
 # -- simulated clicks -----------------------------------------------------------------------------
 def component_centre(component: np.ndarray, spacing: Sequence[float] | None = None) -> tuple[int, ...]:
     """The voxel of a (boolean) component farthest from its border: the maximum of its distance
-    transform (the first in C order on ties). ``spacing`` makes the distance physical."""
+    transform. A slab has many such voxels: of those, the one nearest their mean (the first in
+    C order on a tie), i.e. the middle of the ridge. ``spacing`` makes the distance physical."""
     box = ndimage.find_objects(component.astype(np.uint8))[0]
     padded = np.pad(component[box], 1)
     distance = ndimage.distance_transform_edt(padded, sampling=spacing)
-    peak = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    peaks = np.argwhere(distance == distance.max())
+    scale = np.ones(peaks.shape[1]) if spacing is None else np.asarray(spacing, dtype=float)
+    offsets = ((peaks - peaks.mean(0)) * scale) ** 2
+    peak = peaks[int(np.argmin(offsets.sum(1)))]
     return tuple(int(p - 1 + s.start) for p, s in zip(peak, box))
 
 
