@@ -262,9 +262,14 @@ def test_clicks_update_only_the_chosen_segment_near_them_and_undo_exactly(model)
         assert session.negative.GetNthControlPointLabel(0) == "- tumour"
 
         # the chosen segment inside the region is the engine's answer, as Predictor.refine computes it
+        # here (one thread, as the engine process runs: the same sums in the same order)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        predictor = Predictor.from_model_dir(model, device="cpu", tta=False)
-        expected = predictor.refine([phantom()[0]], GEOMETRY, previous, session.clicks())
+        try:
+            predictor = Predictor.from_model_dir(model, device="cpu", tta=False)
+            expected = predictor.refine([phantom()[0]], GEOMETRY, previous, session.clicks())
+        finally:
+            torch.set_num_threads(threads)
         assert tuple(expected.region) == step.region
         box = ~outside(step.region)
         assert 0 < box.sum() < box.size  # near the clicks, not the whole image
@@ -330,3 +335,33 @@ def test_an_engine_that_cannot_start_says_why(tmp_path):
         assert "Traceback" not in session.messages[0]
     finally:
         session.close()
+
+
+def test_the_module_session_corrects_then_adds_the_corrected_case_to_the_training_set(model, tmp_path):
+    from AutoSegLib.fileutil import read_json
+    from AutoSegLib.imageio import read_image
+
+    from AutoSegLogic.session import Session
+
+    scene, volume, segmentation, grid = build_scene()
+    segmentation.GetSegmentation().RemoveSegment(segment_id(segmentation, "marker"))
+    session = Session(scene, env=ENGINE_ENV, log_dir=tmp_path / "logs")
+    correction = session.start_correcting(segmentation, [volume], model, device="cpu")
+    try:
+        run_until(session, lambda: correction.status != corrections.STARTING)
+        correction.choose_segment(segment_id(segmentation, "organ"))
+        place(correction.positive, (6, 12, 8))
+        run_until(session, lambda: correction.undo_stack)
+        corrected = segment_masks.label_map(segmentation, grid, LABELS)
+        assert correction.undo_stack[-1].changed_voxels > 0 and not np.array_equal(corrected, phantom()[1])
+        result, _ = session.add_case(tmp_path / "Dataset901_Clicks", [volume], segmentation, ["CT"])
+    finally:
+        session.stop_correcting()
+    assert session.correction is None and correction.status == corrections.CLOSED
+    dataset = tmp_path / "Dataset901_Clicks"
+    values = read_json(dataset / "dataset.json")["labels"]
+    written, _ = read_image(next((dataset / "labelsTr").iterdir()))
+    expected = np.zeros(SHAPE, np.uint8)
+    expected[corrected == 1], expected[corrected == 2] = values["organ"], values["tumour"]
+    np.testing.assert_array_equal(written, expected)
+    assert result.case_ids and scene.GetFirstNodeByName(corrections.POSITIVE_NAME) is None
