@@ -284,8 +284,7 @@ class Predictor:
         del data
         return probabilities, properties
 
-    def _fold_mean(self, stage: Stage, data: np.ndarray, passes: "_PassCounter",
-                   guided: bool = False) -> np.ndarray:
+    def _fold_mean(self, stage: Stage, data: np.ndarray, passes: "_PassCounter") -> np.ndarray:
         """Fold-mean probabilities; on a GPU that runs out of memory, again with host accumulators.
 
         The network's activations fit (a training batch did), but the accumulators of a large
@@ -293,20 +292,20 @@ class Predictor:
         nnU-Net does, the case is then predicted again with them in host memory.
         """
         if self.device.type == "cpu":
-            return self._fold_mean_on(stage, data, passes, self.device, guided)
+            return self._fold_mean_on(stage, data, passes, self.device)
         first_pass = passes.started
         try:
-            return self._fold_mean_on(stage, data, passes, self.device, guided)
+            return self._fold_mean_on(stage, data, passes, self.device)
         except torch.OutOfMemoryError:
             pass  # retried below: in here the traceback still holds the failed attempt's tensors
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         passes.started = first_pass
         self.host_accumulator_fallbacks += 1
-        return self._fold_mean_on(stage, data, passes, torch.device("cpu"), guided)
+        return self._fold_mean_on(stage, data, passes, torch.device("cpu"))
 
     def _fold_mean_on(self, stage: Stage, data: np.ndarray, passes: "_PassCounter",
-                      accumulators: torch.device, guided: bool = False) -> np.ndarray:
+                      accumulators: torch.device) -> np.ndarray:
         x = torch.from_numpy(data).to(accumulators)
         batch = self.batch_size or default_batch_size(stage.config, self.device)
         mirror = mirror_axes_for(stage.config) if self.tta else ()
@@ -314,7 +313,7 @@ class Predictor:
         for weights in stage.weights:
             if len(stage.weights) > 1:
                 stage.network.load_state_dict(weights)
-            network = self._forward(stage.network, 0 if guided else stage.guidance_channels)
+            network = self._forward(stage.network, stage.guidance_channels)  # automatic: zero click maps
             logits = sliding_window_logits(network, x, stage.config["patch_size"], self.step,
                                            mirror, batch, progress=passes.next_pass(), network_device=self.device)
             probabilities = softmax(logits)  # on the CPU: the logits' own memory, an inference tensor
