@@ -960,6 +960,9 @@ class AutoSegTest(ScriptedLoadableModuleTest):
         expected = [n for n, v in sorted(model_labels(work / "model").items(), key=lambda kv: kv[1]) if v]
         self.assertEqual(names, expected)
 
+        self.delayDisplay("Correct with clicks: one point, applied, undone")
+        self.correctWithClicks(session, reference)
+
         self.delayDisplay("Use a model: the trained folder registered in a models folder and applied")
         library = ModelLibrary(root / "AutoSegModels")
         entry = library.register_folder(work)
@@ -970,3 +973,45 @@ class AutoSegTest(ScriptedLoadableModuleTest):
         content = session.prediction_result.segmentation.GetSegmentation()
         self.assertEqual([content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())], expected)
         self.delayDisplay("Test passed")
+
+    def correctWithClicks(self, session, reference):
+        """A positive point at the volume's centre for the first segment: the engine answers, the
+        segment changes only inside the answered region, Undo restores the label map exactly."""
+        import time
+
+        import vtk
+
+        from AutoSegLib.inference.clicks import index_to_physical
+        from AutoSegLogic import segment_masks
+        from AutoSegLogic.volumes import node_geometry
+
+        segmentation = session.prediction_result.segmentation
+        correction = session.start_correcting(segmentation, device="cpu")
+
+        def until(condition, timeout=300.0):
+            deadline = time.monotonic() + timeout
+            while not condition():
+                session.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+                self.assertLess(time.monotonic(), deadline, correction.messages)
+
+        try:
+            until(lambda: correction.status != corrections.STARTING)
+            self.assertEqual(correction.status, corrections.READY, correction.messages)
+            segmentId, _ = correction.segment_choices()[0]
+            correction.choose_segment(segmentId)
+            grid = correction.grid
+            before = segment_masks.label_map(segmentation, grid, correction.labels)
+            lps = index_to_physical([n // 2 for n in grid.shape], node_geometry(reference))
+            correction.positive.AddControlPoint(vtk.vtkVector3d(-lps[0], -lps[1], lps[2]))
+            until(lambda: correction.undo_stack or correction.status == corrections.FAILED)
+            self.assertTrue(correction.undo_stack, correction.messages)
+            z0, z1, y0, y1, x0, x1 = correction.undo_stack[-1].region
+            changed = segment_masks.label_map(segmentation, grid, correction.labels) != before
+            changed[z0:z1, y0:y1, x0:x1] = False
+            self.assertFalse(changed.any())  # nothing outside the answered region
+            correction.undo()
+            self.assertTrue((segment_masks.label_map(segmentation, grid, correction.labels) == before).all())
+        finally:
+            session.stop_correcting()

@@ -47,6 +47,8 @@ class Grid:
     def of_volume(cls, volume) -> "Grid":
         from AutoSegLogic.volumes import ijk_to_ras
 
+        if volume.GetImageData() is None:
+            raise SegmentGridError(f"volume '{volume.GetName()}' has no voxels")
         nx, ny, nz = volume.GetImageData().GetDimensions()
         return cls((nz, ny, nx), ijk_to_ras(volume), volume.GetName())
 
