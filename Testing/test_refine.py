@@ -159,3 +159,15 @@ def test_an_ensemble_cannot_refine(tmp_path):
     predictor = Predictor.from_model_dir(model, configuration=["3d_fullres", "2d"], tta=False, device="cpu")
     with pytest.raises(ClickError, match="one configuration without a cascade"):
         predictor.prepare([image()], GEOMETRY)
+
+
+def test_a_shared_guided_model_stays_guided(guided_model, tmp_path):
+    from AutoSegLib.sharing.exporter import export_model
+    from AutoSegLib.sharing.importer import import_model
+
+    export_model(guided_model, tmp_path / "guided.zip")
+    import_model(tmp_path / "guided.zip", tmp_path / "imported")
+    predictor = Predictor.from_model_dir(tmp_path / "imported", tta=False, device="cpu")
+    assert predictor.guided and predictor.stages[0].guidance_channels == 4
+    result = predictor.refine([image()], GEOMETRY, np.zeros((20, 40, 36), np.uint8), [click(1, True, (10, 20, 18))])
+    assert result.region == (7, 13, 14, 26, 12, 24)

@@ -87,6 +87,183 @@ def cmd_train(args) -> None:
     print(json.dumps(record))
 
 
+# -- Dice after clicks ------------------------------------------------------------------------------
+def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two masks; NaN when both are empty (left out of means, as the evaluation does)."""
+    total = int(predicted.sum()) + int(truth.sum())
+    return float("nan") if total == 0 else 2.0 * int(np.logical_and(predicted, truth).sum()) / total
+
+
+def test_cases(dataset: Path) -> list[tuple[str, np.ndarray, np.ndarray, object]]:
+    from AutoSegLib.imageio import read_image
+
+    cases = []
+    for label_path in sorted((dataset / "labelsTs").glob("*.nii.gz")):
+        case = label_path.name[:-len(".nii.gz")]
+        image, geometry = read_image(dataset / "imagesTs" / f"{case}_0000.nii.gz")
+        truth, _ = read_image(label_path)
+        cases.append((case, image, truth.astype(np.uint8), geometry))
+    return cases
+
+
+def click_sequence(predictor, prepared, image, truth, automatic, geometry, label: int, n_clicks: int,
+                   spacing) -> tuple[list[np.ndarray], list[tuple[bool, tuple]], list[float]]:
+    """Label maps after 0..n clicks on ``label`` by the fixed rule, the clicks (index form), refine seconds."""
+    from AutoSegLib.inference.clicks import Click, error_click, index_to_physical
+
+    results, clicks, index_clicks, seconds = [automatic], [], [], []
+    labels = automatic
+    for _ in range(n_clicks):
+        found = error_click(labels == label, truth == label, spacing)
+        if found is None:  # nothing left to correct: the result stays
+            results.append(labels)
+            continue
+        positive, index, _ = found
+        index_clicks.append((positive, index))
+        clicks.append(Click(label, positive, index_to_physical(index, geometry)))
+        started = time.monotonic()
+        labels = predictor.refine(prepared, None, labels, clicks).labels
+        seconds.append(time.monotonic() - started)
+        results.append(labels)
+    return results, index_clicks, seconds
+
+
+def grow_sequence(image, automatic, truth, label, index_clicks, spacing) -> dict[int, float] | None:
+    """Dice of ``label`` after Grow from seeds with the first k of the same clicks (None: module absent)."""
+    try:
+        from AutoSegLib.evaluation.grow_from_seeds import grow_correction
+    except ImportError:
+        return None
+    out = {}
+    for k in CLICK_COUNTS[1:]:
+        if k > len(index_clicks):
+            out[k] = out.get(max([j for j in out] or [0]), dice(automatic == label, truth == label))
+            continue
+        grown, _ = grow_correction(image.astype(np.float32), automatic, label, index_clicks[:k], spacing)
+        out[k] = dice(grown == label, truth == label)
+    return out
+
+
+def cmd_dice(args) -> None:
+    from AutoSegLib.inference import Predictor
+
+    f = folders(args.base)
+    cases = test_cases(f["dataset"])
+    labels = json.loads((f["dataset"] / "dataset.json").read_text())["labels"]
+    classes = {name: value for name, value in labels.items() if value != 0}
+    report = {"cases": [c[0] for c in cases], "classes": classes, "models": {}, "load": os.getloadavg()}
+    for model_name in MODELS:
+        predictor = Predictor.from_model_dir(f[model_name] / "model", CONFIG, ["all"], device="cpu", tta=False)
+        per_case = []
+        for case, image, truth, geometry in cases:
+            automatic, _ = predictor.predict([image], geometry)
+            prepared = predictor.prepare([image], geometry)
+            per_case.append((case, image, truth, geometry, automatic, prepared))
+        auto = {name: float(np.nanmean([dice(a == v, t == v) for _, _, t, _, a, _ in per_case]))
+                for name, v in classes.items()}
+        worst = min(auto, key=auto.get)
+        table, seconds, grow = {}, [], {}
+        for name, value in classes.items():
+            curves = []
+            grow_curves = []
+            for case, image, truth, geometry, automatic, prepared in per_case:
+                spacing = geometry.spacing
+                results, index_clicks, took = click_sequence(predictor, prepared, image, truth, automatic, geometry,
+                                                             value, max(CLICK_COUNTS), spacing)
+                seconds += took
+                curves.append([dice(r == value, truth == value) for r in results])
+                if model_name == "guided" and args.grow:
+                    g = grow_sequence(image, automatic, truth, value, index_clicks, spacing)
+                    if g is not None:
+                        grow_curves.append([curves[-1][0]] + [g[k] for k in CLICK_COUNTS[1:]])
+            mean = np.nanmean(np.array(curves, dtype=float), axis=0)
+            table[name] = {str(k): round(float(mean[k]), 4) for k in CLICK_COUNTS}
+            if grow_curves:
+                gmean = np.nanmean(np.array(grow_curves, dtype=float), axis=0)
+                grow[name] = {str(k): round(float(v), 4) for k, v in zip(CLICK_COUNTS, gmean)}
+            print(f"{model_name:7s} {name:14s} " + "  ".join(f"{k} clicks {table[name][str(k)]:.3f}"
+                                                          for k in CLICK_COUNTS)
+                  + (f"  | grow from seeds " + "  ".join(f"{grow[name][str(k)]:.3f}" for k in CLICK_COUNTS[1:])
+                     if name in grow else ""), flush=True)
+        report["models"][model_name] = {
+            "automatic": {k: round(v, 4) for k, v in auto.items()}, "worst_class": worst, "after_clicks": table,
+            "grow_from_seeds": grow, "refine_seconds_median": round(statistics.median(seconds), 3) if seconds else None,
+            "refines": len(seconds)}
+    report["load_after"] = os.getloadavg()
+    (args.base / "dice.json").write_text(json.dumps(report, indent=2))
+    print_tables(report)
+
+
+def print_tables(report: dict) -> None:
+    models = report["models"]
+    print("\n| class | automatic, plain | automatic, guided | guided: 1 click | 3 clicks | 5 clicks | "
+          "plain: 3 clicks | grow from seeds: 1 | 3 | 5 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in report["classes"]:
+        g, p = models["guided"], models["plain"]
+        gs = g["grow_from_seeds"].get(name, {})
+        cells = [p["automatic"][name], g["automatic"][name], *(g["after_clicks"][name][k] for k in ("1", "3", "5")),
+                 p["after_clicks"][name]["3"], *(gs.get(k, float("nan")) for k in ("1", "3", "5"))]
+        print(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    for model_name, m in models.items():
+        w = m["worst_class"]
+        print(f"{model_name}: worst class {w}: automatic {m['after_clicks'][w]['0']:.3f}, 3 clicks "
+              f"{m['after_clicks'][w]['3']:.3f} (+{m['after_clicks'][w]['3'] - m['after_clicks'][w]['0']:.3f}); "
+              f"median refine {m['refine_seconds_median']} s in-process over {m['refines']} refines")
+
+
+# -- latency of the persistent process -------------------------------------------------------------
+def cmd_latency(args) -> None:
+    from AutoSegLib.inference.clicks import Click, error_click, index_to_physical
+    from AutoSegLib.inference.engine_process import EngineProcess
+
+    f = folders(args.base)
+    case, image, truth, geometry = test_cases(f["dataset"])[0]
+    labels_json = json.loads((f["dataset"] / "dataset.json").read_text())["labels"]
+    classes = [v for v in labels_json.values() if v != 0]
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    with EngineProcess(f[args.model] / "model", configuration=CONFIG, folds=["all"], device="cpu") as engine:
+        ready_s = time.monotonic() - started
+        t = time.monotonic()
+        case_id = engine.open_case([image], geometry)
+        open_s = time.monotonic() - t
+        labels = np.zeros(truth.shape, np.uint8)
+        times, clicks, engine_s = [], [], []
+        for i in range(args.clicks):
+            label = classes[i % len(classes)]
+            found = error_click(labels == label, truth == label, geometry.spacing)
+            positive, index = (True, tuple(int(v) for v in np.argwhere(truth == label)[0])) if found is None else found[:2]
+            clicks.append(Click(label, positive, index_to_physical(index, geometry)))
+            t = time.monotonic()
+            result = engine.refine(case_id, labels, clicks)
+            times.append(time.monotonic() - t)
+            engine_s.append(result.seconds)
+            labels = result.labels
+    after = times[1:]
+    record = {"model": args.model, "case": case, "image_shape": list(truth.shape), "engine_start_s": round(ready_s, 2),
+              "open_case_s": round(open_s, 3), "first_click_s": round(times[0], 3),
+              "median_click_s_after_first": round(statistics.median(after), 3), "max_click_s_after_first":
+              round(max(after), 3), "clicks": len(times), "median_engine_side_s": round(statistics.median(engine_s[1:]), 3),
+              "threads": os.environ.get("OMP_NUM_THREADS", "default (2 cores)"), "load_before": load_before,
+              "load_after": os.getloadavg()}
+    print(json.dumps(record, indent=2))
+    (args.base / f"latency_{args.model}.json").write_text(json.dumps(record, indent=2))
+
+
+def cmd_flops(args) -> None:
+    from AutoSegLib.network.cost import network_cost
+    from AutoSegLib.planning.guidance import guidance_channels
+
+    f = folders(args.base)
+    plans = json.loads((f["guided"] / "plans.json").read_text())
+    config = plans["configurations"][CONFIG]
+    n_classes = int(plans["num_classes"])
+    n_in = len(plans["channel_names"]) + guidance_channels(config, n_classes - 1)
+    cost = network_cost(config, n_in, n_classes)
+    print(json.dumps({"configuration": CONFIG, "patch": config["patch_size"], "input_channels": n_in, **cost}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +274,18 @@ def main() -> None:
     p.add_argument("base", type=Path)
     p.add_argument("model", choices=MODELS)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("dice")
+    p.add_argument("base", type=Path)
+    p.add_argument("--no-grow", dest="grow", action="store_false", help="skip Grow from seeds")
+    p.set_defaults(func=cmd_dice)
+    p = sub.add_parser("latency")
+    p.add_argument("base", type=Path)
+    p.add_argument("--model", choices=MODELS, default="guided")
+    p.add_argument("--clicks", type=int, default=12)
+    p.set_defaults(func=cmd_latency)
+    p = sub.add_parser("flops")
+    p.add_argument("base", type=Path)
+    p.set_defaults(func=cmd_flops)
     args = parser.parse_args()
     args.func(args)
 
