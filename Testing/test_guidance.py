@@ -134,10 +134,12 @@ def test_plans_keep_guidance_and_leave_a_cascade_stage_plain():
     from test_inference_predictor import tiny_config, tiny_plans
 
     raw = tiny_plans({"3d_lowres": tiny_config((2.0, 1.0, 1.0), (8, 16, 16), next_stage="3d_cascade_fullres"),
-                      "3d_cascade_fullres": tiny_config((2.0, 1.0, 1.0), (8, 16, 16), previous_stage="3d_lowres")})
+                      "3d_cascade_fullres": tiny_config((2.0, 1.0, 1.0), (8, 16, 16), previous_stage="3d_lowres"),
+                      "2d": tiny_config((1.0, 1.0), (16, 16))})
     plans = with_guidance(Plans.from_dict(raw), True)
     out = Plans.from_dict(plans.to_dict()).to_dict()["configurations"]
     assert out["3d_lowres"]["guidance"] == default_guidance() and "guidance" not in out["3d_cascade_fullres"]
+    assert "guidance" not in out["2d"]  # refines predict 3D windows
     assert "guidance" not in Plans.from_dict(raw).to_dict()["configurations"]["3d_lowres"]  # old plans: unchanged
     raw["configurations"]["3d_lowres"]["guidance"] = {**default_guidance(), "max_rounds": 0}
     with pytest.raises(ValueError, match="max_rounds"):

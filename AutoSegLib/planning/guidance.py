@@ -93,10 +93,12 @@ def with_guidance(plans, enabled: bool = True):
     """The plans with guidance on every configuration that can take it (in place, returned).
 
     A cascade's second stage is left plain: its input already carries the first stage's
-    segmentation, and refining it would need the first stage again for every click.
+    segmentation, and refining it would need the first stage again for every click. So is a
+    2D configuration: a refine predicts 3D windows around the clicks (inference/refiner.py).
     """
     for config in plans.configurations.values():
-        config.guidance = default_guidance() if enabled and not config.previous_stage else None
+        takes_clicks = enabled and not config.previous_stage and len(config.patch_size) == 3
+        config.guidance = default_guidance() if takes_clicks else None
     return plans
 
 
