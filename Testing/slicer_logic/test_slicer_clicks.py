@@ -170,41 +170,9 @@ def test_engine_errors_lose_their_log_lines():
 
 # -- the session with the real engine ------------------------------------------------------------------
 def tiny_guided_model(root):
-    """A model folder: one tiny 3d_fullres configuration with click guidance, random weights, fold 0."""
-    import torch
+    from AutoSegLogic.testing import tiny_guided_model as make
 
-    from AutoSegLib.fileutil import write_json
-    from AutoSegLib.models.checkpoint import save_checkpoint
-    from AutoSegLib.network import build_network
-    from AutoSegLib.planning.guidance import default_guidance
-
-    config = {"spacing": [2.0, 1.0, 1.5], "patch_size": [8, 16, 16], "batch_size": 2,
-              "median_image_size_in_voxels": list(SHAPE), "strides": [[1, 1, 1], [2, 2, 2]],
-              "kernel_sizes": [[3, 3, 3]] * 2, "features_per_stage": [4, 8], "n_conv_per_stage_encoder": [1, 1],
-              "n_conv_per_stage_decoder": [1], "normalization_schemes": ["ZScoreNormalization"],
-              "use_mask_for_norm": [False], "network": {"architecture": "PlainConvUNet"},
-              "resampling": {"image_order": 3, "label_order": 1, "label_encoding": "one_hot",
-                             "separate_z_anisotropy_threshold": 3.0, "out_of_plane_order": 0,
-                             "separate_z_for_typical_case": False},
-              "guidance": default_guidance()}
-    plans = {"version": 1, "dataset_name": "Clicks", "gpu_memory_gb": 8.0, "transpose_forward": [0, 1, 2],
-             "transpose_backward": [0, 1, 2], "num_training_cases": 4, "channel_names": {"0": "CT"},
-             "labels": LABELS, "num_classes": 3, "original_median_spacing": [2.0, 1.0, 1.5],
-             "original_median_shape": list(SHAPE),
-             "foreground_intensity_properties_per_channel": {"0": {
-                 "mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 200.0,
-                 "percentile_00_5": 5.0, "percentile_99_5": 190.0}},
-             "configurations": {"3d_fullres": config}}
-    model = root / "model"
-    model.mkdir(parents=True)
-    write_json(model / "plans.json", plans)
-    write_json(model / "dataset.json", {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 4,
-                                        "file_ending": ".nii.gz"})
-    torch.manual_seed(0)
-    network = build_network(config, 1 + 2 * 2, len(LABELS))
-    save_checkpoint(model / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
-                    {"network_weights": network.state_dict(), "epoch": 1})
-    return model
+    return make(root, LABELS, GEOMETRY.spacing, SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +333,30 @@ def test_the_module_session_corrects_then_adds_the_corrected_case_to_the_trainin
     expected[corrected == 1], expected[corrected == 2] = values["organ"], values["tumour"]
     np.testing.assert_array_equal(written, expected)
     assert result.case_ids and scene.GetFirstNodeByName(corrections.POSITIVE_NAME) is None
+
+
+def test_a_region_of_a_segment_reads_as_that_box_of_the_whole_mask():
+    scene, volume, segmentation, grid = build_scene()
+    for name in ("organ", "marker"):
+        whole = segment_masks.segment_mask(segmentation, segment_id(segmentation, name), grid)
+        for region in [(0, 12, 0, 24, 0, 28), (5, 8, 10, 14, 15, 20), (0, 1, 0, 1, 0, 1), (3, 9, 2, 20, 16, 28)]:
+            box = whole[region[0]:region[1], region[2]:region[3], region[4]:region[5]]
+            np.testing.assert_array_equal(
+                segment_masks.segment_mask(segmentation, segment_id(segmentation, name), grid, region), box)
+
+
+def test_writing_a_segment_that_moves_away_clears_its_old_voxels_and_keeps_the_shared_layer():
+    scene, volume, segmentation, grid = build_scene()
+    before = masks(segmentation, grid)
+    organ = segment_id(segmentation, "organ")
+    moved = np.zeros(SHAPE, bool)
+    moved[0:2, 0:3, 0:4] = True  # far from where the organ was, and partly on nothing else
+    segment_masks.set_segment_mask(segmentation, organ, moved, grid)
+    after = masks(segmentation, grid)
+    np.testing.assert_array_equal(after["organ"], moved)
+    np.testing.assert_array_equal(after["tumour"], before["tumour"])
+    np.testing.assert_array_equal(after["marker"], before["marker"])
+    segment_masks.set_segment_mask(segmentation, organ, np.zeros(SHAPE, bool), grid)
+    assert not segment_masks.segment_mask(segmentation, organ, grid).any()
+    content = segmentation.GetSegmentation()
+    assert content.GetNumberOfLayers() == 2  # organ and tumour still share theirs (marker has its own)
