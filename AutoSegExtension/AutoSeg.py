@@ -586,7 +586,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCorrectSegmentChanged(self, *unused) -> None:
         correction = self.logic.session.correction
-        segmentId = self.ui.correctSegmentComboBox.currentData
+        combo = self.ui.correctSegmentComboBox
+        segmentId = combo.itemData(combo.currentIndex) if combo.currentIndex >= 0 else None
         if correction is None or not segmentId:
             return
         try:
@@ -633,6 +634,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.correctSegmentComboBox, self.ui.positiveClickButton, self.ui.negativeClickButton):
             widget.enabled = usable
         self.ui.undoClickButton.enabled = status == corrections.READY and bool(correction.undo_stack)
+        self.showPlacing(correction, usable)
         self.ui.correctStatusLabel.text = {
             None: "Predict (or choose a reviewed segmentation), then Correct with clicks.",
             corrections.STARTING: "Starting the engine and loading the model...",
@@ -642,6 +644,19 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             corrections.FAILED: "The engine stopped: press Done, then Correct with clicks to restart it.",
         }.get(status, "") + (f"\n{self._lastCorrectionMessage}" if correction is not None and
                              self._lastCorrectionMessage else "")
+
+    def showPlacing(self, correction, usable: bool) -> None:
+        """The point buttons follow the views' place mode (Esc or right-click ends it there); an
+        engine that stopped ends it here."""
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        active = slicer.app.applicationLogic().GetSelectionNode().GetActivePlaceNodeID()
+        ours = [correction.positive.GetID(), correction.negative.GetID()] if correction is not None else []
+        placing = interaction.GetCurrentInteractionMode() == interaction.Place and active in ours
+        if placing and not usable:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            placing = False
+        self.ui.positiveClickButton.checked = placing and active == ours[0]
+        self.ui.negativeClickButton.checked = placing and active == ours[1]
 
     def showCorrectionMessages(self) -> None:
         correction = self.logic.session.correction
