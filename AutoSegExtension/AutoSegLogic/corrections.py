@@ -269,20 +269,36 @@ class CorrectionSession:
         """Keys ``(positive, control point id)`` of placed points not applied yet, claiming them for
         the chosen segment (and labelling them "+ name" / "- name")."""
         fresh = []
+        chosen = self._chosen()
         for node, positive in ((self.positive, True), (self.negative, False)):
             for point_id, _ in placed_points(node):
                 key = (positive, point_id)
                 if key in self._applied:
                     continue
                 if key not in self._meaning:
-                    if self.segment_id is None:
+                    if chosen is None:
                         continue  # waits until a segment is chosen
-                    name = segment_masks.segment_name(self.segmentation, self.segment_id)
-                    self._meaning[key] = (self.segment_id, self._label_of(name))
+                    name, value = chosen
+                    self._meaning[key] = (self.segment_id, value)
                     node.SetNthControlPointLabel(node.GetNthControlPointIndexByID(point_id),
                                                  f"{'+' if positive else '-'} {name}")
                 fresh.append(key)
         return fresh
+
+    def _chosen(self) -> tuple[str, int] | None:
+        """(name, label value) of the chosen segment; None, said once, when it was deleted or renamed
+        to a name the model does not know since it was chosen."""
+        if self.segment_id is None:
+            return None
+        segment = self.segmentation.GetSegmentation().GetSegment(self.segment_id)
+        try:
+            if segment is None:
+                raise ValueError("the chosen segment was deleted")
+            return segment.GetName(), self._label_of(segment.GetName())
+        except ValueError as error:
+            self.segment_id = None
+            self.messages.append(f"{error}; choose a segment for the new points")
+            return None
 
     def clicks(self, keys=None) -> list[Click]:
         """The clicks of the placed points (all claimed ones, or those of ``keys``): positive, then negative."""

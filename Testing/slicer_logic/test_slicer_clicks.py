@@ -360,3 +360,21 @@ def test_writing_a_segment_that_moves_away_clears_its_old_voxels_and_keeps_the_s
     assert not segment_masks.segment_mask(segmentation, organ, grid).any()
     content = segmentation.GetSegmentation()
     assert content.GetNumberOfLayers() == 2  # organ and tumour still share theirs (marker has its own)
+
+
+def test_points_wait_when_the_chosen_segment_is_renamed_to_a_name_the_model_does_not_know(model):
+    scene, volume, segmentation, grid, session = open_session(model)
+    try:
+        organ = segment_id(segmentation, "organ")
+        session.choose_segment(organ)
+        segmentation.GetSegmentation().GetSegment(organ).SetName("organ (checked)")
+        place(session.positive, (6, 12, 8))
+        for _ in range(5):
+            session.poll()
+        assert session.segment_id is None and session.status == corrections.READY and not session.undo_stack
+        assert sum("'organ (checked)' is not a structure of the model" in m for m in session.messages) == 1
+        session.choose_segment(segment_id(segmentation, "tumour"))
+        run_until(session, lambda: session.undo_stack)
+        assert session.positive.GetNthControlPointLabel(0) == "+ tumour"
+    finally:
+        session.close()
