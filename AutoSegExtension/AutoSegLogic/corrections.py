@@ -180,6 +180,9 @@ class CorrectionSession:
             except BaseException:
                 engine.close()
                 raise
+            if job.cancel_requested:  # Done was pressed while it started: nobody will poll for it
+                engine.close()
+                return None
             return engine, case_id
 
         self._job = ThreadJob(open_engine, "start the correction engine", ["open-engine"]).start()
@@ -231,8 +234,6 @@ class CorrectionSession:
 
     def _finish(self, job: ThreadJob) -> None:
         if self.status == CLOSED:
-            if job.succeeded and job.command == "open-engine":
-                _close_in_background(job.result[0])
             return
         if job.command == "open-engine":
             if job.succeeded:
@@ -314,7 +315,7 @@ class CorrectionSession:
         fresh = self.new_points()
         if not fresh:
             return
-        # one segment per answer: the oldest new point's segment, and the new points placed for it
+        # one segment per answer: the first new point's segment, and the new points placed for it
         segment_id = self._meaning[fresh[0]][0]
         fresh = [p for p in fresh if self._meaning[p][0] == segment_id]
         outside = [p for p in fresh if not self._inside(p)]
@@ -407,6 +408,8 @@ class CorrectionSession:
         if self.status == CLOSED:
             return
         self.status = CLOSED
+        if self._job is not None and self._job.command == "open-engine":
+            self._job.cancel()  # the worker closes the engine it was starting
         if self.engine is not None:
             _close_in_background(self.engine)
             self.engine = None

@@ -378,3 +378,27 @@ def test_points_wait_when_the_chosen_segment_is_renamed_to_a_name_the_model_does
         assert session.positive.GetNthControlPointLabel(0) == "+ tumour"
     finally:
         session.close()
+
+
+def test_done_while_the_engine_starts_stops_the_engine_it_was_starting(model):
+    from AutoSegLib.inference.engine_process import EngineProcess
+
+    started = []
+
+    def factory(*args, **kwargs):
+        engine = corrections.default_engine(*args, **kwargs)
+        started.append(engine)
+        return engine
+
+    scene, volume, segmentation, grid = build_scene()
+    session = corrections.CorrectionSession(scene, segmentation, [volume], model, device="cpu", env=ENGINE_ENV,
+                                            engine_factory=factory)
+    job = session._job
+    session.close()
+    deadline = time.monotonic() + 120
+    while not job.finished:
+        job.poll()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(started) == 1 and isinstance(started[0], EngineProcess)
+    assert started[0].closed and started[0].process.poll() is not None
