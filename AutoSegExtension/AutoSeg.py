@@ -561,7 +561,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folds = commands.parse_folds(p.predictFolds) if p.predictFolds.strip() else None
             correction = session.start_correcting(
                 segmentation, None if madeHere else self.inputVolumes(), None if madeHere else self.modelFolder(),
-                None if madeHere else p.predictConfiguration, None if madeHere else folds, p.device)
+                None if madeHere else p.predictConfiguration, None if madeHere else folds, p.device,
+                before_change=self.saveEditorUndoState)
         except (ValueError, OSError, RuntimeError) as error:
             self.failed("Could not start correcting with clicks", error)
             return
@@ -576,6 +577,14 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.say(f"Correct with clicks: starting the engine for {correction.model} (the first start loads the model)")
         self.timer.setInterval(CORRECTION_POLL_MS)
         self.startPolling()
+
+    def saveEditorUndoState(self) -> None:
+        """Before a click changes the segmentation: the Segment Editor's undo state, so its Undo button
+        takes the click back too (when the editor shows this segmentation)."""
+        correction = self.logic.session.correction
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if correction is not None and editor.segmentationNode() is correction.segmentation:
+            editor.saveStateForUndo()
 
     def stopCorrecting(self) -> None:
         self.stopPlacing()

@@ -135,6 +135,9 @@ class CorrectionSession:
         configuration, folds, device: the engine's choice (None: the model's own rule).
         engine_factory: ``(model, configuration, folds, device, python, env) -> engine`` with
             ``open_case``, ``refine`` and ``close`` (default: a real engine process).
+        before_change: called (GUI thread) just before a click's answer or an undo changes the
+            segmentation; the module saves the Segment Editor's undo state there, so its Undo
+            takes a click back too.
 
     Raises:
         ValueError: the volumes or the segmentation cannot be used (the message says why).
@@ -142,7 +145,7 @@ class CorrectionSession:
 
     def __init__(self, scene, segmentation, volumes: Sequence, model, configuration: str | None = None,
                  folds=None, device: str = "cpu", python: str | None = None, env: dict | None = None,
-                 engine_factory: Callable | None = None):
+                 engine_factory: Callable | None = None, before_change: Callable[[], None] | None = None):
         volumes = [v for v in volumes if v is not None]
         if not volumes:
             raise ValueError("choose the input volume(s) the segmentation was predicted from")
@@ -171,6 +174,7 @@ class CorrectionSession:
         self._applied: set[tuple] = set()
         self._job: ThreadJob | None = None
         self._job_points: list[tuple] = []
+        self.before_change = before_change
         factory = engine_factory or default_engine
 
         def open_engine(job):
@@ -363,6 +367,7 @@ class CorrectionSession:
             self.messages.append("The segment was deleted while the click was computed; the point was removed")
             return
         name = segment_masks.segment_name(self.segmentation, segment_id)
+        self._before_change()
         try:
             step = segment_masks.apply_class_change(self.segmentation, segment_id, self._label_of(name),
                                                     np.asarray(result.labels), result.region, self.grid)
@@ -374,6 +379,13 @@ class CorrectionSession:
         self._applied.update(points)
         self.undo_stack.append(step)
         self.messages.append(f"{name}: {step.changed_voxels} voxel(s) changed")
+
+    def _before_change(self) -> None:
+        if self.before_change is not None:
+            try:
+                self.before_change()
+            except Exception as error:  # a hook that fails must not lose the click
+                logging.warning("AutoSeg corrections: saving the undo state failed: %s", error)
 
     def _drop(self, keys) -> None:
         for node, positive in ((self.positive, True), (self.negative, False)):
@@ -395,6 +407,9 @@ class CorrectionSession:
         if not self.undo_stack:
             raise ValueError("there is no click to undo")
         step = self.undo_stack[-1]
+        edited = segment_masks.edited_since(self.segmentation, step, self.grid)
+        if not edited:
+            self._before_change()
         segment_masks.undo_step(self.segmentation, step, self.grid)
         self.undo_stack.pop()
         self._drop(step.point_ids)

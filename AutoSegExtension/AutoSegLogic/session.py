@@ -211,12 +211,13 @@ class Session:
     # -- correcting with clicks ------------------------------------------------------------------
     def start_correcting(self, segmentation, volumes: Sequence | None = None, model=None,
                          configuration: str | None = None, folds_: Sequence[str] | None = None,
-                         device: str | None = None) -> corrections.CorrectionSession:
+                         device: str | None = None, before_change=None) -> corrections.CorrectionSession:
         """Open "Correct with clicks" on ``segmentation`` (closing any open one).
 
         Without ``volumes``/``model``: those of the prediction that made ``segmentation`` in this
         session (its configuration and folds too), so a result of "Use a model" is corrected with
         that model. The engine starts in the background; :meth:`poll` advances it.
+        ``before_change``: see :class:`~AutoSegLogic.corrections.CorrectionSession`.
 
         Raises:
             ValueError: nothing to correct with (no volumes or model), or the segmentation cannot
@@ -240,7 +241,8 @@ class Session:
         device = device or info.get("device") or "auto"
         self.stop_correcting()
         self.correction = corrections.CorrectionSession(self.scene, segmentation, volumes or [], model, configuration,
-                                                        folds_, device, python=self.python, env=self.env)
+                                                        folds_, device, python=self.python, env=self.env,
+                                                        before_change=before_change)
         if note:
             self.correction.messages.append(note)
         return self.correction

@@ -314,7 +314,12 @@ def test_the_module_session_corrects_then_adds_the_corrected_case_to_the_trainin
     scene, volume, segmentation, grid = build_scene()
     segmentation.GetSegmentation().RemoveSegment(segment_id(segmentation, "marker"))
     session = Session(scene, env=ENGINE_ENV, log_dir=tmp_path / "logs")
-    correction = session.start_correcting(segmentation, [volume], model, device="cpu")
+    saved = []  # what the Segment Editor's undo would save: the state just before each change
+
+    def before_change():
+        saved.append(segment_masks.label_map(segmentation, grid, LABELS))
+
+    correction = session.start_correcting(segmentation, [volume], model, device="cpu", before_change=before_change)
     try:
         run_until(session, lambda: correction.status != corrections.STARTING)
         correction.choose_segment(segment_id(segmentation, "organ"))
@@ -322,6 +327,8 @@ def test_the_module_session_corrects_then_adds_the_corrected_case_to_the_trainin
         run_until(session, lambda: correction.undo_stack)
         corrected = segment_masks.label_map(segmentation, grid, LABELS)
         assert correction.undo_stack[-1].changed_voxels > 0 and not np.array_equal(corrected, phantom()[1])
+        assert len(saved) == 1
+        np.testing.assert_array_equal(saved[0], phantom()[1])
         result, _ = session.add_case(tmp_path / "Dataset901_Clicks", [volume], segmentation, ["CT"])
     finally:
         session.stop_correcting()
