@@ -6,15 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from AutoSegLib.evaluation.grow_from_seeds import (K_SEED, OTHER_SEED, GrowFromSeedsError, click_box,
+from AutoSegLib.evaluation.grow_from_seeds import (K_SEED, OTHER_SEED, GrowFromSeedsError, available, click_box,
                                                    correction_seeds, grow_correction, grow_from_seeds, merge_class)
 
-try:
-    import slicer  # noqa: F401
-    HAVE_SLICER = True
-except ImportError:
-    HAVE_SLICER = False
-needs_slicer = pytest.mark.skipif(not HAVE_SLICER, reason="Slicer's grow-from-seeds filter comes with slicer-core")
+needs_slicer = pytest.mark.skipif(not available(), reason="Slicer's grow-from-seeds filter comes with slicer-core")
 
 
 def two_regions(shape=(8, 12, 16), edge=9, seed=0):

@@ -56,6 +56,15 @@ class GrowFromSeedsError(ValueError):
     """The inputs cannot be grown (shapes, seed values, an empty region); the message says which."""
 
 
+def available() -> bool:
+    """True when Slicer's filter can run here (the ``slicer-core`` wheel is installed)."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return hasattr(slicer, "vtkImageGrowCutSegment")
+
+
 def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, region: Sequence[int] | None = None,
                     spacing: Sequence[float] = (1.0, 1.0, 1.0), seed_locality: float = 0.0) -> np.ndarray:
     """Slicer's Grow from seeds on arrays.
@@ -100,6 +109,9 @@ def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, region: Sequence[int] 
 
 
 def _run_filter(intensities: np.ndarray, labels: np.ndarray, spacing, seed_locality: float) -> np.ndarray:
+    if not available():
+        raise ImportError("Grow from seeds runs Slicer's own filter, which comes with the slicer-core wheel: "
+                          "pip install slicer-core")
     import slicer  # the slicer-core wheel (vtkSlicerSegmentationsModuleLogic's vtkImageGrowCutSegment)
 
     grow = slicer.vtkImageGrowCutSegment()
