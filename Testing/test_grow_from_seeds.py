@@ -85,7 +85,8 @@ def test_seeds_are_the_shrunk_automatic_result_and_the_click_discs():
     automatic = np.zeros((5, 20, 20), np.uint8)
     automatic[:, 5:15, 5:15] = 2  # class 2, a 10x10 square in every slice
     automatic[:, :, 17:] = 1  # another class
-    seeds, region = correction_seeds(automatic, 2, [(False, (2, 10, 10))], spacing=(1, 1, 1), region=(0, 5, 0, 20, 0, 20),
+    seeds, region = correction_seeds(automatic, 2, [(False, (2, 10, 10))], spacing=(1, 1, 1),
+                                     region=(0, 5, 0, 20, 0, 20),
                                      erosion_mm=2.0, clear_mm=0.0, disc_radius=1)
     assert region == (0, 5, 0, 20, 0, 20)
     square = np.zeros((20, 20), bool)

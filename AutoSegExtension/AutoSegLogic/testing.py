@@ -81,7 +81,8 @@ def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = 
              "transpose_backward": [0, 1, 2], "num_training_cases": 4, "channel_names": {"0": channel},
              "labels": dict(labels), "num_classes": len(labels), "original_median_spacing": list(spacing),
              "original_median_shape": list(median_shape),
-             "foreground_intensity_properties_per_channel": {"0": intensities}, "configurations": {"3d_fullres": config}}
+             "foreground_intensity_properties_per_channel": {"0": intensities},
+             "configurations": {"3d_fullres": config}}
     model = Path(root) / "model"
     model.mkdir(parents=True)
     write_json(model / "plans.json", plans)
