@@ -19,11 +19,12 @@ module applies a click (:func:`merge_class`): only class ``k`` changes, only ins
 
 Regions are index boxes ``(z0, z1, y0, y1, x0, x1)``, half-open, as ``Predictor.refine`` returns.
 
-Speed (benchmarks/bench_grow_from_seeds.py, this 2-core CPU, load average 3-4): Slicer's filter
-is a Dijkstra search with a Fibonacci heap over every voxel of the box; with the dense seeds of
-:func:`correction_seeds` a 100x200x200 box took 2.9 s (best of 2; 5.2 s the slower run), a
-26x79x92 phantom 0.14 s. With only a few seed voxels the search visits far more heap entries:
-two seed lines in a noisy 100x200x200 box took 18 s.
+Speed (benchmarks/bench_grow_from_seeds.py, this 2-core CPU shared with other jobs): Slicer's
+filter is a Dijkstra search with a Fibonacci heap over every voxel of the box. With the dense
+seeds of :func:`correction_seeds` a 100x200x200 box took 2.9 s (best of 2, at load average 3-4
+and again at 8), a 26x79x92 phantom 0.14 s. With only a few seed voxels the search visits far
+more heap entries: two short seed lines in the 100x200x200 box took 38 s at load 8 (18 s on a
+nearly idle machine).
 
 Known weakness of the method, kept as Slicer has it: in a uniform region, paths from seeds of
 different labels all cost nothing, so the winner there is the heap's order; any automatic seed
