@@ -54,8 +54,10 @@ def segmentation_from_array(scene, label, geometry, labels: dict, name: str):
     return node
 
 
-def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = "CT", seed: int = 0) -> Path:
-    """``root/model``: one tiny 3d_fullres configuration with click guidance, random weights, fold 0.
+def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = "CT", seed: int = 0,
+                      guided: bool = True) -> Path:
+    """``root/model``: one tiny 3d_fullres configuration with click guidance (``guided``), random
+    weights, fold 0.
 
     For the mechanics of correcting with clicks (where the answer goes), not for its quality.
     """
@@ -74,7 +76,7 @@ def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = 
               "resampling": {"image_order": 3, "label_order": 1, "label_encoding": "one_hot",
                              "separate_z_anisotropy_threshold": 3.0, "out_of_plane_order": 0,
                              "separate_z_for_typical_case": False},
-              "guidance": default_guidance()}
+              **({"guidance": default_guidance()} if guided else {})}
     intensities = {"mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 200.0, "percentile_00_5": 5.0,
                    "percentile_99_5": 190.0}
     plans = {"version": 1, "dataset_name": "Clicks", "gpu_memory_gb": 8.0, "transpose_forward": [0, 1, 2],
@@ -89,7 +91,7 @@ def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = 
     write_json(model / "dataset.json", {"channel_names": {"0": channel}, "labels": dict(labels), "numTraining": 4,
                                         "file_ending": ".nii.gz"})
     torch.manual_seed(seed)
-    network = build_network(config, 1 + 2 * n_foreground, len(labels))
+    network = build_network(config, 1 + (2 * n_foreground if guided else 0), len(labels))
     save_checkpoint(model / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
                     {"network_weights": network.state_dict(), "epoch": 1})
     return model

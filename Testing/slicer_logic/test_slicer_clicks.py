@@ -169,10 +169,10 @@ def test_engine_errors_lose_their_log_lines():
 
 
 # -- the session with the real engine ------------------------------------------------------------------
-def tiny_guided_model(root):
+def tiny_guided_model(root, guided=True):
     from AutoSegLogic.testing import tiny_guided_model as make
 
-    return make(root, LABELS, GEOMETRY.spacing, SHAPE)
+    return make(root, LABELS, GEOMETRY.spacing, SHAPE, guided=guided)
 
 
 @pytest.fixture(scope="module")
@@ -409,3 +409,20 @@ def test_done_while_the_engine_starts_stops_the_engine_it_was_starting(model):
         time.sleep(0.05)
     assert len(started) == 1 and isinstance(started[0], EngineProcess)
     assert started[0].closed and started[0].process.poll() is not None
+
+
+def test_a_model_without_click_guidance_still_answers_and_the_user_is_told(tmp_path):
+    plain = tiny_guided_model(tmp_path, guided=False)
+    scene, volume, segmentation, grid, session = open_session(plain)
+    try:
+        assert session.guided is False
+        assert "trained without click guidance" in session.messages[0]
+        session.choose_segment(segment_id(segmentation, "organ"))
+        before = masks(segmentation, grid)
+        place(session.negative, (6, 12, 13))
+        run_until(session, lambda: session.undo_stack)
+        region = session.undo_stack[-1].region
+        for name, mask in masks(segmentation, grid).items():
+            np.testing.assert_array_equal(mask[outside(region)], before[name][outside(region)])
+    finally:
+        session.close()
