@@ -171,3 +171,15 @@ def test_a_shared_guided_model_stays_guided(guided_model, tmp_path):
     assert predictor.guided and predictor.stages[0].guidance_channels == 4
     result = predictor.refine([image()], GEOMETRY, np.zeros((20, 40, 36), np.uint8), [click(1, True, (10, 20, 18))])
     assert result.region == (7, 13, 14, 26, 12, 24)
+
+
+def test_windows_group_nearby_clicks_and_are_never_predicted_twice():
+    from AutoSegLib.inference.refine import window_starts_for
+
+    patch = (8, 16, 16)
+    # the second click is inside the first window's central half: one window
+    assert window_starts_for([np.array([10, 20, 20]), np.array([11, 22, 17])], (30, 40, 40), patch) == [(6, 12, 12)]
+    # an image no larger than the patch: every window is the whole image, predicted once
+    assert window_starts_for([np.array([0, 0, 0]), np.array([7, 15, 15])], (8, 16, 16), patch) == [(0, 0, 0)]
+    assert window_starts_for([np.array([2, 2, 2]), np.array([27, 37, 37])], (30, 40, 40), patch) == \
+        [(0, 0, 0), (22, 24, 24)]

@@ -44,11 +44,14 @@ CONFIG = "3d_cpu"
 TRAIN_CASES, TEST_CASES, SEED = 12, 6, 0
 CLICK_COUNTS = (0, 1, 3, 5)
 MODELS = ("plain", "guided")
+# A second plain model, another seed: how far two runs of the same recipe differ (the noise floor
+# of "automatic Dice drops by no more than 0.01").
+REPEAT = "plain_seed2"
 
 
 def folders(base: Path) -> dict:
     return {"dataset": base / "Dataset001_PhantomCT", "guided": base / "guided.autoseg",
-            "plain": base / "plain.autoseg"}
+            "plain": base / "plain.autoseg", REPEAT: base / f"{REPEAT}.autoseg"}
 
 
 def cmd_prepare(args) -> None:
@@ -75,8 +78,13 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     f = folders(args.base)
     work = f[args.model]
+    seed = []
+    if args.model == REPEAT:
+        if not work.exists():
+            shutil.copytree(f["plain"], work, ignore=shutil.ignore_patterns("model", "train_time.json"))
+        seed = ["--seed", "2"]
     command = [sys.executable, "-m", "AutoSegLib", "train", str(f["dataset"]), CONFIG, "all", "-w", str(work),
-               "--preset", "quick", "--device", "cpu", "--overwrite", "--no-validation", "--num-workers", "1"]
+               "--preset", "quick", "--device", "cpu", "--overwrite", "--no-validation", "--num-workers", "1", *seed]
     started = time.monotonic()
     load_before = os.getloadavg()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -194,6 +202,26 @@ def cmd_dice(args) -> None:
     print_tables(report)
 
 
+def cmd_automatic(args) -> None:
+    from AutoSegLib.inference import Predictor
+
+    f = folders(args.base)
+    cases = test_cases(f["dataset"])
+    labels = json.loads((f["dataset"] / "dataset.json").read_text())["labels"]
+    classes = {name: value for name, value in labels.items() if value != 0}
+    out = {}
+    for name in (*MODELS, REPEAT):
+        if not (f[name] / "model").is_dir():
+            continue
+        predictor = Predictor.from_model_dir(f[name] / "model", CONFIG, ["all"], device="cpu", tta=False)
+        predicted = [(predictor.predict([image], geometry)[0], truth) for _, image, truth, geometry in cases]
+        out[name] = {c: round(float(np.nanmean([dice(p == v, t == v) for p, t in predicted])), 4)
+                     for c, v in classes.items()}
+        out[name]["mean"] = round(float(np.mean(list(out[name].values()))), 4)
+        print(name, json.dumps(out[name]), flush=True)
+    (args.base / "automatic.json").write_text(json.dumps(out, indent=2))
+
+
 def print_tables(report: dict) -> None:
     models = report["models"]
     print("\n| class | automatic, plain | automatic, guided | guided: 1 click | 3 clicks | 5 clicks | "
@@ -261,7 +289,24 @@ def cmd_flops(args) -> None:
     n_classes = int(plans["num_classes"])
     n_in = len(plans["channel_names"]) + guidance_channels(config, n_classes - 1)
     cost = network_cost(config, n_in, n_classes)
-    print(json.dumps({"configuration": CONFIG, "patch": config["patch_size"], "input_channels": n_in, **cost}))
+    forward_s = None
+    if (f["guided"] / "model").is_dir():  # the trained network's forward pass of one window on this CPU
+        import torch
+
+        from AutoSegLib.inference import Predictor
+
+        network = Predictor.from_model_dir(f["guided"] / "model", CONFIG, ["all"], device="cpu").stages[0].network
+        x = torch.zeros((1, n_in, *config["patch_size"]))
+        times = []
+        with torch.inference_mode():
+            for _ in range(11):
+                started = time.monotonic()
+                network(x)
+                times.append(time.monotonic() - started)
+        forward_s = statistics.median(times[1:])
+    print(json.dumps({"configuration": CONFIG, "patch": config["patch_size"], "input_channels": n_in, **cost,
+                      "cpu_forward_s_median": forward_s, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+                      "load": os.getloadavg()}))
 
 
 def main() -> None:
@@ -272,8 +317,11 @@ def main() -> None:
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train")
     p.add_argument("base", type=Path)
-    p.add_argument("model", choices=MODELS)
+    p.add_argument("model", choices=(*MODELS, REPEAT))
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("automatic", help="automatic Dice per class of each trained model (the seed-noise check)")
+    p.add_argument("base", type=Path)
+    p.set_defaults(func=cmd_automatic)
     p = sub.add_parser("dice")
     p.add_argument("base", type=Path)
     p.add_argument("--no-grow", dest="grow", action="store_false", help="skip Grow from seeds")

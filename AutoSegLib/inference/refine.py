@@ -87,16 +87,19 @@ def click_points(clicks: Sequence[Click], case: PreparedCase, foreground: Sequen
 
 def window_starts_for(points: Sequence[np.ndarray], padded_shape: Sequence[int], patch: Sequence[int]) -> list:
     """One window start per group of clicks: a click inside the central half of a window already
-    chosen joins it; otherwise a new window is centred on it (clipped to the padded image)."""
+    chosen joins it; otherwise a new window is centred on it (clipped to the padded image; a
+    window clipped onto one already chosen is not predicted twice)."""
     patch = np.asarray(patch, dtype=int)
     limit = np.asarray(padded_shape, dtype=int) - patch
-    starts: list[np.ndarray] = []
+    starts: list[tuple] = []
     for point in points:
         centre = np.rint(np.asarray(point, dtype=float)).astype(int)
-        if any(np.all(np.abs(centre - (s + patch // 2)) <= patch // 4) for s in starts):
+        if any(np.all(np.abs(centre - (np.asarray(s) + patch // 2)) <= patch // 4) for s in starts):
             continue
-        starts.append(np.clip(centre - patch // 2, 0, limit))
-    return [tuple(int(v) for v in s) for s in starts]
+        start = tuple(int(v) for v in np.clip(centre - patch // 2, 0, limit))
+        if start not in starts:
+            starts.append(start)
+    return starts
 
 
 def inner_mask(starts: Sequence[tuple], box_start: Sequence[int], box_shape: Sequence[int],
