@@ -46,12 +46,12 @@ CLICK_COUNTS = (0, 1, 3, 5)
 MODELS = ("plain", "guided")
 # A second plain model, another seed: how far two runs of the same recipe differ (the noise floor
 # of "automatic Dice drops by no more than 0.01").
-REPEAT = "plain_seed2"
+REPEATS = ("plain_seed2", "guided_seed2")
 
 
 def folders(base: Path) -> dict:
     return {"dataset": base / "Dataset001_PhantomCT", "guided": base / "guided.autoseg",
-            "plain": base / "plain.autoseg", REPEAT: base / f"{REPEAT}.autoseg"}
+            "plain": base / "plain.autoseg", **{r: base / f"{r}.autoseg" for r in REPEATS}}
 
 
 def cmd_prepare(args) -> None:
@@ -79,9 +79,10 @@ def cmd_train(args) -> None:
     f = folders(args.base)
     work = f[args.model]
     seed = []
-    if args.model == REPEAT:
+    if args.model in REPEATS:
         if not work.exists():
-            shutil.copytree(f["plain"], work, ignore=shutil.ignore_patterns("model", "train_time.json"))
+            source = f[args.model.split("_")[0]]
+            shutil.copytree(source, work, ignore=shutil.ignore_patterns("model", "train_time.json"))
         seed = ["--seed", "2"]
     command = [sys.executable, "-m", "AutoSegLib", "train", str(f["dataset"]), CONFIG, "all", "-w", str(work),
                "--preset", "quick", "--device", "cpu", "--overwrite", "--no-validation", "--num-workers", "1", *seed]
@@ -160,7 +161,7 @@ def cmd_dice(args) -> None:
     labels = json.loads((f["dataset"] / "dataset.json").read_text())["labels"]
     classes = {name: value for name, value in labels.items() if value != 0}
     report = {"cases": [c[0] for c in cases], "classes": classes, "models": {}, "load": os.getloadavg()}
-    for model_name in MODELS:
+    for model_name in args.models:
         predictor = Predictor.from_model_dir(f[model_name] / "model", CONFIG, ["all"], device="cpu", tta=False)
         per_case = []
         for case, image, truth, geometry in cases:
@@ -180,7 +181,7 @@ def cmd_dice(args) -> None:
                                                              value, max(CLICK_COUNTS), spacing)
                 seconds += took
                 curves.append([dice(r == value, truth == value) for r in results])
-                if model_name == "guided" and args.grow:
+                if model_name.startswith("guided") and args.grow:
                     g = grow_sequence(image, automatic, truth, value, index_clicks, spacing)
                     if g is not None:
                         grow_curves.append([curves[-1][0]] + [g[k] for k in CLICK_COUNTS[1:]])
@@ -198,8 +199,9 @@ def cmd_dice(args) -> None:
             "grow_from_seeds": grow, "refine_seconds_median": round(statistics.median(seconds), 3) if seconds else None,
             "refines": len(seconds)}
     report["load_after"] = os.getloadavg()
-    (args.base / "dice.json").write_text(json.dumps(report, indent=2))
-    print_tables(report)
+    (args.base / args.output).write_text(json.dumps(report, indent=2))
+    if set(MODELS) <= set(report["models"]):
+        print_tables(report)
 
 
 def cmd_automatic(args) -> None:
@@ -210,7 +212,7 @@ def cmd_automatic(args) -> None:
     labels = json.loads((f["dataset"] / "dataset.json").read_text())["labels"]
     classes = {name: value for name, value in labels.items() if value != 0}
     out = {}
-    for name in (*MODELS, REPEAT):
+    for name in (*MODELS, *REPEATS):
         if not (f[name] / "model").is_dir():
             continue
         predictor = Predictor.from_model_dir(f[name] / "model", CONFIG, ["all"], device="cpu", tta=False)
@@ -279,6 +281,48 @@ def cmd_latency(args) -> None:
     (args.base / f"latency_{args.model}.json").write_text(json.dumps(record, indent=2))
 
 
+def cmd_step_cost(args) -> None:
+    """Seconds per training step, guided against plain, alternating in one process (same load).
+
+    Each model's scratch fold ``0`` is set up in a copy of its work folder; batches are made in
+    this process beforehand, so only the steps are timed (the guided one includes its simulated
+    clicks' forward passes).
+    """
+    import tempfile
+
+    import torch
+
+    from AutoSegLib.training.loader import BatchLoader
+    from AutoSegLib.training.setup import TrainOptions, setup_run, configure_cpu_threads
+    from AutoSegLib.training.trainer import Trainer
+
+    configure_cpu_threads()
+    f = folders(args.base)
+    trainers, batches = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in MODELS:
+            work = Path(scratch) / name
+            shutil.copytree(f[name], work, ignore=shutil.ignore_patterns("model"))
+            run = setup_run(f["dataset"], work, TrainOptions(CONFIG, "0", preset="quick", device="cpu",
+                                                              num_workers=0))
+            trainers[name] = Trainer(run)
+            trainers[name].network.train()
+            with BatchLoader(run.train_cases, run.config, run.data_folder, num_workers=0, seed=1) as loader:
+                batches[name] = [next(loader) for _ in range(args.steps)]
+        times = {name: [] for name in MODELS}
+        for block in range(2):
+            for name in MODELS:
+                for batch in batches[name][block::2]:
+                    started = time.monotonic()
+                    trainers[name].train_step(batch)
+                    times[name].append(time.monotonic() - started)
+        for trainer in trainers.values():
+            trainer.run.lock.release()
+    out = {name: round(statistics.median(t[1:]), 3) for name, t in times.items()}
+    out.update(steps=args.steps, threads=torch.get_num_threads(), load=os.getloadavg())
+    print(json.dumps(out))
+
+
 def cmd_flops(args) -> None:
     from AutoSegLib.network.cost import network_cost
     from AutoSegLib.planning.guidance import guidance_channels
@@ -317,7 +361,7 @@ def main() -> None:
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train")
     p.add_argument("base", type=Path)
-    p.add_argument("model", choices=(*MODELS, REPEAT))
+    p.add_argument("model", choices=(*MODELS, *REPEATS))
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("automatic", help="automatic Dice per class of each trained model (the seed-noise check)")
     p.add_argument("base", type=Path)
@@ -325,12 +369,18 @@ def main() -> None:
     p = sub.add_parser("dice")
     p.add_argument("base", type=Path)
     p.add_argument("--no-grow", dest="grow", action="store_false", help="skip Grow from seeds")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=(*MODELS, *REPEATS))
+    p.add_argument("--output", default="dice.json", help="file in BASE for the figures")
     p.set_defaults(func=cmd_dice)
     p = sub.add_parser("latency")
     p.add_argument("base", type=Path)
     p.add_argument("--model", choices=MODELS, default="guided")
     p.add_argument("--clicks", type=int, default=12)
     p.set_defaults(func=cmd_latency)
+    p = sub.add_parser("step-cost")
+    p.add_argument("base", type=Path)
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=cmd_step_cost)
     p = sub.add_parser("flops")
     p.add_argument("base", type=Path)
     p.set_defaults(func=cmd_flops)
