@@ -259,7 +259,7 @@ def cmd_latency(args) -> None:
         case_id = engine.open_case([image], geometry)
         open_s = time.monotonic() - t
         labels = np.zeros(truth.shape, np.uint8)
-        times, clicks, engine_s = [], [], []
+        times, clicks, engine_s, network_s = [], [], [], []
         for i in range(args.clicks):
             label = classes[i % len(classes)]
             found = error_click(labels == label, truth == label, geometry.spacing)
@@ -269,12 +269,14 @@ def cmd_latency(args) -> None:
             result = engine.refine(case_id, labels, clicks)
             times.append(time.monotonic() - t)
             engine_s.append(result.seconds)
+            network_s.append(result.network_seconds)
             labels = result.labels
     after = times[1:]
     record = {"model": args.model, "case": case, "image_shape": list(truth.shape), "engine_start_s": round(ready_s, 2),
               "open_case_s": round(open_s, 3), "first_click_s": round(times[0], 3),
               "median_click_s_after_first": round(statistics.median(after), 3), "max_click_s_after_first":
               round(max(after), 3), "clicks": len(times), "median_engine_side_s": round(statistics.median(engine_s[1:]), 3),
+              "median_network_s": round(statistics.median(network_s[1:]), 3),
               "threads": os.environ.get("OMP_NUM_THREADS", "default (2 cores)"), "load_before": load_before,
               "load_after": os.getloadavg()}
     print(json.dumps(record, indent=2))
@@ -348,6 +350,22 @@ def cmd_flops(args) -> None:
                 network(x)
                 times.append(time.monotonic() - started)
         forward_s = statistics.median(times[1:])
+        # the rest of a refine (mapping the clicks, the window's input, probabilities back to the
+        # original grid, the merge): the same refine with the network replaced by a stand-in
+        from AutoSegLib.inference.clicks import Click, index_to_physical
+
+        predictor = Predictor.from_model_dir(f["guided"] / "model", CONFIG, ["all"], device="cpu", tta=False)
+        _, image, truth, geometry = test_cases(f["dataset"])[0]
+        prepared = predictor.prepare([image], geometry)
+        k = n_classes
+        predictor.stages[0].network = lambda x: torch.zeros((x.shape[0], k, *x.shape[2:]))
+        clicks = [Click(5, True, index_to_physical(np.argwhere(truth == 5)[0], geometry))]
+        rest = []
+        for _ in range(6):
+            started = time.monotonic()
+            predictor.refine(prepared, None, truth, clicks)
+            rest.append(time.monotonic() - started)
+        cost["refine_without_network_s_median"] = round(statistics.median(rest[1:]), 4)
     print(json.dumps({"configuration": CONFIG, "patch": config["patch_size"], "input_channels": n_in, **cost,
                       "cpu_forward_s_median": forward_s, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
                       "load": os.getloadavg()}))

@@ -157,7 +157,7 @@ class EngineProcess:
             Path(previous).unlink(missing_ok=True)
             Path(output).unlink(missing_ok=True)
         return RefineResult(labels, tuple(int(v) for v in reply["region"]), int(reply.get("windows", 0)),
-                            float(reply.get("seconds", 0.0)))
+                            float(reply.get("seconds", 0.0)), float(reply.get("network_seconds", 0.0)))
 
     def close_case(self, case_id: str) -> None:
         self.request("close_case", case=case_id)

@@ -129,7 +129,8 @@ class Engine:
         previous = _load_array(request.get("previous"))
         result = self.predictor.refine(case, None, previous, clicks, scope=request.get("scope", "clicked"))
         _save_array(request.get("output"), result.labels)
-        return {"output": request["output"], "region": list(result.region), "windows": result.windows}
+        return {"output": request["output"], "region": list(result.region), "windows": result.windows,
+                "network_seconds": round(result.network_seconds, 4)}
 
     def close_case(self, request: dict) -> dict:
         self._case(request)

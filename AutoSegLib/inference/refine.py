@@ -51,6 +51,7 @@ class RefineResult:
     region: tuple[int, int, int, int, int, int]
     windows: int = 0  # network windows predicted
     seconds: float = 0.0
+    network_seconds: float = 0.0  # of ``seconds``, in the network (the rest: mapping, merging)
 
     @property
     def region_slices(self) -> tuple[slice, ...]:

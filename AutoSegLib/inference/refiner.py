@@ -79,7 +79,9 @@ def refine_case(predictor, case: PreparedCase, previous_labels: np.ndarray, clic
                                    len(foreground), spec.radius)
         x = np.concatenate([x, guidance])
     local = [tuple(int(v) for v in np.asarray(s) - box_lo) for s in starts]
+    network_started = time.monotonic()
     probabilities = _windows_probabilities(predictor, stage, torch.from_numpy(x), local, patch)
+    network_seconds = time.monotonic() - network_started
     # back to the data's own (unpadded) grid
     lo = np.maximum(box_lo, before)
     hi = np.minimum(box_hi, before + np.asarray(data_shape))
@@ -89,7 +91,8 @@ def refine_case(predictor, case: PreparedCase, previous_labels: np.ndarray, clic
     region, labels, take = region_labels(probabilities[(slice(None), *inside)], covered, lo - before,
                                          case.properties)
     merged = merge_labels(previous_labels, region, labels, take, sorted({c.label for c in clicks}), scope)
-    return RefineResult(merged, region_box(region), len(starts) * len(stage.weights), time.monotonic() - started)
+    return RefineResult(merged, region_box(region), len(starts) * len(stage.weights), time.monotonic() - started,
+                        network_seconds)
 
 
 def _box_input(data: np.ndarray, before: np.ndarray, box_lo: np.ndarray, box_shape) -> np.ndarray:
