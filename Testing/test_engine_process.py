@@ -18,8 +18,8 @@ import pytest
 
 from AutoSegLib.inference.engine_process import EngineError, EngineProcess
 
-from test_refine import GEOMETRY, click, image  # noqa: F401 - guided_model is a fixture
-from test_refine import guided_model  # noqa: F401
+from test_refine import GEOMETRY, click, image
+from test_refine import guided_model  # noqa: F401 - a fixture this module uses
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -192,7 +192,7 @@ def cmd_dice(args) -> None:
                 grow[name] = {str(k): round(float(v), 4) for k, v in zip(CLICK_COUNTS, gmean)}
             print(f"{model_name:7s} {name:14s} " + "  ".join(f"{k} clicks {table[name][str(k)]:.3f}"
                                                           for k in CLICK_COUNTS)
-                  + (f"  | grow from seeds " + "  ".join(f"{grow[name][str(k)]:.3f}" for k in CLICK_COUNTS[1:])
+                  + ("  | grow from seeds " + "  ".join(f"{grow[name][str(k)]:.3f}" for k in CLICK_COUNTS[1:])
                      if name in grow else ""), flush=True)
         report["models"][model_name] = {
             "automatic": {k: round(v, 4) for k, v in auto.items()}, "worst_class": worst, "after_clicks": table,
