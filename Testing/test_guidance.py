@@ -18,7 +18,7 @@ from AutoSegLib.inference.clicks import (Click, ClickError, ball_offsets, click_
 from AutoSegLib.planning import Plans
 from AutoSegLib.planning.guidance import (GuidanceSpec, default_guidance, guidance_channels, guidance_problems,
                                           with_guidance)
-from AutoSegLib.training.guidance import simulate_guidance, training_click
+from AutoSegLib.training.guidance import simulate_guidance, step_generators, training_click
 
 OBLIQUE = Geometry((2.5, 0.8, 1.2), (-30.0, 12.5, 7.0),
                    tuple(np.array([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0], [0.0, 0.8, -0.6]]).ravel().tolist()))
@@ -113,7 +113,8 @@ def test_simulated_guidance_leaves_the_automatic_share_at_zero():
         assert x.shape[1] == 1 + 2  # image + the guidance of one class
         return torch.stack([torch.ones(x.shape[0], *x.shape[2:]), torch.zeros(x.shape[0], *x.shape[2:])], 1)
 
-    guidance, counts = simulate_guidance(always_background, data, target, spec, [1], np.random.default_rng(3))
+    batch_rng, sample_rngs = step_generators(3, 0, (0, 8))
+    guidance, counts = simulate_guidance(always_background, data, target, spec, [1], batch_rng, sample_rngs)
     guided = [b for b in range(8) if guidance[b].sum() > 0]
     assert len(guided) == counts["guided_samples"] and 0 < len(guided) < 8
     assert counts["clicks"] == counts["rounds"] * len(guided)
@@ -122,6 +123,13 @@ def test_simulated_guidance_leaves_the_automatic_share_at_zero():
 
 
 # -- the plan field --------------------------------------------------------------------------------
+def test_a_rank_draws_for_its_slots_what_one_process_draws_for_them():
+    _, whole = step_generators(7, 12, (0, 4))
+    _, second_half = step_generators(7, 12, (2, 4))
+    assert [r.random() for r in whole[2:]] == [r.random() for r in second_half]
+    assert step_generators(7, 12, (0, 1))[0].integers(1000) == step_generators(7, 12, (2, 3))[0].integers(1000)
+
+
 def test_guidance_entries_are_checked_and_count_two_channels_per_class():
     assert guidance_problems("g", default_guidance()) == [] and guidance_problems("g", None) == []
     assert "radius" in " ".join(guidance_problems("g", {**default_guidance(), "radius": -1}))

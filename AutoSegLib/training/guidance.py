@@ -40,8 +40,17 @@ def training_click(predicted: np.ndarray, truth: np.ndarray, foreground: Sequenc
     return position, positive, index
 
 
+def step_generators(seed: int, step: int, slots: tuple[int, int]) -> tuple[np.random.Generator, list]:
+    """The batch's generator (rounds) and one per sample of ``slots`` (automatic or guided, the
+    class clicked), from the seed, the global step and the sample's place in the global batch: the
+    ranks of a data-parallel run draw exactly what one process draws (training/distributed.py)."""
+    batch = np.random.default_rng([seed, 21, step])
+    return batch, [np.random.default_rng([seed, 21, step, 1 + j]) for j in range(*slots)]
+
+
 def simulate_guidance(forward: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, target: torch.Tensor,
-                      spec: GuidanceSpec, foreground: Sequence[int], rng: np.random.Generator,
+                      spec: GuidanceSpec, foreground: Sequence[int], batch_rng: np.random.Generator,
+                      sample_rngs: Sequence[np.random.Generator],
                       ignore_label: int | None = None) -> tuple[torch.Tensor, dict]:
     """Guidance channels (B, 2 x classes, *patch) for a batch, and counts for the log.
 
@@ -50,14 +59,15 @@ def simulate_guidance(forward: Callable[[torch.Tensor], torch.Tensor], data: tor
             (the full-resolution output); called without gradients.
         data: the batch's image channels (B, C, *patch).
         target: its full-resolution labels (B, 1, *patch).
+        batch_rng: draws the number of rounds; ``sample_rngs``: one per sample (:func:`step_generators`).
     """
     batch = data.shape[0]
     guidance = np.zeros((batch, spec.channels(len(foreground)), *data.shape[2:]), dtype=np.float32)
-    guided = np.flatnonzero(rng.random(batch) >= spec.automatic_share)
-    counts = {"guided_samples": int(len(guided)), "clicks": 0, "rounds": 0}
+    rounds = int(batch_rng.integers(1, spec.max_rounds + 1))
+    guided = np.array([b for b, rng in enumerate(sample_rngs) if rng.random() >= spec.automatic_share], dtype=int)
+    counts = {"guided_samples": len(guided), "clicks": 0, "rounds": 0}
     if len(guided) == 0:
         return torch.from_numpy(guidance).to(data.device), counts
-    rounds = int(rng.integers(1, spec.max_rounds + 1))
     truth = target[guided, 0].cpu().numpy()
     index = torch.from_numpy(guided).to(data.device)
     for _ in range(rounds):
@@ -65,7 +75,7 @@ def simulate_guidance(forward: Callable[[torch.Tensor], torch.Tensor], data: tor
             x = torch.cat([data[index], torch.from_numpy(guidance[guided]).to(data.device)], 1)
             predicted = forward(x).argmax(1).cpu().numpy()
         for row, b in enumerate(guided):
-            click = training_click(predicted[row], truth[row], foreground, rng, ignore_label)
+            click = training_click(predicted[row], truth[row], foreground, sample_rngs[b], ignore_label)
             if click is not None:
                 encode_guidance([click], guidance.shape[2:], len(foreground), spec.radius, out=guidance[b])
                 counts["clicks"] += 1

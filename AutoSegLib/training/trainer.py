@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from AutoSegLib.events import Reporter
@@ -36,7 +35,7 @@ from AutoSegLib.network import build_network
 from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
-from AutoSegLib.training.guidance import simulate_guidance
+from AutoSegLib.training.guidance import simulate_guidance, step_generators
 from AutoSegLib.training.distributed import Group, loss_weight, rank_slots
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
                                       pseudo_dice)
@@ -110,8 +109,8 @@ class Trainer:
         weights = getattr(self.network, "supervision_weights", None) or deep_supervision_weights(n_outputs)
         self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label), weights)
         self.schedule = run.schedule
-        # Simulated clicks of guided training (training/guidance.py), seeded apart from the batches.
-        self.guidance_rng = np.random.default_rng([run.options.seed, 21, self.group.rank])
+        # Simulated clicks of guided training (training/guidance.py): drawn per global step and sample.
+        self.step = 0
         self.guidance_counts = {"guided_samples": 0, "clicks": 0}
         self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
         self.signals: list[int] = []
@@ -205,6 +204,7 @@ class Trainer:
             self.initialize_from(Path(opts.init_from))
         seed = opts.seed + 1000 * self.epoch
         first = self.epoch * self.schedule.iterations_per_epoch
+        self.step = first  # a resumed run continues the stream of simulated clicks too
         with BatchLoader(self.run.train_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
                          seed=seed, ignore_label=self.run.ignore_label, first_batch=first,
                          slots=self.slots) as train_loader, \
@@ -283,8 +283,9 @@ class Trainer:
                 out = self.network(x)
             return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
-        guidance, counts = simulate_guidance(forward, data, target, spec, self.run.foreground, self.guidance_rng,
-                                             self.run.ignore_label)
+        batch_rng, sample_rngs = step_generators(self.run.options.seed, self.step, self.slots)
+        guidance, counts = simulate_guidance(forward, data, target, spec, self.run.foreground, batch_rng,
+                                             sample_rngs, self.run.ignore_label)
         for key in self.guidance_counts:
             self.guidance_counts[key] += counts[key]
         return torch.cat([data, guidance], 1)
@@ -293,6 +294,7 @@ class Trainer:
         data = batch["data"].to(self.device, non_blocking=True)
         targets = [t.to(self.device, non_blocking=True).long() for t in batch["target"]]
         data = self.with_guidance(data, targets[0])
+        self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             outputs = self.model(data)
