@@ -35,12 +35,13 @@ def _findEngine():
 _findEngine()
 
 from AutoSegLib.names import ARCHITECTURES, DEFAULT_ARCHITECTURE, DEFAULT_PRESET, PRESETS  # noqa: E402
-from AutoSegLogic import commands, dataset_export, dependencies, quality  # noqa: E402
+from AutoSegLogic import commands, corrections, dataset_export, dependencies, quality  # noqa: E402
 from AutoSegLogic.device import DeviceProbe  # noqa: E402
 from AutoSegLogic.library import ModelLibrary  # noqa: E402
 from AutoSegLogic.session import Session  # noqa: E402
 
 POLL_INTERVAL_MS = 500
+CORRECTION_POLL_MS = 200  # while correcting with clicks: a placed point is noticed within 0.2 s
 MAX_CHANNELS = 4  # channel pickers in the GUI; the Python API takes any number
 
 
@@ -65,6 +66,11 @@ own pipeline from the data (the nnU-Net method). Training runs in the background
 saves it, <i>Resume</i> continues.</li>
 <li><b>Predict and review</b>: pick the input volume(s), <i>Predict</i>, correct the result in the
 Segment Editor, <i>Add to training set</i>, then <i>Fine-tune</i>.</li>
+<li><b>Correct with clicks</b> (after Predict): <i>Correct with clicks</i>, pick the segment, then
+<i>+ Positive</i> (green: "this is the segment") or <i>- Negative</i> (red: "this is not") and
+click in any view; the model re-predicts the area around the points within seconds, changing only
+that segment. <i>Undo click</i> takes the last one back; Segment Editor tools stay available.
+<i>Done</i> stops the engine; <i>Add to training set</i> as usual.</li>
 <li><b>Use a model</b>: add a model zip (from <tt>autoseg export-model</tt>), an AutoSeg model folder or an
 nnU-Net v2 model folder, read its model card, pick the volume of each channel, <i>Apply</i>.</li>
 </ol>
@@ -137,6 +143,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownChart = None
         self._reportedTask = None
         self._shownDevice = None
+        self._lastCorrectionMessage = ""
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -170,6 +177,11 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.applyModelButton.connect("clicked(bool)", self.onApplyModel)
+        self.ui.correctButton.connect("clicked(bool)", self.onCorrectButton)
+        self.ui.correctSegmentComboBox.connect("currentIndexChanged(int)", self.onCorrectSegmentChanged)
+        self.ui.positiveClickButton.connect("clicked(bool)", lambda checked: self.onPlaceClicks(True, checked))
+        self.ui.negativeClickButton.connect("clicked(bool)", lambda checked: self.onPlaceClicks(False, checked))
+        self.ui.undoClickButton.connect("clicked(bool)", self.onUndoClick)
 
         self.logic.startDeviceProbe()
         self.initializeParameterNode()
@@ -195,6 +207,8 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        if self.logic is not None and self.logic.session.correction is not None:
+            self.stopCorrecting()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -529,6 +543,139 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startAddCase(self.inputVolumes(), self._parameterNode.reviewSegmentation, False,
                           "Could not add the reviewed case")
 
+    # -- correct with clicks -------------------------------------------------------------------
+    def onCorrectButton(self) -> None:
+        """Correct with clicks / Done."""
+        session = self.logic.session
+        if session.correction is not None:
+            self.stopCorrecting()
+            return
+        if not self.dependenciesReady():
+            return
+        p = self._parameterNode
+        segmentation = p.reviewSegmentation
+        try:
+            if segmentation is None:
+                raise ValueError("choose the reviewed segmentation first (Predict makes one)")
+            madeHere = session.prediction_result is not None and session.prediction_result.segmentation is segmentation
+            folds = commands.parse_folds(p.predictFolds) if p.predictFolds.strip() else None
+            correction = session.start_correcting(
+                segmentation, None if madeHere else self.inputVolumes(), None if madeHere else self.modelFolder(),
+                None if madeHere else p.predictConfiguration, None if madeHere else folds, p.device,
+                before_change=self.saveEditorUndoState)
+        except (ValueError, OSError, RuntimeError) as error:
+            self.failed("Could not start correcting with clicks", error)
+            return
+        combo = self.ui.correctSegmentComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for segmentId, name in correction.segment_choices():
+            combo.addItem(name, segmentId)
+        combo.blockSignals(False)
+        self.onCorrectSegmentChanged()
+        self._lastCorrectionMessage = ""
+        self.say(f"Correct with clicks: starting the engine for {correction.model} (the first start loads the model)")
+        self.timer.setInterval(CORRECTION_POLL_MS)
+        self.startPolling()
+
+    def saveEditorUndoState(self) -> None:
+        """Before a click changes the segmentation: the Segment Editor's undo state, so its Undo button
+        takes the click back too (when the editor shows this segmentation)."""
+        correction = self.logic.session.correction
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if correction is not None and editor.segmentationNode() is correction.segmentation:
+            editor.saveStateForUndo()
+
+    def stopCorrecting(self) -> None:
+        self.stopPlacing()
+        self.logic.session.stop_correcting()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.say("Correct with clicks: done (the corrections stay in the segmentation)")
+        self.updateCorrectionWidgets()
+
+    def onCorrectSegmentChanged(self, *unused) -> None:
+        correction = self.logic.session.correction
+        combo = self.ui.correctSegmentComboBox
+        segmentId = combo.itemData(combo.currentIndex) if combo.currentIndex >= 0 else None
+        if correction is None or not segmentId:
+            return
+        try:
+            correction.choose_segment(segmentId)
+        except ValueError as error:
+            self.failed("Cannot correct this segment", error)
+
+    def onPlaceClicks(self, positive: bool, checked: bool) -> None:
+        """Place points of one kind in the views (Markups place mode, kept until pressed again)."""
+        correction = self.logic.session.correction
+        (self.ui.negativeClickButton if positive else self.ui.positiveClickButton).checked = False
+        if correction is None or not checked:
+            self.stopPlacing()
+            return
+        node = correction.positive if positive else correction.negative
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+        selection.SetActivePlaceNodeID(node.GetID())
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetPlaceModePersistence(1)
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def stopPlacing(self) -> None:
+        self.ui.positiveClickButton.checked = self.ui.negativeClickButton.checked = False
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        if interaction.GetCurrentInteractionMode() == interaction.Place:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+
+    def onUndoClick(self) -> None:
+        correction = self.logic.session.correction
+        if correction is None:
+            return
+        try:
+            self.say(correction.undo())
+        except ValueError as error:
+            self.failed("Could not undo the click", error)
+        self.updateCorrectionWidgets()
+
+    def updateCorrectionWidgets(self) -> None:
+        correction = self.logic.session.correction
+        status = correction.status if correction is not None else None
+        self.ui.correctButton.text = "Done" if correction is not None else "Correct with clicks"
+        usable = status in (corrections.READY, corrections.REFINING)
+        for widget in (self.ui.correctSegmentComboBox, self.ui.positiveClickButton, self.ui.negativeClickButton):
+            widget.enabled = usable
+        self.ui.undoClickButton.enabled = status == corrections.READY and bool(correction.undo_stack)
+        self.showPlacing(correction, usable)
+        self.ui.correctStatusLabel.text = {
+            None: "Predict (or choose a reviewed segmentation), then Correct with clicks.",
+            corrections.STARTING: "Starting the engine and loading the model...",
+            corrections.READY: "Ready: press + Positive or - Negative and click in any view "
+                               f"({len(correction.undo_stack) if correction else 0} click(s) applied).",
+            corrections.REFINING: "Computing the click (a few seconds; you can keep working)...",
+            corrections.FAILED: "The engine stopped: press Done, then Correct with clicks to restart it.",
+        }.get(status, "") + (f"\n{self._lastCorrectionMessage}" if correction is not None and
+                             self._lastCorrectionMessage else "")
+
+    def showPlacing(self, correction, usable: bool) -> None:
+        """The point buttons follow the views' place mode (Esc or right-click ends it there); an
+        engine that stopped ends it here."""
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        active = slicer.app.applicationLogic().GetSelectionNode().GetActivePlaceNodeID()
+        ours = [correction.positive.GetID(), correction.negative.GetID()] if correction is not None else []
+        placing = interaction.GetCurrentInteractionMode() == interaction.Place and active in ours
+        if placing and not usable:
+            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            placing = False
+        self.ui.positiveClickButton.checked = placing and active == ours[0]
+        self.ui.negativeClickButton.checked = placing and active == ours[1]
+
+    def showCorrectionMessages(self) -> None:
+        correction = self.logic.session.correction
+        if correction is None:
+            return
+        messages, correction.messages = correction.messages, []
+        for message in messages:
+            self.say(message)
+            self._lastCorrectionMessage = message
+
     # -- polling -------------------------------------------------------------------------------
     def startPolling(self) -> None:
         self.updateJobWidgets()
@@ -555,8 +702,9 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._shownDevice is None and self.logic.deviceType() is not None:  # the probe has just answered
             self._shownDevice = self.logic.deviceType()
             self.updateConfigurationInfo()
+        self.showCorrectionMessages()
         self.updateJobWidgets()
-        if not session.busy and self.logic.deviceType() is not None:
+        if not session.busy and self.logic.deviceType() is not None and session.correction is None:
             self.timer.stop()
 
     def onBackgroundTaskFinished(self, job) -> None:
@@ -619,6 +767,7 @@ class AutoSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         adding = session.dataset_job is not None and not session.dataset_job.finished
         self.ui.addCaseButton.enabled = self.ui.addToTrainingSetButton.enabled = not adding
         self.ui.removeCaseButton.enabled = not adding and not running
+        self.updateCorrectionWidgets()
 
     @staticmethod
     def outcome(job) -> str:
@@ -835,6 +984,9 @@ class AutoSegTest(ScriptedLoadableModuleTest):
         expected = [n for n, v in sorted(model_labels(work / "model").items(), key=lambda kv: kv[1]) if v]
         self.assertEqual(names, expected)
 
+        self.delayDisplay("Correct with clicks: one point, applied, undone")
+        self.correctWithClicks(session, reference)
+
         self.delayDisplay("Use a model: the trained folder registered in a models folder and applied")
         library = ModelLibrary(root / "AutoSegModels")
         entry = library.register_folder(work)
@@ -845,3 +997,45 @@ class AutoSegTest(ScriptedLoadableModuleTest):
         content = session.prediction_result.segmentation.GetSegmentation()
         self.assertEqual([content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())], expected)
         self.delayDisplay("Test passed")
+
+    def correctWithClicks(self, session, reference):
+        """A positive point at the volume's centre for the first segment: the engine answers, the
+        segment changes only inside the answered region, Undo restores the label map exactly."""
+        import time
+
+        import vtk
+
+        from AutoSegLib.inference.clicks import index_to_physical
+        from AutoSegLogic import segment_masks
+        from AutoSegLogic.volumes import node_geometry
+
+        segmentation = session.prediction_result.segmentation
+        correction = session.start_correcting(segmentation, device="cpu")
+
+        def until(condition, timeout=300.0):
+            deadline = time.monotonic() + timeout
+            while not condition():
+                session.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+                self.assertLess(time.monotonic(), deadline, correction.messages)
+
+        try:
+            until(lambda: correction.status != corrections.STARTING)
+            self.assertEqual(correction.status, corrections.READY, correction.messages)
+            segmentId, _ = correction.segment_choices()[0]
+            correction.choose_segment(segmentId)
+            grid = correction.grid
+            before = segment_masks.label_map(segmentation, grid, correction.labels)
+            lps = index_to_physical([n // 2 for n in grid.shape], node_geometry(reference))
+            correction.positive.AddControlPoint(vtk.vtkVector3d(-lps[0], -lps[1], lps[2]))
+            until(lambda: correction.undo_stack or correction.status == corrections.FAILED)
+            self.assertTrue(correction.undo_stack, correction.messages)
+            z0, z1, y0, y1, x0, x1 = correction.undo_stack[-1].region
+            changed = segment_masks.label_map(segmentation, grid, correction.labels) != before
+            changed[z0:z1, y0:y1, x0:x1] = False
+            self.assertFalse(changed.any())  # nothing outside the answered region
+            correction.undo()
+            self.assertTrue((segment_masks.label_map(segmentation, grid, correction.labels) == before).all())
+        finally:
+            session.stop_correcting()

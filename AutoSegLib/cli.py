@@ -104,7 +104,7 @@ def cmd_plan(args, reporter: Reporter, finish: bool = True) -> None:
         work = args.work or default_work_dir(args.dataset)
         plans = plan_dataset(args.dataset, work, gpu_memory_gb=budget, num_processes=args.num_processes,
                              reporter=reporter, force_fingerprint=args.refresh_fingerprint,
-                             architecture=args.architecture)
+                             architecture=args.architecture, guidance=args.guidance)
         out = Path(work) / PLANS_FILE
     text = plans.explain() if args.explain else plans.summary()
     if args.explain:
@@ -138,8 +138,11 @@ def _plan_from_fingerprint(args, budget: float):
     if n_intensity != len(channels):
         raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
                          f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
-    return plan(fingerprint, channels, labels, gpu_memory_gb=budget, dataset_name=Path(args.fingerprint).stem,
-                architecture=args.architecture)
+    from AutoSegLib.planning.guidance import with_guidance
+
+    return with_guidance(plan(fingerprint, channels, labels, gpu_memory_gb=budget,
+                              dataset_name=Path(args.fingerprint).stem, architecture=args.architecture),
+                         args.guidance)
 
 
 def cmd_preprocess(args, reporter: Reporter) -> None:
@@ -268,6 +271,18 @@ def cmd_predict(args, reporter: Reporter) -> None:
                            reporter=reporter, strict=args.strict, available_memory=_available_memory_override(),
                            num_parts=num_parts, part_id=part_id, skip_existing=args.continue_)
     reporter.done("predict", **result)
+
+
+def cmd_engine(args, reporter: Reporter) -> None:
+    from AutoSegLib.inference.engine_server import serve
+    from AutoSegLib.training.setup import configure_cpu_threads
+
+    if args.device in ("auto", "cpu"):
+        configure_cpu_threads()
+    status = serve(args.model, args.configuration, _fold_list(args.folds), device=args.device, tta=args.tta,
+                   checkpoint=args.checkpoint)
+    if status:
+        raise SystemExit(status)
 
 
 def _use_the_ranks_gpu(device: str) -> None:
@@ -494,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"network variant: {listing(ARCHITECTURES)} (default: {DEFAULT_ARCHITECTURE}, the plain "
                         "U-Net of the blueprint)")
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
+    p.add_argument("--no-guidance", dest="guidance", action="store_false",
+                   help="plain networks: no click-guidance input channels (default: networks also trained to take "
+                        "correction clicks, docs/clicks.md)")
     p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
     p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
     p.add_argument("--channels", default=None, help="with --fingerprint: channel names in order, e.g. CT or T1,T2")
@@ -526,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true")
     p.add_argument("--gpu-memory", default=8.0, type=gpu_memory_arg, metavar="GB|auto")
     p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, choices=ARCHITECTURES)
+    p.add_argument("--no-guidance", dest="guidance", action="store_false",
+                   help="plain networks without click-guidance channels")
     p.add_argument("--refresh-fingerprint", action="store_true")
     add_preprocess_flags(p)
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
@@ -610,6 +630,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip cases whose outputs a finished earlier run wrote (partial outputs never count)")
     _add_common(p)
     p.set_defaults(func=cmd_predict, stage="predict", ranked=True)
+
+    p = sub.add_parser("engine", help="keep a model loaded and answer click refinements over stdin/stdout",
+                       description="A persistent process for interactive correction (docs/clicks.md): JSON lines "
+                                   "in on stdin, one JSON line out per request on stdout; arrays as .npy files. "
+                                   "Python clients use AutoSegLib.inference.engine_process.EngineProcess.")
+    p.add_argument("model", type=Path, help=f"model folder (WORK/{MODEL_DIR})")
+    p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS, metavar="CONFIG",
+                   help="the configuration to refine with (default: the model's choice; refining runs one)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, metavar="FOLD")
+    p.add_argument("--checkpoint", default=None, choices=["final", "best", "latest"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--tta", action="store_true", help="mirror each window (8x the work per click in 3D)")
+    p.set_defaults(func=cmd_engine, stage="engine", events=False)
 
     p = sub.add_parser("evaluate", help="score predicted label files against reference label files",
                        description="Dice, IoU, FP/FN voxels, HD95 and normalized surface Dice per case and class "

@@ -44,9 +44,14 @@ def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_pr
 
 def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb: float = 8.0,
                  num_processes: int = 2, reporter: Reporter | None = None, force_fingerprint: bool = False,
-                 architecture: str = "PlainConvUNet"):
-    """Fingerprint (or reuse), plan, and write ``plans.json``; returns the Plans."""
+                 architecture: str = "PlainConvUNet", guidance: bool = True):
+    """Fingerprint (or reuse), plan, and write ``plans.json``; returns the Plans.
+
+    ``guidance``: networks that also take correction clicks (planning/guidance.py), the default
+    for new models; False plans plain networks, as before issue 21.
+    """
     from AutoSegLib.planning import plan
+    from AutoSegLib.planning.guidance import with_guidance
 
     reporter = reporter or Reporter(quiet=True)
     dataset_folder = Path(dataset_folder)
@@ -54,6 +59,7 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     spec = open_checked_dataset(dataset_folder).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
                  dataset_name=dataset_folder.resolve().name, architecture=architecture)
+    with_guidance(plans, guidance)
     path = Path(work_dir) / PLANS_FILE
     write_json(path, plans.to_dict())
     reporter.log("plan", f"Wrote {path}")

@@ -157,7 +157,8 @@ def test_setup_run_resolves_folders_schedule_and_classes(planned):
         assert json.loads((work / "model" / "plans.json").read_text()) == json.loads((work / "plans.json").read_text())
         assert json.loads((work / "model" / "dataset.json").read_text())["labels"] == {"background": 0, "organ": 1}
         assert (run.schedule.epochs, run.schedule.iterations_per_epoch) == (3, 25)
-        assert run.n_classes == 2 and run.n_input_channels == 1 and run.ignore_label is None
+        # the CT channel, and the click-guidance maps of the one class (positive, negative): planned by default
+        assert run.n_classes == 2 and run.n_input_channels == 1 + 2 and run.ignore_label is None
         assert len(run.train_cases) == 4 and len(run.val_cases) == 1
     finally:
         import shutil

@@ -17,6 +17,9 @@ Modules:
   choices (``auto``), plan offers with epoch-time estimates, the predict rule.
 - ``device``: whether training would run on a GPU, probed without blocking.
 - ``results``: predictions back into the scene (segmentation + uncertainty overlay).
+- ``segment_masks``: segments as masks on the volume's grid; one segment changed in a box, undoable.
+- ``corrections``: correct with clicks: Markups points -> clicks -> a persistent engine process ->
+  the chosen segment updated near them; undo.
 - ``curves``: per-epoch loss and pseudo-Dice in table and plot nodes.
 - ``library``: the user's models folder ("Use a model"): a registry of imported zips and
   referenced AutoSeg / nnU-Net v2 model folders, their model cards, predicting with them.

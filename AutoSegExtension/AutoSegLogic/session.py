@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from AutoSegLogic import commands, dataset_export, dependencies, folds, results
+from AutoSegLogic import commands, corrections, dataset_export, dependencies, folds, results
 from AutoSegLogic.curves import TrainingCurves
 from AutoSegLogic.jobs import Job, JobChain, Step, ThreadJob
 
@@ -58,6 +58,7 @@ class Session:
         self._import: tuple | None = None  # (library, name, archive) of the running import
         self.added: tuple | None = None  # (export result, {case: fold}) of the last case added
         self.curves: TrainingCurves | None = None
+        self.correction: corrections.CorrectionSession | None = None  # "Correct with clicks", while open
         self._curves_job: Job | None = None
         self._curves_seen = 0
         self._prediction_input: dict = {}
@@ -87,6 +88,8 @@ class Session:
             events += self.model_job.poll()
             if self.model_job.finished:
                 self._finish_import()
+        if self.correction is not None:
+            self.correction.poll()
         return events
 
     @property
@@ -103,6 +106,7 @@ class Session:
     def shutdown(self) -> None:
         """On closing Slicer: stop the engine processes (SIGTERM; they end on their own)."""
         self.stop()
+        self.stop_correcting()
 
     # -- training --------------------------------------------------------------------------------
     def start_training(self, settings: commands.TrainSettings) -> JobChain:
@@ -179,7 +183,8 @@ class Session:
             raise
         self.prediction_result, self.prediction_choice = None, choice
         self._prediction_input = {"folder": folder, "model": Path(model), "reference": volumes[0],
-                                  "uncertainty": uncertainty, "name": result_name}
+                                  "uncertainty": uncertainty, "name": result_name, "volumes": list(volumes),
+                                  "device": device}
         step.weight = 20.0  # the engine's work; writing and reading are a few seconds each
 
         def write(job):
@@ -202,6 +207,51 @@ class Session:
                                                                     info.get("name"))
         finally:
             shutil.rmtree(info["folder"], ignore_errors=True)
+
+    # -- correcting with clicks ------------------------------------------------------------------
+    def start_correcting(self, segmentation, volumes: Sequence | None = None, model=None,
+                         configuration: str | None = None, folds_: Sequence[str] | None = None,
+                         device: str | None = None, before_change=None) -> corrections.CorrectionSession:
+        """Open "Correct with clicks" on ``segmentation`` (closing any open one).
+
+        Without ``volumes``/``model``: those of the prediction that made ``segmentation`` in this
+        session (its configuration and folds too), so a result of "Use a model" is corrected with
+        that model. The engine starts in the background; :meth:`poll` advances it.
+        ``before_change``: see :class:`~AutoSegLogic.corrections.CorrectionSession`.
+
+        Raises:
+            ValueError: nothing to correct with (no volumes or model), or the segmentation cannot
+                be edited voxel for voxel on the volume's grid.
+        """
+        made_here = self.prediction_result is not None and self.prediction_result.segmentation is segmentation
+        info = self._prediction_input if made_here else {}
+        volumes = volumes or info.get("volumes")
+        model = model or info.get("model")
+        if model is None:
+            raise ValueError("choose the model folder the segmentation was predicted with")
+        note = ""
+        choice = self.prediction_choice if made_here else None
+        if choice is not None and configuration in (None, "", commands.AUTO):
+            configuration = choice.configurations[0]  # a refine runs one configuration
+            folds_ = folds_ or (list(choice.folds) if choice.folds else None)
+            if len(choice.configurations) > 1:
+                note = (f"The prediction averaged {' + '.join(choice.configurations)}; clicks are answered by "
+                        f"{configuration} alone")
+        configuration = None if configuration in (None, "", commands.AUTO) else configuration
+        device = device or info.get("device") or "auto"
+        self.stop_correcting()
+        self.correction = corrections.CorrectionSession(self.scene, segmentation, volumes or [], model, configuration,
+                                                        folds_, device, python=self.python, env=self.env,
+                                                        before_change=before_change)
+        if note:
+            self.correction.messages.append(note)
+        return self.correction
+
+    def stop_correcting(self) -> None:
+        """Done: stop the correction engine (the segmentation keeps every applied click)."""
+        if self.correction is not None:
+            self.correction.close()
+            self.correction = None
 
     # -- models ----------------------------------------------------------------------------------
     def start_import_model(self, library, archive, name: str | None = None) -> Job:

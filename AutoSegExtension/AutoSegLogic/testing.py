@@ -54,6 +54,49 @@ def segmentation_from_array(scene, label, geometry, labels: dict, name: str):
     return node
 
 
+def tiny_guided_model(root, labels: dict, spacing, median_shape, channel: str = "CT", seed: int = 0,
+                      guided: bool = True) -> Path:
+    """``root/model``: one tiny 3d_fullres configuration with click guidance (``guided``), random
+    weights, fold 0.
+
+    For the mechanics of correcting with clicks (where the answer goes), not for its quality.
+    """
+    import torch
+
+    from AutoSegLib.models.checkpoint import save_checkpoint
+    from AutoSegLib.network import build_network
+    from AutoSegLib.planning.guidance import default_guidance
+
+    n_foreground = len([v for v in labels.values() if v])
+    config = {"spacing": list(spacing), "patch_size": [8, 16, 16], "batch_size": 2,
+              "median_image_size_in_voxels": list(median_shape), "strides": [[1, 1, 1], [2, 2, 2]],
+              "kernel_sizes": [[3, 3, 3]] * 2, "features_per_stage": [4, 8], "n_conv_per_stage_encoder": [1, 1],
+              "n_conv_per_stage_decoder": [1], "normalization_schemes": ["ZScoreNormalization"],
+              "use_mask_for_norm": [False], "network": {"architecture": "PlainConvUNet"},
+              "resampling": {"image_order": 3, "label_order": 1, "label_encoding": "one_hot",
+                             "separate_z_anisotropy_threshold": 3.0, "out_of_plane_order": 0,
+                             "separate_z_for_typical_case": False},
+              **({"guidance": default_guidance()} if guided else {})}
+    intensities = {"mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 200.0, "percentile_00_5": 5.0,
+                   "percentile_99_5": 190.0}
+    plans = {"version": 1, "dataset_name": "Clicks", "gpu_memory_gb": 8.0, "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "num_training_cases": 4, "channel_names": {"0": channel},
+             "labels": dict(labels), "num_classes": len(labels), "original_median_spacing": list(spacing),
+             "original_median_shape": list(median_shape),
+             "foreground_intensity_properties_per_channel": {"0": intensities},
+             "configurations": {"3d_fullres": config}}
+    model = Path(root) / "model"
+    model.mkdir(parents=True)
+    write_json(model / "plans.json", plans)
+    write_json(model / "dataset.json", {"channel_names": {"0": channel}, "labels": dict(labels), "numTraining": 4,
+                                        "file_ending": ".nii.gz"})
+    torch.manual_seed(seed)
+    network = build_network(config, 1 + (2 * n_foreground if guided else 0), len(labels))
+    save_checkpoint(model / "3d_fullres" / "fold_0" / "checkpoint_final.pt",
+                    {"network_weights": network.state_dict(), "epoch": 1})
+    return model
+
+
 def shrink_plans(work, configuration: str = "3d_fullres") -> None:
     """Replace the planned network of ``configuration`` with :data:`TINY_NETWORK` (2d: :data:`TINY_NETWORK_2D`)."""
     path = Path(work) / "plans.json"

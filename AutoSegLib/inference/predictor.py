@@ -74,6 +74,7 @@ class Stage:
     folds: list
     weights: list[dict]
     previous: "Stage | None" = None  # the low-resolution stage of a cascade
+    guidance_channels: int = 0  # click maps after the image channels (zeros when predicting automatically)
 
 
 def mirror_axes_for(config: dict) -> tuple[int, ...]:
@@ -196,6 +197,44 @@ class Predictor:
             total /= len(self.stages)
         return total
 
+    # -- click-guided correction (docs/clicks.md) ------------------------------------------
+    @property
+    def guided(self) -> bool:
+        """True when the network was trained with click guidance (clicks then steer a refine)."""
+        return any(stage.guidance_channels for stage in self.stages)
+
+    def prepare(self, channels: list[np.ndarray], geometry: Geometry):
+        """Preprocess a case once for many refines (:class:`~AutoSegLib.inference.refine.PreparedCase`)."""
+        from AutoSegLib.inference.refiner import prepare_case
+
+        return prepare_case(self, channels, geometry)
+
+    def refine(self, channels, geometry: Geometry, previous_labels: np.ndarray, clicks, scope: str = "clicked"):
+        """Correct ``previous_labels`` with clicks; re-predicts only windows around them.
+
+        Args:
+            channels: the case's images, as for :meth:`predict`; or a prepared case
+                (:meth:`prepare`), and then ``geometry`` is ignored.
+            previous_labels: the label map to correct (z, y, x), on the images' grid.
+            clicks: every :class:`~AutoSegLib.inference.clicks.Click` of the correction so far (the
+                network sees them all; the windows cover them all).
+            scope: ``clicked`` changes only voxels that are or become a clicked label; ``all``
+                takes every class of the re-predicted windows.
+
+        Returns:
+            :class:`~AutoSegLib.inference.refine.RefineResult`: the whole merged label map (the
+            previous map's dtype) and ``region`` (z0, z1, y0, y1, x0, x1), outside which nothing changed.
+
+        Raises:
+            ClickError: a click outside the image or naming a label the model does not have;
+                an ensemble or cascade (refine runs one configuration).
+        """
+        from AutoSegLib.inference.refine import PreparedCase
+        from AutoSegLib.inference.refiner import prepare_case, refine_case
+
+        case = channels if isinstance(channels, PreparedCase) else prepare_case(self, channels, geometry)
+        return refine_case(self, case, previous_labels, clicks, scope)
+
     def postprocess(self, labels: np.ndarray) -> np.ndarray:
         """The inference plan's postprocessing (largest connected components), if it asks for any."""
         if not wants_postprocessing(self.postprocessing):
@@ -238,7 +277,7 @@ class Predictor:
                                                 plans.foreground_intensity_properties_per_channel, plans.orientation)
         if seg is not None:
             data = np.concatenate([data, one_hot_foreground(seg[0], self.model.foreground_values)])
-        probabilities = self._fold_mean(stage, data, passes)
+        probabilities = self._fold_mean(stage, data, passes)  # zero guidance: automatic prediction
         del data
         return probabilities, properties
 
@@ -271,7 +310,8 @@ class Predictor:
         for weights in stage.weights:
             if len(stage.weights) > 1:
                 stage.network.load_state_dict(weights)
-            logits = sliding_window_logits(self._forward(stage.network), x, stage.config["patch_size"], self.step,
+            network = self._forward(stage.network, stage.guidance_channels)  # automatic: zero click maps
+            logits = sliding_window_logits(network, x, stage.config["patch_size"], self.step,
                                            mirror, batch, progress=passes.next_pass(), network_device=self.device)
             probabilities = softmax(logits)  # on the CPU: the logits' own memory, an inference tensor
             del logits
@@ -281,11 +321,17 @@ class Predictor:
             total /= len(stage.weights)
         return total.cpu().numpy()
 
-    def _forward(self, network):
-        if self.device.type != "cuda":
+    def _forward(self, network, zero_channels: int = 0):
+        """The network as sliding windows call it: autocast on CUDA; ``zero_channels`` all-zero
+        guidance channels appended to each batch of windows (never to the whole image)."""
+        if self.device.type != "cuda" and not zero_channels:
             return network
 
         def run(x):
+            if zero_channels:
+                x = torch.cat([x, x.new_zeros((x.shape[0], zero_channels, *x.shape[2:]))], 1)
+            if self.device.type != "cuda":
+                return network(x)
             with torch.autocast("cuda"):
                 return network(x)
         return run
@@ -322,6 +368,8 @@ def _load_stage(model: ModelFolder, name: str, folds, checkpoint: str, device: t
             raise ModelFolderError(f"{model.path}: configuration {name} names itself as its previous stage")
         previous = _load_stage(model, config["previous_stage"], folds, checkpoint, device)
     fold_list = model.resolve_folds(name, folds, checkpoint)
+    from AutoSegLib.planning.guidance import guidance_channels
+
     network = build_network(config, model.network_input_channels(config), model.n_classes, deep_supervision=False)
     weights = []
     for fold in fold_list:
@@ -335,4 +383,5 @@ def _load_stage(model: ModelFolder, name: str, folds, checkpoint: str, device: t
                                        f"{model.path / 'plans.json'} ({first})") from None
         weights.append(state)
     network.to(device, memory_format=inference_memory_format(len(config["patch_size"]), device)).eval()
-    return Stage(name, config, network, fold_list, weights, previous)
+    return Stage(name, config, network, fold_list, weights, previous,
+                 guidance_channels(config, len(model.foreground_values)))

@@ -97,8 +97,13 @@ class ModelFolder:
         return config
 
     def network_input_channels(self, config: dict) -> int:
-        """Image channels, plus one per foreground class for a cascade's second stage (nnU-Net v2)."""
-        return self.n_channels + (len(self.foreground_values) if config.get("previous_stage") else 0)
+        """Image channels, plus one per foreground class for a cascade's second stage (nnU-Net v2),
+        plus two per foreground class for click guidance (planning/guidance.py)."""
+        from AutoSegLib.planning.guidance import guidance_channels
+
+        n_foreground = len(self.foreground_values)
+        return (self.n_channels + (n_foreground if config.get("previous_stage") else 0)
+                + guidance_channels(config, n_foreground))
 
     def fold_dir(self, configuration: str, fold) -> Path:
         return self.path / configuration / fold_dir_name(fold)

@@ -57,6 +57,7 @@ class Configuration:
     memory: dict = field(default_factory=dict)
     next_stage: str | None = None
     previous_stage: str | None = None
+    guidance: dict | None = None  # click guidance (planning/guidance.py); None: a plain network
     explanation: list[dict] = field(default_factory=list)
     # Patch axes mirrored in training and at test time (None: every axis, the method's default).
     mirror_axes: list[int] | None = None
@@ -67,7 +68,7 @@ class Configuration:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for optional in ("next_stage", "previous_stage", "mirror_axes"):
+        for optional in ("next_stage", "previous_stage", "mirror_axes", "guidance"):
             if out[optional] is None:
                 del out[optional]
         return json.loads(json.dumps(out))  # deep, plain copy

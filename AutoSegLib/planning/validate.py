@@ -262,6 +262,12 @@ def optional_problems(key: str, config: dict, dims: int, planned) -> list[str]:
     for flag in ("dummy_2d_augmentation", "batch_dice"):
         if flag in config and not isinstance(config[flag], bool):
             problems.append(_problem(f"{key}.{flag}", config[flag], "must be true or false"))
+    if config.get("guidance") is not None:
+        from AutoSegLib.planning.guidance import guidance_problems
+
+        problems += guidance_problems(f"{key}.guidance", config["guidance"])
+        if config.get("previous_stage"):
+            problems.append(_problem(f"{key}.guidance", "...", "a cascade's second stage cannot take clicks"))
     return problems
 
 

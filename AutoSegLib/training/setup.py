@@ -16,6 +16,7 @@ from AutoSegLib.fileutil import write_json
 from AutoSegLib.locks import LOCK_FILE, FolderLock, lock_folder
 from AutoSegLib.models.device import resolve_device
 from AutoSegLib.planning import Plans
+from AutoSegLib.planning.guidance import guidance_channels, guidance_of
 from AutoSegLib.preprocessing import storage
 from AutoSegLib.preprocessing.runner import load_plans, preprocessed_folder
 from AutoSegLib.training.schedule import PAPER, Schedule, preset_for_device, resolve_schedule
@@ -73,6 +74,8 @@ class RunSetup:
     preset_reason: str = ""
     device: object = None  # the torch.device the run trains on (models/device.py), resolved once
     lock: FolderLock | None = None  # the fold folder's, held as long as this object (AutoSegLib/locks.py)
+    guidance: object = None  # the configuration's GuidanceSpec (planning/guidance.py), None: no click channels
+    foreground: list[int] = field(default_factory=list)  # foreground label values, in guidance channel order
 
 
 def fold_cases(work_dir: Path, case_ids: list[str], fold: str, spec: DatasetSpec,
@@ -181,9 +184,13 @@ def setup_run(dataset_folder: str | Path, work_dir: str | Path, options: TrainOp
             lock.release(tidy=True)  # a refused run leaves no fold folder it made
         raise
     n_classes = len(dataset.spec.labels) - (dataset.spec.ignore_value is not None)
+    foreground = sorted(dataset.spec.foreground_labels.values())
+    guidance = guidance_of(config)
+    n_input = dataset.spec.num_channels + guidance_channels(config, len(foreground))
     return RunSetup(options, dataset.spec, plans, config, data_folder, run_folder, model, train_cases, val_cases,
-                    schedule, dataset.spec.num_channels, n_classes, dataset.spec.ignore_value,
-                    notes=notes, preset=preset, preset_reason=preset_reason, device=device, lock=lock)
+                    schedule, n_input, n_classes, dataset.spec.ignore_value,
+                    notes=notes, preset=preset, preset_reason=preset_reason, device=device, lock=lock,
+                    guidance=guidance, foreground=foreground)
 
 
 def budget_epochs(preset: str, options: TrainOptions) -> int | None:

@@ -35,6 +35,7 @@ from AutoSegLib.network import build_network
 from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
+from AutoSegLib.training.guidance import simulate_guidance, step_generators
 from AutoSegLib.training.distributed import Group, loss_weight, rank_slots
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
                                       pseudo_dice)
@@ -108,6 +109,9 @@ class Trainer:
         weights = getattr(self.network, "supervision_weights", None) or deep_supervision_weights(n_outputs)
         self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label), weights)
         self.schedule = run.schedule
+        # Simulated clicks of guided training (training/guidance.py): drawn per global step and sample.
+        self.step = 0
+        self.guidance_counts = {"guided_samples": 0, "clicks": 0}
         self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
         self.signals: list[int] = []
         self.last_save = time.monotonic()
@@ -200,6 +204,7 @@ class Trainer:
             self.initialize_from(Path(opts.init_from))
         seed = opts.seed + 1000 * self.epoch
         first = self.epoch * self.schedule.iterations_per_epoch
+        self.step = first  # a resumed run continues the stream of simulated clicks too
         with BatchLoader(self.run.train_cases, self.run.config, self.run.data_folder, num_workers=opts.num_workers,
                          seed=seed, ignore_label=self.run.ignore_label, first_batch=first,
                          slots=self.slots) as train_loader, \
@@ -263,9 +268,33 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
 
+    def with_guidance(self, data: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch with its click channels: simulated from the errors (training, ``target`` given)
+        or all zero (validation); unchanged for a configuration without guidance."""
+        spec = self.run.guidance
+        if spec is None:
+            return data
+        if target is None:
+            zeros = data.new_zeros((data.shape[0], spec.channels(len(self.run.foreground)), *data.shape[2:]))
+            return torch.cat([data, zeros], 1)
+
+        def forward(x):
+            with self._autocast():
+                out = self.network(x)
+            return (out[0] if isinstance(out, (list, tuple)) else out).float()
+
+        batch_rng, sample_rngs = step_generators(self.run.options.seed, self.step, self.slots)
+        guidance, counts = simulate_guidance(forward, data, target, spec, self.run.foreground, batch_rng,
+                                             sample_rngs, self.run.ignore_label)
+        for key in self.guidance_counts:
+            self.guidance_counts[key] += counts[key]
+        return torch.cat([data, guidance], 1)
+
     def train_step(self, batch: dict) -> float:
         data = batch["data"].to(self.device, non_blocking=True)
         targets = [t.to(self.device, non_blocking=True).long() for t in batch["target"]]
+        data = self.with_guidance(data, targets[0])
+        self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             outputs = self.model(data)
@@ -298,7 +327,7 @@ class Trainer:
         for _ in range(self.schedule.val_iterations):
             self.check_stop()
             batch = next(loader)
-            data = batch["data"].to(self.device)
+            data = self.with_guidance(batch["data"].to(self.device))  # validation: automatic (zero guidance)
             targets = [t.to(self.device).long() for t in batch["target"]]
             with self._autocast():
                 outputs = self.network(data)

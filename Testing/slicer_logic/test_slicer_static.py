@@ -104,7 +104,7 @@ def gui_source() -> str:
 def test_the_gui_and_the_job_code_never_wait(pattern):
     code = {"AutoSeg.py (GUI)": gui_source()}
     for name in ("jobs.py", "session.py", "results.py", "curves.py", "device.py", "dataset_export.py", "terminology.py",
-                 "library.py"):
+                 "library.py", "corrections.py", "segment_masks.py"):
         code[name] = (MODULE_DIR / "AutoSegLogic" / name).read_text()
     for name, text in code.items():
         lines = [line for line in text.splitlines() if re.search(pattern, line) and not line.strip().startswith("#")]

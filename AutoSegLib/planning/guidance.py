@@ -1,0 +1,108 @@
+"""Click guidance in the plans: whether a configuration's network takes click maps, and how.
+
+A configuration with a ``guidance`` entry trains and predicts with two extra input channels
+per foreground class (positive and negative clicks, docs/clicks.md), after the image channels
+(and after a cascade's previous-stage channels, which no guided configuration has). Automatic
+prediction fills them with zeros. No entry (every plan made before issue 21, ``--no-guidance``)
+is the plain network, unchanged.
+
+Example:
+    >>> spec = GuidanceSpec.from_dict(default_guidance())
+    >>> spec.channels(n_foreground=5), spec.radius
+    (10, 2.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GUIDANCE_VERSION = 1
+ENCODINGS = ("disc",)
+# DeepEdit trains with half of the samples automatic: the automatic result must not get worse.
+AUTOMATIC_SHARE = 0.5
+# Simulated click rounds per guided batch, drawn from 1..MAX_ROUNDS: each round costs one
+# forward pass without gradients (about a third of a training step), so 3 keeps a guided
+# step under twice an automatic one on the CPU while the network still sees several clicks.
+MAX_ROUNDS = 3
+# A ball of 2 voxels at the network's resolution: 33 voxels, found by a 3x3x3 kernel's
+# first convolution from every neighbour of the clicked voxel.
+RADIUS = 2.0
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """A configuration's ``guidance`` entry (plans.json)."""
+
+    encoding: str = "disc"
+    radius: float = RADIUS
+    automatic_share: float = AUTOMATIC_SHARE
+    max_rounds: int = MAX_ROUNDS
+    version: int = GUIDANCE_VERSION
+
+    def channels(self, n_foreground: int) -> int:
+        return 2 * n_foreground
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GuidanceSpec":
+        problems = guidance_problems("guidance", data)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**data)
+
+
+def default_guidance() -> dict:
+    return GuidanceSpec().to_dict()
+
+
+def guidance_of(config: dict) -> GuidanceSpec | None:
+    """The configuration's guidance, or None for a plain (automatic-only) network."""
+    entry = config.get("guidance")
+    return None if entry is None else GuidanceSpec.from_dict(entry)
+
+
+def guidance_problems(key: str, value) -> list[str]:
+    """Problems of a ``guidance`` entry, one line each naming the key and value."""
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [f"{key}: {value!r}: must be an object or null"]
+    expected = set(GuidanceSpec.__dataclass_fields__)
+    if set(value) != expected:
+        return [f"{key}: keys {sorted(value)}: must be exactly {sorted(expected)}"]
+    problems = []
+    if value["version"] != GUIDANCE_VERSION:
+        problems.append(f"{key}.version: {value['version']!r}: only version {GUIDANCE_VERSION} is supported")
+    if value["encoding"] not in ENCODINGS:
+        problems.append(f"{key}.encoding: {value['encoding']!r}: allowed: {', '.join(ENCODINGS)}")
+    radius = value["radius"]
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 <= radius <= 16:
+        problems.append(f"{key}.radius: {radius!r}: must be a number of voxels from 0 to 16")
+    share = value["automatic_share"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        problems.append(f"{key}.automatic_share: {share!r}: must be a fraction from 0 to 1")
+    rounds = value["max_rounds"]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
+        problems.append(f"{key}.max_rounds: {rounds!r}: must be an integer from 1 to 10")
+    return problems
+
+
+def with_guidance(plans, enabled: bool = True):
+    """The plans with guidance on every configuration that can take it (in place, returned).
+
+    A cascade's second stage is left plain: its input already carries the first stage's
+    segmentation, and refining it would need the first stage again for every click. So is a
+    2D configuration: a refine predicts 3D windows around the clicks (inference/refiner.py).
+    """
+    for config in plans.configurations.values():
+        takes_clicks = enabled and not config.previous_stage and len(config.patch_size) == 3
+        config.guidance = default_guidance() if takes_clicks else None
+    return plans
+
+
+def guidance_channels(config: dict, n_foreground: int) -> int:
+    """Extra network input channels the configuration's guidance takes (0 without guidance)."""
+    spec = guidance_of(config)
+    return 0 if spec is None else spec.channels(n_foreground)
