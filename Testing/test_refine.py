@@ -141,6 +141,25 @@ def test_original_points_map_into_the_cropped_transposed_resampled_grid():
     assert original_range(10, 20, 20, 40) == (5, 10)  # voxel centres 5.25 .. 9.75 of the new grid's 10 .. 19.5
 
 
+def test_points_and_regions_follow_the_canonical_view():
+    from AutoSegLib.inference.refine import region_labels
+
+    # stored axes (z, y, x) seen as (y, z, reversed x): a swapped, right-to-left stored case
+    properties = {"transpose_forward": [0, 1, 2], "crop_bbox": [[2, 10], [0, 20], [5, 25]],
+                  "orientation": {"axes": [1, 0, 2], "flip": [False, False, True]},
+                  "shape_after_crop": [20, 8, 20], "shape_after_resampling": [20, 8, 20]}
+    # (3, 4, 10) -> cropped (1, 4, 5) -> canonical (4, 1, 20 - 1 - 5)
+    np.testing.assert_allclose(preprocessed_point((3, 4, 10), properties), (4, 1, 14))
+    # a box of the canonical grid comes back as the stored voxels it views, labels in stored order
+    probabilities = np.zeros((3, 2, 3, 4), np.float32)
+    probabilities[1] = 1.0
+    probabilities[2, 0, 0, 0] = 2.0  # the box's first voxel: canonical (4, 1, 12) -> stored (3, 4, 12)
+    region, labels, take = region_labels(probabilities, np.ones((2, 3, 4), bool), (4, 1, 12), properties)
+    assert region == (slice(3, 6), slice(4, 6), slice(9, 13))  # canonical x 12..15 -> cropped 7..4 -> 9..12
+    assert labels.shape == take.shape == (3, 2, 4) and take.all()
+    assert labels[0, 0, 3] == 2 and (labels == 2).sum() == 1
+
+
 def test_bad_clicks_are_refused_naming_the_click(guided_model):
     predictor = Predictor.from_model_dir(guided_model, tta=False, device="cpu")
     previous = np.zeros((20, 40, 36), np.uint8)

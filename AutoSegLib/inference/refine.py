@@ -23,6 +23,7 @@ import numpy as np
 
 from AutoSegLib.inference.clicks import Click, check_click_labels, click_index
 from AutoSegLib.imageio import Geometry
+from AutoSegLib.preprocessing.orientation import Orientation, canonical_index, stored_array
 
 SCOPES = ("clicked", "all")
 INNER_MARGIN = 1 / 8  # of the patch, each side: the window's border is left to the previous labels
@@ -66,13 +67,19 @@ def check_scope(scope: str) -> str:
 
 
 def preprocessed_point(index: Sequence[float], properties: dict) -> np.ndarray:
-    """An original-grid index (z, y, x) as a continuous index of the preprocessed grid (planning order)."""
+    """An original-grid index (z, y, x) as a continuous index of the preprocessed grid (planning order):
+    cropped, seen along the canonical axes when the plan is canonical, transposed, resampled."""
     transpose = [int(a) for a in properties["transpose_forward"]]
-    crop = [int(b[0]) for b in properties["crop_bbox"]]
+    crop = np.array([int(b[0]) for b in properties["crop_bbox"]])
+    crop_shape = [int(b[1]) - int(b[0]) for b in properties["crop_bbox"]]
     old = np.asarray(properties["shape_after_crop"], dtype=float)
     new = np.asarray(properties["shape_after_resampling"], dtype=float)
-    cropped = np.array([float(index[a]) - crop[a] for a in transpose])
-    return (cropped + 0.5) * new / old - 0.5
+    oriented = canonical_index(np.asarray(index, dtype=float) - crop, crop_shape, _orientation(properties))
+    return (oriented[transpose] + 0.5) * new / old - 0.5
+
+
+def _orientation(properties: dict) -> Orientation:
+    return Orientation.from_dict(properties.get("orientation"))  # absent: preprocessed before orientation
 
 
 def click_points(clicks: Sequence[Click], case: PreparedCase, foreground: Sequence[int]) -> list[tuple]:
@@ -169,11 +176,18 @@ def region_labels(probabilities: np.ndarray, covered: np.ndarray, box_start: Seq
     labels = np.argmax(values, axis=0)
     back = np.argsort(transpose)
     crop = [int(b[0]) for b in properties["crop_bbox"]]
+    crop_shape = [int(b[1]) - int(b[0]) for b in properties["crop_bbox"]]
+    oriented = _orientation(properties)
     region = [None] * len(transpose)
     for k, (first, last) in enumerate(ranges):
-        axis = transpose[k]
+        canonical_axis = transpose[k]
+        axis = oriented.axes[canonical_axis]  # the stored axis it views
+        if oriented.flip[canonical_axis]:
+            first, last = crop_shape[axis] - last, crop_shape[axis] - first
         region[axis] = slice(crop[axis] + first, crop[axis] + last)
-    return tuple(region), labels.transpose(back), take.transpose(back)
+    labels = np.ascontiguousarray(stored_array(labels.transpose(back), oriented))
+    take = np.ascontiguousarray(stored_array(take.transpose(back), oriented))
+    return tuple(region), labels, take
 
 
 def _sample(values: np.ndarray, samplers) -> np.ndarray:

@@ -43,7 +43,7 @@ def prepare_case(predictor, channels: list[np.ndarray], geometry: Geometry) -> P
     channels = predictor.check_input(channels, geometry)
     plans = predictor.model.plans
     data, _, properties = preprocess_case(channels, None, geometry, stage.config, plans.transpose_forward,
-                                          plans.foreground_intensity_properties_per_channel)
+                                          plans.foreground_intensity_properties_per_channel, plans.orientation)
     return PreparedCase(data, properties, geometry, stage.name)
 
 
