@@ -44,14 +44,16 @@ def fingerprint_dataset(dataset_folder: str | Path, work_dir: str | Path, num_pr
 
 def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb: float = 8.0,
                  num_processes: int = 2, reporter: Reporter | None = None, force_fingerprint: bool = False,
-                 architecture: str = "PlainConvUNet", guidance: bool = True):
+                 architecture: str = "PlainConvUNet", guidance: str = "auto"):
     """Fingerprint (or reuse), plan, and write ``plans.json``; returns the Plans.
 
-    ``guidance``: networks that also take correction clicks (planning/guidance.py), the default
-    for new models; False plans plain networks, as before issue 21.
+    ``guidance``: ``on`` plans networks that also take correction clicks (planning/guidance.py),
+    ``off`` plain ones (as before issue 21), ``auto`` on when this machine has a GPU; the plan's
+    explanation says which and why.
     """
     from AutoSegLib.planning import plan
-    from AutoSegLib.planning.guidance import with_guidance
+    from AutoSegLib.planning.explain import note
+    from AutoSegLib.planning.guidance import guidance_decision, with_guidance
 
     reporter = reporter or Reporter(quiet=True)
     dataset_folder = Path(dataset_folder)
@@ -59,8 +61,17 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     spec = open_checked_dataset(dataset_folder).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
                  dataset_name=dataset_folder.resolve().name, architecture=architecture)
-    with_guidance(plans, guidance)
+    enabled, reason = guidance_decision(guidance, training_device_type() if guidance == "auto" else "")
+    with_guidance(plans, enabled)
+    note(plans.explanation, "remark", message=reason)
     path = Path(work_dir) / PLANS_FILE
     write_json(path, plans.to_dict())
     reporter.log("plan", f"Wrote {path}")
     return plans
+
+
+def training_device_type() -> str:
+    """The device ``--device auto`` would train on here (cuda, mps or cpu)."""
+    from AutoSegLib.models.device import resolve_device
+
+    return resolve_device("auto").type

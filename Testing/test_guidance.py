@@ -167,7 +167,8 @@ def guided_work(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided")
     dataset, work = root / "DS", root / "WORK"
     assert cli.main(["make-phantoms", str(dataset), "--cases", "4", "--seed", "2", "--events"]) == 0
-    assert cli.main(["plan-and-preprocess", str(dataset), "-w", str(work), "-c", "3d_fullres", "--events"]) == 0
+    assert cli.main(["plan-and-preprocess", str(dataset), "-w", str(work), "-c", "3d_fullres", "--guidance", "on",
+                     "--events"]) == 0
     plans = read_json(work / "plans.json")
     plans["configurations"]["3d_fullres"].update(TINY)
     write_json(work / "plans.json", plans)
@@ -212,10 +213,21 @@ def test_a_guided_network_trains_and_its_model_records_the_guidance(guided_work,
     assert labels.shape == image.shape
 
 
-def test_no_guidance_plans_plain_networks(guided_work, tmp_path):
+def test_guidance_off_plans_plain_networks(guided_work, tmp_path):
     from AutoSegLib.fileutil import read_json
 
     dataset, _ = guided_work
-    assert cli.main(["plan", str(dataset), "-w", str(tmp_path / "W"), "--no-guidance", "--events"]) == 0
+    assert cli.main(["plan", str(dataset), "-w", str(tmp_path / "W"), "--guidance", "off", "--events"]) == 0
     configurations = read_json(tmp_path / "W" / "plans.json")["configurations"]
     assert all("guidance" not in c for c in configurations.values())
+
+
+def test_guidance_auto_follows_the_device_and_says_why():
+    from AutoSegLib.planning.guidance import guidance_decision
+
+    assert guidance_decision("auto", "cuda")[0] and guidance_decision("auto", "mps")[0]
+    enabled, reason = guidance_decision("auto", "cpu")
+    assert not enabled and "no GPU" in reason and "--guidance on" in reason
+    assert guidance_decision("on", "cpu")[0] and not guidance_decision("off", "cuda")[0]
+    with pytest.raises(ValueError, match="--guidance 'yes'"):
+        guidance_decision("yes", "cpu")

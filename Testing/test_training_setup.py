@@ -31,7 +31,7 @@ def planned(tmp_path_factory):
                                                       for i, c in enumerate(CASES)})
     work = root / "work"
     quiet = Reporter(quiet=True)
-    plan_dataset(dataset, work, num_processes=1, reporter=quiet)
+    plan_dataset(dataset, work, num_processes=1, reporter=quiet, guidance="off")
     preprocess_dataset(dataset, work, ["3d_fullres"], num_processes=1, reporter=quiet)
     return dataset, work
 
@@ -157,8 +157,7 @@ def test_setup_run_resolves_folders_schedule_and_classes(planned):
         assert json.loads((work / "model" / "plans.json").read_text()) == json.loads((work / "plans.json").read_text())
         assert json.loads((work / "model" / "dataset.json").read_text())["labels"] == {"background": 0, "organ": 1}
         assert (run.schedule.epochs, run.schedule.iterations_per_epoch) == (3, 25)
-        # the CT channel, and the click-guidance maps of the one class (positive, negative): planned by default
-        assert run.n_classes == 2 and run.n_input_channels == 1 + 2 and run.ignore_label is None
+        assert run.n_classes == 2 and run.n_input_channels == 1 and run.ignore_label is None
         assert len(run.train_cases) == 4 and len(run.val_cases) == 1
     finally:
         import shutil

@@ -11,7 +11,7 @@ Steps (each prints its figures; run them in order, training one model at a time)
 
 The recipe is the demo's (``autoseg demo``): 12 training CT phantoms (seed 0), here with 6
 held-out ones; ``3d_cpu``, quick preset (AdamW, 20 x 25 = 500 iterations), fold ``all``. The
-two models differ only in the plan's ``guidance`` entry (``plain`` = ``--no-guidance``), and
+two models differ only in the plan's ``guidance`` entry (``plain`` = ``--guidance off``), and
 train with the same seed.
 
 Clicks are simulated by a fixed rule on the original grid: each click at the centre (maximum
@@ -63,7 +63,7 @@ def cmd_prepare(args) -> None:
     f = folders(args.base)
     if not (f["dataset"] / "dataset.json").is_file():
         make_phantom_dataset(f["dataset"], kind="ct", cases=TRAIN_CASES, seed=SEED, test_cases=TEST_CASES)
-    plan_dataset(f["dataset"], f["guided"], num_processes=2, guidance=True)
+    plan_dataset(f["dataset"], f["guided"], num_processes=2, guidance="on")
     preprocess_dataset(f["dataset"], f["guided"], configurations=[CONFIG], num_processes=2)
     if f["plain"].exists():
         shutil.rmtree(f["plain"])

@@ -3,7 +3,7 @@
 A configuration with a ``guidance`` entry trains and predicts with two extra input channels
 per foreground class (positive and negative clicks, docs/clicks.md), after the image channels
 (and after a cascade's previous-stage channels, which no guided configuration has). Automatic
-prediction fills them with zeros. No entry (every plan made before issue 21, ``--no-guidance``)
+prediction fills them with zeros. No entry (every plan made before issue 21, ``--guidance off``)
 is the plain network, unchanged.
 
 Example:
@@ -87,6 +87,32 @@ def guidance_problems(key: str, value) -> list[str]:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 10:
         problems.append(f"{key}.max_rounds: {rounds!r}: must be an integer from 1 to 10")
     return problems
+
+
+GUIDANCE_CHOICES = ("auto", "on", "off")
+# Measured on the 2-core CPU (BENCHMARKS.md, "Click-guided correction"): a guided training step
+# costs 1.9x a plain one, and at the quick preset's 500 iterations the guided model's automatic
+# Dice was 0.018 lower (two seeds). On a CPU, where minutes are the limit, plain is the default.
+GUIDED_STEP_COST = 1.9
+
+
+def guidance_decision(choice: str, device_type: str) -> tuple[bool, str]:
+    """Whether new plans take clicks, and the sentence ``--explain`` gives for it.
+
+    ``auto``: on when this machine trains on a GPU (``device_type`` cuda or mps), off on a CPU.
+    """
+    if choice not in GUIDANCE_CHOICES:
+        raise ValueError(f"--guidance {choice!r}; choose one of {', '.join(GUIDANCE_CHOICES)}")
+    if choice == "on":
+        return True, "Click guidance: on (--guidance on): the 3D networks also learn to take correction clicks."
+    if choice == "off":
+        return False, "Click guidance: off (--guidance off): plain networks; a click only re-predicts near it."
+    if device_type in ("cuda", "mps"):
+        return True, (f"Click guidance: on (auto: a {device_type.upper()} device trains here): the 3D networks also "
+                      "learn to take correction clicks (docs/clicks.md).")
+    return False, (f"Click guidance: off (auto: no GPU here). On a CPU a guided training step costs "
+                   f"{GUIDED_STEP_COST:g}x a plain one, and in the quick preset's minutes it lowered automatic Dice; "
+                   "--guidance on trains it anyway (docs/clicks.md). Without it a click only re-predicts near it.")
 
 
 def with_guidance(plans, enabled: bool = True):
