@@ -14,7 +14,7 @@ import torch
 from AutoSegLib import cli
 from AutoSegLib.fileutil import TMP_PREFIX
 from AutoSegLib.imageio import read_image, write_image
-from AutoSegLib.inference import PredictionError, predict_files
+from AutoSegLib.inference import predict_files
 from AutoSegLib.inference import files as files_module
 from AutoSegLib.inference.memory import estimate_prediction
 from AutoSegLib.inference.pipeline import MAX_IN_FLIGHT, network_threads, run_pipeline
