@@ -84,13 +84,13 @@ def test_predict_folder_keeps_names_geometry_and_format(tmp_path, model_dir, cap
 
 def test_a_case_predicted_again_in_host_memory_is_reported(tmp_path, model_dir, capsys, monkeypatch):
     from AutoSegLib.inference.predictor import Predictor
-    real = Predictor.predict
+    real = Predictor.run_network
 
-    def predict_after_a_fallback(self, *args, **kwargs):
+    def network_after_a_fallback(self, *args, **kwargs):
         self.host_accumulator_fallbacks += 1  # what running out of GPU memory on this case does
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Predictor, "predict", predict_after_a_fallback)
+    monkeypatch.setattr(Predictor, "run_network", network_after_a_fallback)
     inputs = write_inputs(tmp_path / "in", {"big": ((9, 20, 18), oblique_geometry(), ".nii.gz")})
     status, events = run(capsys, ["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(model_dir),
                                   "-c", "2d", "--no-tta", "--device", "cpu", "--events"])

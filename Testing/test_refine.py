@@ -177,7 +177,7 @@ def test_an_ensemble_cannot_refine(tmp_path):
     model = make_model_folder(tmp_path, folds=(0,))  # 3d_fullres and 2d
     predictor = Predictor.from_model_dir(model, configuration=["3d_fullres", "2d"], tta=False, device="cpu")
     with pytest.raises(ClickError, match="one configuration without a cascade"):
-        predictor.prepare([image()], GEOMETRY)
+        predictor.prepare_refine([image()], GEOMETRY)
 
 
 def test_a_shared_guided_model_stays_guided(guided_model, tmp_path):

@@ -166,7 +166,7 @@ def cmd_dice(args) -> None:
         per_case = []
         for case, image, truth, geometry in cases:
             automatic, _ = predictor.predict([image], geometry)
-            prepared = predictor.prepare([image], geometry)
+            prepared = predictor.prepare_refine([image], geometry)
             per_case.append((case, image, truth, geometry, automatic, prepared))
         auto = {name: float(np.nanmean([dice(a == v, t == v) for _, _, t, _, a, _ in per_case]))
                 for name, v in classes.items()}
@@ -356,7 +356,7 @@ def cmd_flops(args) -> None:
 
         predictor = Predictor.from_model_dir(f["guided"] / "model", CONFIG, ["all"], device="cpu", tta=False)
         _, image, truth, geometry = test_cases(f["dataset"])[0]
-        prepared = predictor.prepare([image], geometry)
+        prepared = predictor.prepare_refine([image], geometry)
         k = n_classes
         predictor.stages[0].network = lambda x: torch.zeros((x.shape[0], k, *x.shape[2:]))
         clicks = [Click(5, True, index_to_physical(np.argwhere(truth == 5)[0], geometry))]

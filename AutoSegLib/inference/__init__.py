@@ -7,6 +7,8 @@ Modules, pure in the middle and I/O at the edges:
 - ``probabilities``: labels, normalized entropy, one-hot cascade inputs (numpy).
 - ``model``: the model folder: plans, labels, inference plan, folds, checkpoints.
 - ``predictor``: :class:`Predictor`, in-memory arrays in, labels and probabilities out.
+- ``pipeline``: a batch of cases overlapped: the next one read and the previous one written while
+  the network runs (at most three cases in memory).
 - ``files``: :func:`predict_files` (``autoseg predict``), atomic outputs; :func:`find_input_cases`
   groups a folder's ``{case}_{XXXX}`` files into cases by channel, :func:`read_input_case` reads one.
 - ``validation``: :func:`validate_fold`, run after training.

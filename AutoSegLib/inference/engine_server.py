@@ -104,7 +104,7 @@ class Engine:
             geometry = Geometry.from_dict(request["geometry"])
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestError(f"open_case needs geometry {{spacing, origin, direction}} ({exc!r})") from None
-        case = self.predictor.prepare([_load_array(p) for p in paths], geometry)
+        case = self.predictor.prepare_refine([_load_array(p) for p in paths], geometry)
         case_id = f"case-{next(self.ids)}"
         self.cases[case_id] = case
         while len(self.cases) > MAX_CASES:

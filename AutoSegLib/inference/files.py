@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.events import Reporter
 from AutoSegLib.fileutil import TMP_PREFIX, atomic_path
 from AutoSegLib.imageio import Geometry, file_ending, read_image, write_image
+from AutoSegLib.inference.pipeline import MAX_IN_FLIGHT, CaseTimes, network_threads, run_pipeline
 from AutoSegLib.inference.probabilities import normalized_entropy
 from AutoSegLib.locks import lock_folder
 
@@ -225,31 +227,155 @@ def _same_grid(a, b) -> bool:
             and np.allclose(a.direction, b.direction, atol=1e-4))
 
 
+CASE_ERRORS = (ReportedFailure, OSError, ValueError, RuntimeError, MemoryError)  # reported; the others go on
+
+
+class _DeferredWarnings:
+    """Warnings made on the reader thread, given to the Reporter (not thread-safe) on the calling thread."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def warning(self, stage: str, message: str, **fields) -> None:
+        self.calls.append((stage, message, fields))
+
+    def replay(self, reporter: Reporter) -> None:
+        calls, self.calls = self.calls, []
+        for stage, message, fields in calls:
+            reporter.warning(stage, message, **fields)
+
+
+@dataclass
+class _Job:
+    index: int
+    case: InputCase
+    paths: CaseOutputs
+    times: CaseTimes
+    warnings: _DeferredWarnings
+    geometry: Geometry | None = None  # the input's, as read: the outputs get it exactly
+
+
 def predict_cases(predictor, cases: list[InputCase], outputs: list[CaseOutputs], save_probabilities: bool = False,
-                  uncertainty: bool = False, reporter: Reporter | None = None, stage: str = STAGE) -> list[str]:
-    """Predict every case, going on after a failure; returns one message per failed case."""
+                  uncertainty: bool = False, reporter: Reporter | None = None, stage: str = STAGE,
+                  pipelined: bool = True, times: list | None = None) -> list[str]:
+    """Predict every case, going on after a failure; returns one message per failed case.
+
+    ``pipelined``: the next case is read and the previous one written while the network runs
+    (:mod:`.pipeline`: at most three cases in memory); False: one case at a time. ``times``:
+    a list that receives each case's :class:`~AutoSegLib.inference.pipeline.CaseTimes`.
+    """
     reporter = reporter or Reporter(quiet=True)
     failures = []
-    with reporter.task(stage, len(cases), desc=stage.capitalize()) as step:
-        for case, paths in zip(cases, outputs):
-            try:
-                predict_case_file(predictor, case, paths, save_probabilities, uncertainty, reporter,
-                                  progress=lambda fraction, case_id=case.case_id: step.part(fraction, case=case_id))
-                ok = True
-            except (ReportedFailure, OSError, ValueError, RuntimeError, MemoryError) as exc:
-                message = " ".join(f"case '{case.case_id}' ({case.images[0]}): {exc}".split())
-                reporter.error(stage, message, case=case.case_id, file=str(case.images[0]))
-                failures.append(message)
-                ok = False
-            step(case=case.case_id, ok=ok)
+    wants_probabilities = save_probabilities or uncertainty
+    jobs = [_Job(i, case, paths, CaseTimes(case.case_id), _DeferredWarnings())
+            for i, (case, paths) in enumerate(zip(cases, outputs))]
+
+    def prepare(job: _Job):
+        job.times.started = time.perf_counter()
+        for old in job.paths.all():  # a failed case never leaves an earlier result behind
+            old.unlink(missing_ok=True)
+        t = time.perf_counter()
+        channels, job.geometry = read_input_case(job.case, job.warnings)
+        job.times.add("read", time.perf_counter() - t)
+        t = time.perf_counter()
+        prepared = predictor.prepare(channels, job.geometry, wants_probabilities)
+        job.times.add("preprocess", time.perf_counter() - t)
+        return prepared
+
+    def network(job: _Job, prepared, poll):
+        job.warnings.replay(reporter)
+
+        def progress(fraction: float) -> None:
+            poll()  # the writer's case, if done, is counted first: progress only moves forward
+            step.part(job.index - step.done_count + fraction, case=job.case.case_id)
+
+        fallbacks = getattr(predictor, "host_accumulator_fallbacks", 0)
+        t = time.perf_counter()
+        result = predictor.run_network(prepared, progress)
+        job.times.add("network", time.perf_counter() - t)
+        if getattr(predictor, "host_accumulator_fallbacks", 0) > fallbacks:
+            reporter.warning(STAGE, f"case '{job.case.case_id}': out of GPU memory; predicted again with the "
+                                    "sliding-window sums in main memory (slower)", case=job.case.case_id)
+        return result
+
+    def finish(job: _Job, result) -> None:
+        t = time.perf_counter()
+        labels, probabilities = predictor.finish(result)
+        del result
+        entropy = normalized_entropy(probabilities) if uncertainty else None
+        job.times.add("restore", time.perf_counter() - t)
+        t = time.perf_counter()
+        write_case_outputs(job.paths, labels, job.geometry, probabilities if save_probabilities else None, entropy)
+        job.times.add("write", time.perf_counter() - t)
+
+    def done(job: _Job, error: BaseException | None) -> None:
+        job.times.finished = time.perf_counter()
+        job.warnings.replay(reporter)
+        if times is not None:
+            times.append(job.times)
+        if error is not None and not isinstance(error, CASE_ERRORS):
+            raise error  # a bug, not a bad case: stop (the threads finish their current case first)
+        if error is not None:
+            message = " ".join(f"case '{job.case.case_id}' ({job.case.images[0]}): {error}".split())
+            reporter.error(stage, message, case=job.case.case_id, file=str(job.case.images[0]))
+            failures.append(message)
+        step(case=job.case.case_id, ok=error is None)
+
+    with reporter.task(stage, len(cases), desc=stage.capitalize()) as step, \
+            _network_threads(predictor, len(cases), pipelined, reporter, stage):
+        t = time.perf_counter()
+        run_pipeline(jobs, prepare, network, finish, done, pipelined)
+    if len(jobs) > 1:
+        wall = time.perf_counter() - t
+        net = sum(job.times.stages.get("network", 0.0) for job in jobs)
+        reporter.log(stage, f"{len(jobs)} cases in {wall:.1f} s, of which the network {net:.1f} s "
+                            f"({wall / max(net, 1e-9):.2f}x the network time)", wall_s=round(wall, 3),
+                     network_s=round(net, 3))
     return failures
+
+
+@contextlib.contextmanager
+def _network_threads(predictor, n_cases: int, pipelined: bool, reporter: Reporter, stage: str):
+    """Torch threads for the network while the cases run (:func:`.pipeline.network_threads`), said once."""
+    device = getattr(predictor, "device", None)
+    threads = network_threads(device.type if device is not None else "cpu", n_cases, pipelined)
+    import torch
+
+    before = torch.get_num_threads()
+    if pipelined and n_cases > 1:
+        if device is not None and device.type != "cpu":
+            where = f"on {device}, the CPU's {_cores()} core(s) reading and writing"
+        else:
+            where = (f"on {threads or before} torch thread(s) of {_cores()} core(s)"
+                     + (" (OMP_NUM_THREADS)" if threads is None else ", one core left to reading and writing"
+                        if threads < _cores() else ""))
+        reporter.log(stage, f"Pipeline: the next case is read and the previous one written while the network runs "
+                            f"(at most {MAX_IN_FLIGHT} cases in memory); the network {where}")
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _tta_text(predictor) -> str:
+    axes = getattr(predictor, "tta_axes", None)
+    if not predictor.tta or axes == ():
+        return "off"
+    return "on" if axes is None else f"on, image axes {', '.join(map(str, axes))} only"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def predict_files(input_path: str | Path, output_path: str | Path, model_dir: str | Path | None = None,
                   predictor=None, save_probabilities: bool = False, uncertainty: bool = False,
                   reporter: Reporter | None = None, strict: bool = False, available_memory: int | None = None,
-                  num_parts: int = 1, part_id: int = 0, skip_existing: bool = False,
-                  **predictor_options) -> dict:
+                  num_parts: int = 1, part_id: int = 0, skip_existing: bool = False, pipelined: bool = True,
+                  stage_times: list | None = None, **predictor_options) -> dict:
     """Predict a folder of cases (or one file) into ``output_path``.
 
     Args:
@@ -263,6 +389,10 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
             checkpoint, device, tta, step, batch_size).
         num_parts, part_id: predict only this part of the cases (:func:`select_part`).
         skip_existing: skip cases an earlier run finished (``--continue``).
+        pipelined: read the next case and write the previous one while the network runs
+            (:mod:`.pipeline`, at most three cases in memory); False: one case at a time.
+        stage_times: a list that receives each case's stage times
+            (:class:`~AutoSegLib.inference.pipeline.CaseTimes`), for benchmarks.
 
     Returns:
         ``{"cases": n predicted, "skipped": n already there, "output": folder}`` (plus
@@ -309,7 +439,7 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     if predictor.choice is not None:
         stages += f" ({predictor.choice.reason})"
     reporter.log(STAGE, f"Predicting {len(cases)} case(s){part} with {stages} on {predictor.device} "
-                        f"(TTA {'on' if predictor.tta else 'off'}, step {predictor.step}) -> {output_path}")
+                        f"(TTA {_tta_text(predictor)}, step {predictor.step}) -> {output_path}")
     result = {"cases": len(cases), "skipped": skipped, "output": str(folder)}
     if num_parts > 1:
         result.update(part_id=part_id, num_parts=num_parts)
@@ -326,8 +456,9 @@ def predict_files(input_path: str | Path, output_path: str | Path, model_dir: st
     try:  # released also when the check below refuses
         # Before any case: the output folder writable with room, the largest case's memory told.
         check_prediction_resources(predictor, cases, outputs, save_probabilities, uncertainty, reporter, strict,
-                                   available_memory)
-        failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter)
+                                   available_memory, pipelined=pipelined and len(cases) > 1)
+        failures = predict_cases(predictor, cases, outputs, save_probabilities, uncertainty, reporter,
+                                 pipelined=pipelined, times=stage_times)
     finally:
         held.release(tidy=num_parts > 1)  # a part's lock folder goes with it
     if failures:

@@ -24,6 +24,12 @@ An ensemble of two configurations holds the first one's ``K*N0*4`` through the s
 cascade's first stage restores its labels as above and leaves them (``N0``) and their one-hot
 (``(K-1)*N1*4``) to the second. No cropping is assumed (headers do not say where the body is).
 
+A batch predicted as a pipeline (``pipelined``, :mod:`.pipeline`) holds up to three cases: one
+ahead (its largest phase among read and preprocess), one in the network (sliding window or
+softmax) and one behind (restore to the outputs). The estimate adds the three largest phases
+(each case taken as this one: the largest case bounds the others), the network's heap kept by
+the allocator counted once; they need not coincide, so it is an upper bound.
+
 On a 600x600x600 int16 CT with ``3d_cpu`` and 6 classes (N1 = 334x385x385) the restore peaks
 at 0.9 + 0.9 + 0.4 GB (with probabilities kept: 5.2 GB of them on the input grid; before
 issue 20 the argmax added a 5.2 GB copy and a 1.7 GB int64 result). Measured against
@@ -137,7 +143,7 @@ def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[s
                         spacing, transpose_forward, n_channels: int = 1, input_bytes: int = 2, folds: int = 1,
                         tta: bool = True, batch_size: int | None = None, save_probabilities: bool = False,
                         uncertainty: bool = False, postprocessing: bool = False, device: str = "cpu",
-                        base: int = BASE_PROCESS) -> MemoryEstimate:
+                        base: int = BASE_PROCESS, pipelined: bool = False) -> MemoryEstimate:
     """Peak memory of :meth:`Predictor.predict` plus writing the outputs, for one case.
 
     Args:
@@ -151,6 +157,7 @@ def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[s
         save_probabilities, uncertainty, postprocessing: what happens after the argmax.
         device: where the network and its accumulators run (``cpu`` or a GPU type).
         base: the process before predicting (default :data:`BASE_PROCESS`; add :func:`model_bytes`).
+        pipelined: a batch overlapped by :mod:`.pipeline` (three cases at once; see above).
     """
     n0 = math.prod(int(s) for s in shape)
     k = int(n_classes)
@@ -180,7 +187,37 @@ def estimate_prediction(configurations: Mapping[str, Mapping], names: Sequence[s
     writer = max(n0 * (4 if uncertainty else 1), k * n0 * 2 * bool(save_probabilities))
     phases.append(("outputs", {**kept, "labels": n0, "uncertainty": n0 * 4 * bool(uncertainty),
                                "writer copy": writer}))
+    if pipelined:
+        phases.append(pipelined_phase(phases))
     return peak_of(phases, base)
+
+
+_AHEAD = ("read", "preprocess", "one-hot")
+_NETWORK = ("sliding window", "softmax")
+RETAINED = "retained by the allocator"
+
+
+def pipelined_phase(phases: list) -> tuple[str, dict]:
+    """Three cases at once (:mod:`.pipeline`): the largest phase of the case ahead, of the case in
+    the network and of the case behind, each part named by its case; the allocator's retained
+    network heap belongs to the process and is counted once."""
+    def group(phase: str) -> str:
+        if phase.endswith(_AHEAD):
+            return "ahead"
+        return "network" if phase.endswith(_NETWORK) else "behind"
+
+    parts, retained = {}, {}
+    for which in ("ahead", "network", "behind"):
+        members = [(name, p) for name, p in phases if group(name) == which]
+        if not members:
+            continue
+        name, largest = max(members, key=lambda item: sum(v for k, v in item[1].items() if not k.startswith(RETAINED)))
+        for part, size in largest.items():
+            if part.startswith(RETAINED):
+                retained[part] = max(retained.get(part, 0), size)
+            else:
+                parts[f"{which} ({name}): {part}"] = size
+    return "pipeline (a case ahead, one in the network, one behind)", {**parts, **retained}
 
 
 # -- before `autoseg predict` starts -------------------------------------------------------------
@@ -192,7 +229,7 @@ def output_bytes(n_voxels: int, n_classes: int, save_probabilities: bool, uncert
 
 
 def predictor_estimate(predictor, shape, spacing, input_bytes: int, save_probabilities: bool = False,
-                       uncertainty: bool = False, **changes) -> MemoryEstimate:
+                       uncertainty: bool = False, pipelined: bool = False, **changes) -> MemoryEstimate:
     """:func:`estimate_prediction` for a loaded :class:`~AutoSegLib.inference.predictor.Predictor`.
 
     ``changes`` override what the predictor would do (``names``, ``folds``, ``save_probabilities``
@@ -214,7 +251,7 @@ def predictor_estimate(predictor, shape, spacing, input_bytes: int, save_probabi
                    input_bytes=input_bytes, folds=folds, tta=predictor.tta, batch_size=predictor.batch_size,
                    save_probabilities=save_probabilities, uncertainty=uncertainty,
                    postprocessing=wants_postprocessing(predictor.postprocessing), device=predictor.device.type,
-                   base=BASE_PROCESS + model_bytes(parameters, folds))
+                   base=BASE_PROCESS + model_bytes(parameters, folds), pipelined=pipelined)
     options.update(changes)
     return estimate_prediction(**options)
 
@@ -230,7 +267,7 @@ def _header(path):
 
 def check_prediction_resources(predictor, cases, outputs, save_probabilities: bool = False, uncertainty: bool = False,
                                reporter=None, strict: bool = False, available: int | None = None,
-                               stage: str = "predict") -> MemoryEstimate | None:
+                               stage: str = "predict", pipelined: bool = False) -> MemoryEstimate | None:
     """Before any case is predicted: prove the output folder writable, check its disk has room for
     every output, and tell the largest case's peak memory against what is available.
 
@@ -238,6 +275,7 @@ def check_prediction_resources(predictor, cases, outputs, save_probabilities: bo
         cases, outputs: :func:`AutoSegLib.inference.files.find_input_cases`'s cases and their paths.
         available: bytes of memory to compare with (default: :func:`~AutoSegLib.resources.available_memory`).
         strict: refuse (raise) instead of warning when memory or disk look too small.
+        pipelined: the cases run as a pipeline (:mod:`.pipeline`): three at once.
 
     Returns:
         The largest case's estimate (None when no header could be read).
@@ -265,7 +303,7 @@ def check_prediction_resources(predictor, cases, outputs, save_probabilities: bo
     if not headers:
         return None
     sized = [(predictor_estimate(predictor, h.shape, h.geometry.spacing, pixel_bytes(h.pixel_type, h.components),
-                                 save_probabilities, uncertainty), case, h) for case, _, h in headers]
+                                 save_probabilities, uncertainty, pipelined), case, h) for case, _, h in headers]
     estimate, case, header = max(sized, key=lambda item: item[0].peak)
     available = available_memory() if available is None else available
     shape = "x".join(map(str, header.shape))
@@ -275,24 +313,25 @@ def check_prediction_resources(predictor, cases, outputs, save_probabilities: bo
                         f"its peak ({estimate.describe()}); {known}",
                  case=case.case_id, estimate_bytes=estimate.peak, added_bytes=estimate.added,
                  available_bytes=available)
-    advice = _advice(predictor, estimate, header, save_probabilities, uncertainty)
+    advice = _advice(predictor, estimate, header, save_probabilities, uncertainty, pipelined)
     warning = check_memory(estimate, available, f"Predicting case '{case.case_id}' ({shape})", advice, strict)
     if warning:
         reporter.warning(stage, warning, case=case.case_id)
     return estimate
 
 
-def _advice(predictor, estimate: MemoryEstimate, header, save_probabilities: bool, uncertainty: bool) -> str:
+def _advice(predictor, estimate: MemoryEstimate, header, save_probabilities: bool, uncertainty: bool,
+            pipelined: bool = False) -> str:
     """What would lower the peak, each with its estimate; and what would not."""
     from AutoSegLib.resources import format_bytes, pixel_bytes
 
     def added(**changes) -> int:
-        options = dict(save_probabilities=save_probabilities, uncertainty=uncertainty)
+        options = dict(save_probabilities=save_probabilities, uncertainty=uncertainty, pipelined=pipelined)
         options.update(changes)
         return predictor_estimate(predictor, header.shape, header.geometry.spacing,
                                   pixel_bytes(header.pixel_type, header.components), **options).added
 
-    candidates = []
+    candidates = [("one case at a time (--no-pipeline)", dict(pipelined=False))] if pipelined else []
     if save_probabilities or uncertainty:
         candidates.append(("without --save-probabilities and --uncertainty",
                            dict(save_probabilities=False, uncertainty=False)))

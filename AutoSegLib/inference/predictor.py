@@ -12,6 +12,11 @@ One case goes::
 With one configuration and no probabilities wanted, the restore and the argmax are one step
 (restore_labels, a class at a time): the K class probabilities never exist on the input grid.
 
+:meth:`Predictor.predict` runs three phases that a batch of cases can overlap
+(:mod:`.pipeline`): :meth:`~Predictor.prepare` (checks, preprocessing; no network),
+:meth:`~Predictor.run_network` (sliding windows, softmax, fold mean; a cascade's whole chain)
+and :meth:`~Predictor.finish` (back to the input grid, argmax, postprocessing; no network).
+
 Folds and configurations are ensembled by averaging softmax probabilities (what find-best
 measured from the saved ``.npz`` files). nnU-Net v2 averages the *logits* of the folds of one
 configuration before its softmax; the two differ only where folds disagree strongly.
@@ -65,6 +70,24 @@ class InputError(ReportedFailure):
 
 
 @dataclass
+class PreparedCase:
+    """A case checked and preprocessed (:meth:`Predictor.prepare`), waiting for the network."""
+
+    channels: list[np.ndarray] | None  # kept only for a cascade's second stage
+    geometry: Geometry
+    data: list  # per configuration: (preprocessed data, properties), or None (preprocessed later)
+    return_probabilities: bool
+
+
+@dataclass
+class NetworkResult:
+    """Fold-mean probabilities per configuration on its preprocessed grid (:meth:`Predictor.run_network`)."""
+
+    means: list  # (probabilities (K, ...) float32, properties) per configuration
+    return_probabilities: bool
+
+
+@dataclass
 class Stage:
     """One configuration ready to run: its network and the weights of each fold."""
 
@@ -102,6 +125,15 @@ def _check_step(step: float) -> float:
     return float(step)
 
 
+def _check_tta_axes(axes) -> tuple[int, ...] | None:
+    if axes is None:
+        return None
+    axes = tuple(sorted({int(a) for a in axes}))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"tta_axes must be image axes 0, 1, 2 (z, y, x), got {list(axes)}")
+    return axes
+
+
 def wants_postprocessing(spec: dict | None) -> bool:
     return bool(spec) and bool(spec.get("largest_component_foreground") or spec.get("largest_component_classes"))
 
@@ -114,9 +146,10 @@ class Predictor:
 
     def __init__(self, model: ModelFolder, stages: list[Stage], device: torch.device, tta: bool = True,
                  step: float = 0.5, batch_size: int | None = None, postprocessing: dict | None = None,
-                 choice=None):
+                 choice=None, tta_axes=None):
         self.model, self.stages, self.device = model, stages, torch.device(device)
         self.tta, self.step, self.batch_size = bool(tta), _check_step(step), batch_size
+        self.tta_axes = _check_tta_axes(tta_axes)  # image axes (z, y, x = 0, 1, 2) to mirror; None: all
         self.postprocessing = postprocessing
         self.host_accumulator_fallbacks = 0  # stages predicted again with accumulators in host memory
         self.choice = choice  # the ModelChoice from_model_dir made (how the configuration was chosen)
@@ -124,7 +157,7 @@ class Predictor:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, configuration: str | list[str] | None = None, folds=None,
                        checkpoint: str | None = None, device: str = "auto", tta: bool = True, step: float = 0.5,
-                       batch_size: int | None = None) -> "Predictor":
+                       batch_size: int | None = None, tta_axes=None) -> "Predictor":
         """Load a model folder's networks for prediction.
 
         Args:
@@ -137,6 +170,9 @@ class Predictor:
             checkpoint: ``final`` (default), ``best`` or ``latest``.
             device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``mps`` or ``cpu``.
             tta: mirror every window along the axes training mirrored (8x the work in 3D).
+            tta_axes: mirror only along these image axes (0, 1, 2 = z, y, x of the input array,
+                as numpy orders it); each axis doubles the work. None: every axis training
+                mirrored; ``()``: none, as ``tta=False``.
             step: window spacing as a fraction of the patch size.
             batch_size: windows per forward pass (default: :func:`default_batch_size`).
 
@@ -149,10 +185,12 @@ class Predictor:
         model = ModelFolder.open(model_dir)
         choice = choose(model.path, configuration, folds, checkpoint)
         _check_step(step)
+        _check_tta_axes(tta_axes)
         torch_device = resolve_device(device)
         stages = [_load_stage(model, name, choice.folds, choice.checkpoint, torch_device)
                   for name in choice.configurations]
-        return cls(model, stages, torch_device, tta, step, batch_size, choice.postprocessing or None, choice)
+        return cls(model, stages, torch_device, tta, step, batch_size, choice.postprocessing or None, choice,
+                   tta_axes)
 
     @property
     def configurations(self) -> list[str]:
@@ -174,15 +212,70 @@ class Predictor:
             labels (z, y, x), uint8 (label values as in dataset.json), on the input's grid, and
             probabilities (K, z, y, x) float32 on the same grid, or None.
         """
-        if return_probabilities or len(self.stages) > 1:
-            probabilities = self.predict_probabilities(channels, geometry, progress)
-            labels = self.postprocess(labels_from_probabilities(probabilities))
-            return labels, (probabilities if return_probabilities else None)
-        # One configuration and no probabilities asked for: the labels come straight from the
-        # preprocessed grid, a class at a time (restore_labels), never K values per input voxel.
+        prepared = self.prepare(channels, geometry, return_probabilities)
+        return self.finish(self.run_network(prepared, progress))
+
+    # -- the three phases of predict, for a pipeline over cases (inference/pipeline.py) ----
+    def prepare(self, channels: list[np.ndarray], geometry: Geometry,
+                return_probabilities: bool = False) -> "PreparedCase":
+        """Check the input and preprocess it for every configuration that needs no network first.
+
+        A cascade's second stage is preprocessed in :meth:`run_network` (it takes the first
+        stage's segmentation); its channels are kept for that, otherwise they are dropped here.
+        """
         channels = self.check_input(channels, geometry)
-        passes = _PassCounter(progress, _network_passes(self.stages[0]))
-        return self.postprocess(self._stage_labels(self.stages[0], channels, geometry, passes)), None
+        plans = self.model.plans
+        data = []
+        for stage in self.stages:
+            if stage.previous is not None:
+                data.append(None)
+                continue
+            array, _, properties = preprocess_case(channels, None, geometry, stage.config, plans.transpose_forward,
+                                                   plans.foreground_intensity_properties_per_channel,
+                                                   plans.orientation)
+            data.append((array, properties))
+        keep = any(stage.previous is not None for stage in self.stages)
+        return PreparedCase(channels if keep else None, geometry, data, bool(return_probabilities))
+
+    def run_network(self, prepared: "PreparedCase",
+                    progress: Callable[[float], None] | None = None) -> "NetworkResult":
+        """Fold-mean probabilities of every configuration on its preprocessed grid (``prepared.data``
+        is consumed: each stage's input is released once its network has run)."""
+        passes = _PassCounter(progress, sum(_network_passes(stage) for stage in self.stages))
+        means = []
+        for i, stage in enumerate(self.stages):
+            ready, prepared.data[i] = prepared.data[i], None
+            if ready is None:
+                means.append(self._stage_fold_mean(stage, prepared.channels, prepared.geometry, passes))
+            else:
+                array, properties = ready
+                del ready
+                means.append((self._fold_mean(stage, array, passes), properties))
+                del array
+        return NetworkResult(means, prepared.return_probabilities)
+
+    def finish(self, result: "NetworkResult") -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and probabilities if asked) on the input grid from :meth:`run_network`'s result,
+        which is consumed; as :meth:`predict` returns them."""
+        means, result.means = result.means, []
+        if len(means) == 1 and not result.return_probabilities:
+            # One configuration and no probabilities asked for: the labels come straight from the
+            # preprocessed grid, a class at a time (restore_labels), never K values per input voxel.
+            probabilities, properties = means.pop()
+            labels = restore_labels(probabilities, properties, label_dtype(self.model.n_classes))[0]
+            del probabilities
+            return self.postprocess(labels), None
+        total = None
+        while means:
+            probabilities, properties = means.pop(0)
+            restored = restore_probabilities(probabilities, properties)[0]
+            del probabilities
+            total = restored if total is None else np.add(total, restored, out=total)
+            del restored
+        if len(self.stages) > 1:
+            total /= len(self.stages)
+        labels = self.postprocess(labels_from_probabilities(total))
+        return labels, (total if result.return_probabilities else None)
 
     def predict_probabilities(self, channels: list[np.ndarray], geometry: Geometry,
                               progress: Callable[[float], None] | None = None) -> np.ndarray:
@@ -203,8 +296,8 @@ class Predictor:
         """True when the network was trained with click guidance (clicks then steer a refine)."""
         return any(stage.guidance_channels for stage in self.stages)
 
-    def prepare(self, channels: list[np.ndarray], geometry: Geometry):
-        """Preprocess a case once for many refines (:class:`~AutoSegLib.inference.refine.PreparedCase`)."""
+    def prepare_refine(self, channels: list[np.ndarray], geometry: Geometry):
+        """Preprocess a case once for many refines (:class:`~AutoSegLib.inference.refine.RefineCase`)."""
         from AutoSegLib.inference.refiner import prepare_case
 
         return prepare_case(self, channels, geometry)
@@ -214,7 +307,7 @@ class Predictor:
 
         Args:
             channels: the case's images, as for :meth:`predict`; or a prepared case
-                (:meth:`prepare`), and then ``geometry`` is ignored.
+                (:meth:`prepare_refine`), and then ``geometry`` is ignored.
             previous_labels: the label map to correct (z, y, x), on the images' grid.
             clicks: every :class:`~AutoSegLib.inference.clicks.Click` of the correction so far (the
                 network sees them all; the windows cover them all).
@@ -229,10 +322,10 @@ class Predictor:
             ClickError: a click outside the image or naming a label the model does not have;
                 an ensemble or cascade (refine runs one configuration).
         """
-        from AutoSegLib.inference.refine import PreparedCase
+        from AutoSegLib.inference.refine import RefineCase
         from AutoSegLib.inference.refiner import prepare_case, refine_case
 
-        case = channels if isinstance(channels, PreparedCase) else prepare_case(self, channels, geometry)
+        case = channels if isinstance(channels, RefineCase) else prepare_case(self, channels, geometry)
         return refine_case(self, case, previous_labels, clicks, scope)
 
     def postprocess(self, labels: np.ndarray) -> np.ndarray:
@@ -305,7 +398,7 @@ class Predictor:
                       accumulators: torch.device) -> np.ndarray:
         x = torch.from_numpy(data).to(accumulators)
         batch = self.batch_size or default_batch_size(stage.config, self.device)
-        mirror = mirror_axes_for(stage.config) if self.tta else ()
+        mirror = self.mirror_axes(stage.config)
         total = None
         for weights in stage.weights:
             if len(stage.weights) > 1:
@@ -320,6 +413,18 @@ class Predictor:
         with torch.inference_mode():
             total /= len(stage.weights)
         return total.cpu().numpy()
+
+    def mirror_axes(self, config: dict) -> tuple[int, ...]:
+        """Patch axes mirrored at test time: training's (:func:`mirror_axes_for`), narrowed to
+        ``tta_axes`` (image axes, mapped through the plans' transpose), none without TTA."""
+        if not self.tta:
+            return ()
+        axes = mirror_axes_for(config)
+        if self.tta_axes is None:
+            return axes
+        transpose = self.model.plans.transpose_forward
+        lead = len(transpose) - len(config["patch_size"])  # a 2D patch covers the last two axes
+        return tuple(a for a in axes if int(transpose[a + lead]) in self.tta_axes)
 
     def _forward(self, network, zero_channels: int = 0):
         """The network as sliding windows call it: autocast on CUDA; ``zero_channels`` all-zero

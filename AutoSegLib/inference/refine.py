@@ -30,7 +30,7 @@ INNER_MARGIN = 1 / 8  # of the patch, each side: the window's border is left to 
 
 
 @dataclass
-class PreparedCase:
+class RefineCase:
     """One case preprocessed for one configuration: what refines of the same image share."""
 
     data: np.ndarray  # (C, ...) float32, the image channels only
@@ -82,7 +82,7 @@ def _orientation(properties: dict) -> Orientation:
     return Orientation.from_dict(properties.get("orientation"))  # absent: preprocessed before orientation
 
 
-def click_points(clicks: Sequence[Click], case: PreparedCase, foreground: Sequence[int]) -> list[tuple]:
+def click_points(clicks: Sequence[Click], case: RefineCase, foreground: Sequence[int]) -> list[tuple]:
     """``(class_position, positive, preprocessed index)`` per click, checked (:class:`ClickError`)."""
     check_click_labels(clicks, foreground)
     points = []

@@ -21,7 +21,7 @@ import torch
 
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.inference.clicks import Click, ClickError, encode_guidance
-from AutoSegLib.inference.refine import (PreparedCase, RefineResult, check_scope, click_points, inner_mask,
+from AutoSegLib.inference.refine import (RefineCase, RefineResult, check_scope, click_points, inner_mask,
                                          merge_labels, region_box, region_labels, window_starts_for)
 from AutoSegLib.inference.sliding import predict_window_batch
 from AutoSegLib.inference.windows import gaussian_importance, padding_for
@@ -37,17 +37,17 @@ def refine_stage(predictor):
     return predictor.stages[0]
 
 
-def prepare_case(predictor, channels: list[np.ndarray], geometry: Geometry) -> PreparedCase:
+def prepare_case(predictor, channels: list[np.ndarray], geometry: Geometry) -> RefineCase:
     """Preprocess one case for the refine stage (crop, normalize, resample), once per image."""
     stage = refine_stage(predictor)
     channels = predictor.check_input(channels, geometry)
     plans = predictor.model.plans
     data, _, properties = preprocess_case(channels, None, geometry, stage.config, plans.transpose_forward,
                                           plans.foreground_intensity_properties_per_channel, plans.orientation)
-    return PreparedCase(data, properties, geometry, stage.name)
+    return RefineCase(data, properties, geometry, stage.name)
 
 
-def refine_case(predictor, case: PreparedCase, previous_labels: np.ndarray, clicks: Sequence[Click],
+def refine_case(predictor, case: RefineCase, previous_labels: np.ndarray, clicks: Sequence[Click],
                 scope: str = "clicked") -> RefineResult:
     """Re-predict the windows around ``clicks`` and merge them into ``previous_labels`` (see module doc)."""
     started = time.monotonic()
