@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from AutoSegLib import cli
 from AutoSegLib.fileutil import TMP_PREFIX
@@ -19,21 +18,13 @@ from AutoSegLib.inference import files as files_module
 from AutoSegLib.inference.memory import estimate_prediction
 from AutoSegLib.inference.pipeline import MAX_IN_FLIGHT, network_threads, run_pipeline
 from AutoSegLib.resources import ResourceError
+from test_inference_files import one_thread  # noqa: F401 (autouse fixture: one torch thread)
 from test_inference_predictor import blob_image, make_model_folder, oblique_geometry, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_folder(tmp_path_factory.mktemp("model"), folds=(0,))
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_cases(folder, names, shape=(12, 30, 26)):

@@ -7,26 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from AutoSegLib import cli
 from AutoSegLib.inference.predictor import Predictor
-from test_inference_predictor import blob_image, make_model_folder, oblique_geometry
-from test_predict_pipeline import write_cases
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("model"), folds=(0,))
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_inference_predictor import blob_image, oblique_geometry
+from test_predict_pipeline import model_dir, one_thread, write_cases  # noqa: F401 (fixtures)
 
 
 def speed(**given):
