@@ -138,15 +138,10 @@ def _plan_from_fingerprint(args, budget: float):
     if n_intensity != len(channels):
         raise ValueError(f"{args.fingerprint}: fingerprint has intensity statistics for {n_intensity} channel(s) "
                          f"but {len(channels)} channel name(s) were given ({', '.join(channels.values())})")
-    from AutoSegLib.plan_dataset import training_device_type
-    from AutoSegLib.planning.explain import note
-    from AutoSegLib.planning.guidance import guidance_decision, with_guidance
+    from AutoSegLib.plan_dataset import apply_guidance
 
-    enabled, reason = guidance_decision(args.guidance, training_device_type() if args.guidance == "auto" else "")
-    plans = with_guidance(plan(fingerprint, channels, labels, gpu_memory_gb=budget,
-                               dataset_name=Path(args.fingerprint).stem, architecture=args.architecture), enabled)
-    note(plans.explanation, "remark", message=reason)
-    return plans
+    return apply_guidance(plan(fingerprint, channels, labels, gpu_memory_gb=budget,
+                               dataset_name=Path(args.fingerprint).stem, architecture=args.architecture), args.guidance)
 
 
 def cmd_preprocess(args, reporter: Reporter) -> None:

@@ -52,8 +52,6 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     explanation says which and why.
     """
     from AutoSegLib.planning import plan
-    from AutoSegLib.planning.explain import note
-    from AutoSegLib.planning.guidance import guidance_decision, with_guidance
 
     reporter = reporter or Reporter(quiet=True)
     dataset_folder = Path(dataset_folder)
@@ -61,12 +59,22 @@ def plan_dataset(dataset_folder: str | Path, work_dir: str | Path, gpu_memory_gb
     spec = open_checked_dataset(dataset_folder).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, gpu_memory_gb=gpu_memory_gb,
                  dataset_name=dataset_folder.resolve().name, architecture=architecture)
-    enabled, reason = guidance_decision(guidance, training_device_type() if guidance == "auto" else "")
-    with_guidance(plans, enabled)
-    note(plans.explanation, "remark", message=reason)
+    apply_guidance(plans, guidance)
     path = Path(work_dir) / PLANS_FILE
     write_json(path, plans.to_dict())
     reporter.log("plan", f"Wrote {path}")
+    return plans
+
+
+def apply_guidance(plans, choice: str):
+    """Click guidance on the plans as ``choice`` decides (``auto``: by this machine's device), and
+    the reason in their explanation (planning/guidance.py); the plans, changed in place."""
+    from AutoSegLib.planning.explain import note
+    from AutoSegLib.planning.guidance import guidance_decision, with_guidance
+
+    enabled, reason = guidance_decision(choice, training_device_type() if choice == "auto" else "")
+    with_guidance(plans, enabled)
+    note(plans.explanation, "remark", message=reason)
     return plans
 
 

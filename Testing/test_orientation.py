@@ -14,7 +14,7 @@ from AutoSegLib.planning import Plans, PlanningError, plan
 from AutoSegLib.planning.rules import resampling_settings
 from AutoSegLib.preprocessing.case import preprocess_case, restore_label, restore_labels, restore_probabilities
 from AutoSegLib.preprocessing.orientation import (CANONICAL, Orientation, canonical_index, canonical_orientation,
-                                                  canonical_view, stored_array, stored_index)
+                                                  canonical_view, stored_array)
 from test_planning import HEART, uniform
 
 SIGNED_PERMUTATIONS = [(perm, signs) for perm in itertools.permutations(range(3))
@@ -45,7 +45,6 @@ def test_canonical_view_equals_simpleitk_lps_reorientation(perm, signs):
     index = (1, 3, 4)
     inside = canonical_index(index, array.shape, orientation).astype(int)
     assert view[tuple(inside)] == array[index]
-    assert stored_index(inside, array.shape, orientation).tolist() == list(index)
 
 
 def test_an_lps_scan_is_left_as_stored():

@@ -109,12 +109,3 @@ def canonical_index(index: Sequence[float], stored_shape: Sequence[int], orienta
         if f:
             out[c] = stored_shape[a] - 1 - out[c]
     return out
-
-
-def stored_index(index: Sequence[float], stored_shape: Sequence[int], orientation: Orientation) -> np.ndarray:
-    """The inverse of :func:`canonical_index`."""
-    index = np.asarray(index, dtype=float)
-    out = np.empty(3)
-    for c, (a, f) in enumerate(zip(orientation.axes, orientation.flip)):
-        out[a] = stored_shape[a] - 1 - index[c] if f else index[c]
-    return out
