@@ -351,18 +351,21 @@ def _cpu_plan(radii: dict | None, labels=None):
 def test_cpu_spacing_stops_at_the_thinnest_class_and_says_why():
     from AutoSegLib.planning import cpu
 
-    free = _cpu_plan({"liver": 9.0, "aorta": 3.5})["3d_cpu"]  # nothing thin: sized by the image alone
+    across = cpu.MIN_VOXELS_ACROSS
+    # Radii in units of the spacing they allow: a class of radius r keeps `across` voxels at 2r / across mm.
+    free = _cpu_plan({"liver": 9.0 * across, "aorta": 3.5 * across})["3d_cpu"]  # nothing thin: sized by the image
     assert math.prod(free.median_image_size_in_voxels) <= cpu.CPU_IMAGE_VOXELS * 1.05
-    assert any("thinnest class, aorta (radius 3.50 mm)" in e["text"] for e in free.explanation)
-    capped = _cpu_plan({"liver": 9.0, "aorta": 3.5, "renal_artery": 1.2})
+    assert any(f"thinnest class, aorta (radius {3.5 * across:.2f} mm)" in e["text"] for e in free.explanation)
+    artery = 0.6 * across  # allows 1.2 mm voxels
+    capped = _cpu_plan({"liver": 9.0 * across, "aorta": 3.5 * across, "renal_artery": artery})
     config = capped["3d_cpu"]
-    # Every axis at most the artery's radius (2 voxels across), or its full-resolution spacing if coarser.
+    # Every axis at most 1.2 mm (the artery keeps `across` voxels), or its full-resolution spacing if coarser.
     assert np.all(np.asarray(config.spacing) <= np.maximum([1.9375, 0.96484375, 0.96484375], 1.2) + 1e-9)
     assert config.spacing[1] == pytest.approx(1.2, rel=0.011)  # coarsened up to the limit, not beyond
     assert config.spacing[0] == capped["3d_fullres"].spacing[0]  # the slice axis was coarser already
     text = " ".join(e["text"] for e in config.explanation)
-    assert "renal_artery (radius 1.20 mm" in text and "keeps 2 voxels across" in text
-    assert "would be under 2 voxels across (renal_artery)" in text  # what sizing by the image would have done
+    assert f"renal_artery (radius {artery:.2f} mm" in text and f"keeps {across} voxels across" in text
+    assert f"would be under {across} voxels across (renal_artery)" in text  # what sizing by the image would do
     assert math.prod(config.patch_size) <= cpu.CPU_PATCH_VOXELS * 1.05  # the cost per iteration is unchanged
     assert config.features_per_stage[0] == 16 and config.batch_size == 2
 

@@ -11,7 +11,7 @@ resampling, augmentation) and changes three sizes, each measured on that machine
   procedure (1% steps, finer axes first while anisotropic) until the typical image has at most
   ``CPU_IMAGE_VOXELS`` voxels, so one patch still sees the whole typical image - but never
   past the radius of the thinnest class (the fingerprint's ``class_radius_mm``), so every
-  class keeps ``MIN_VOXELS_ACROSS`` voxels across; then the patch covers part of the image
+  class keeps ``MIN_VOXELS_ACROSS`` (4) voxels across; then the patch covers part of the image
   and prediction slides over more windows, the price of seeing a rib or a renal artery;
 * **width**: 16 feature maps at full resolution instead of 32, doubling per stage as usual
   (the first stages dominate the cost: 3x faster per iteration, 0.38 vs 1.14 s at 20x48x56);
@@ -41,10 +41,12 @@ CPU_PATCH_VOXELS = 80_000
 CPU_BASE_FEATURES = 16
 CPU_BATCH_SIZE = 2
 MAX_STEPS = 1000  # 1.01^1000: 20,000x coarser per axis; only a bug gets here
-# A class keeps at least this many voxels across its thickness (2 x its radius): at fewer it
-# is one voxel wide or breaks up, and a network trained on it misses it (issue 14: a 3 mm CT
-# coarsened to 5.9 mm lost ribs and vessels - 27 of 41 structures never predicted).
-MIN_VOXELS_ACROSS = 2
+# A class keeps at least this many voxels across its thickness (2 x its radius): at two it is
+# found but its boundary is a voxel either way (issue 14: a 3 mm CT coarsened to 5.9 mm lost
+# ribs and vessels - 27 of 41 structures never predicted). Four, measured against two at the
+# same cost per iteration (BENCHMARKS.md, "Four voxels across"): MR phantoms' test kidneys
+# 0.41 -> 0.64 (fold 0) and 0.43 -> 0.54 (fold 1), the CT demo's mean 0.852 -> 0.874.
+MIN_VOXELS_ACROSS = 4
 
 
 def cpu_features(n_stages: int) -> list[int]:
