@@ -44,7 +44,7 @@ MAX_STEPS = 1000  # 1.01^1000: 20,000x coarser per axis; only a bug gets here
 # A class keeps at least this many voxels across its thickness (2 x its radius): at fewer it
 # is one voxel wide or breaks up, and a network trained on it misses it (issue 14: a 3 mm CT
 # coarsened to 5.9 mm lost ribs and vessels - 27 of 41 structures never predicted).
-MIN_VOXELS_ACROSS = 2
+MIN_VOXELS_ACROSS = 4
 
 
 def cpu_features(n_stages: int) -> list[int]:
