@@ -5,6 +5,8 @@ Steps (each prints its figures; run them in order, training one model at a time)
     python benchmarks/bench_clicks.py prepare B            # phantoms, plans (guided + plain), 3d_cpu data
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_clicks.py train B guided
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_clicks.py train B plain
+    # other seeds, the same way: plain_seed2, guided_seed2, plain_seed3, guided_seed3
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_clicks.py automatic B # every trained model
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/bench_clicks.py dice B      # tables -> B/dice.json
     python benchmarks/bench_clicks.py latency B            # the persistent engine, 2 threads
     python benchmarks/bench_clicks.py flops B              # per refine window, for the GPU estimate
@@ -44,9 +46,10 @@ CONFIG = "3d_cpu"
 TRAIN_CASES, TEST_CASES, SEED = 12, 6, 0
 CLICK_COUNTS = (0, 1, 3, 5)
 MODELS = ("plain", "guided")
-# A second plain model, another seed: how far two runs of the same recipe differ (the noise floor
-# of "automatic Dice drops by no more than 0.01").
-REPEATS = ("plain_seed2", "guided_seed2")
+# The same recipe with other seeds (the number after "_seed"): how far runs of one recipe differ
+# (the noise floor of "automatic Dice drops by no more than 0.01"), and the guided - plain
+# difference averaged over seeds.
+REPEATS = ("plain_seed2", "guided_seed2", "plain_seed3", "guided_seed3")
 
 
 def folders(base: Path) -> dict:
@@ -83,7 +86,7 @@ def cmd_train(args) -> None:
         if not work.exists():
             source = f[args.model.split("_")[0]]
             shutil.copytree(source, work, ignore=shutil.ignore_patterns("model", "train_time.json"))
-        seed = ["--seed", "2"]
+        seed = ["--seed", args.model.split("_seed")[1]]
     command = [sys.executable, "-m", "AutoSegLib", "train", str(f["dataset"]), CONFIG, "all", "-w", str(work),
                "--preset", "quick", "--device", "cpu", "--overwrite", "--no-validation", "--num-workers", "1", *seed]
     started = time.monotonic()
@@ -213,8 +216,8 @@ def cmd_automatic(args) -> None:
     classes = {name: value for name, value in labels.items() if value != 0}
     out = {}
     for name in (*MODELS, *REPEATS):
-        if not (f[name] / "model").is_dir():
-            continue
+        if not (f[name] / "model" / CONFIG / "fold_all" / "checkpoint_final.pt").is_file():
+            continue  # not trained, or still training
         predictor = Predictor.from_model_dir(f[name] / "model", CONFIG, ["all"], device="cpu", tta=False)
         predicted = [(predictor.predict([image], geometry)[0], truth) for _, image, truth, geometry in cases]
         out[name] = {c: round(float(np.nanmean([dice(p == v, t == v) for p, t in predicted])), 4)

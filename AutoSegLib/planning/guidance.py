@@ -18,8 +18,14 @@ from dataclasses import asdict, dataclass
 
 GUIDANCE_VERSION = 1
 ENCODINGS = ("disc",)
-# DeepEdit trains with half of the samples automatic: the automatic result must not get worse.
-AUTOMATIC_SHARE = 0.5
+# The share of training samples that keep all-zero guidance, so the automatic result does not
+# get worse. DeepEdit uses half; at the quick preset's 500 iterations that once left the guided
+# model's automatic Dice 0.018 below the plain model's (CT phantoms, two seeds, the previous
+# plan). Measured again on the canonical plan (BENCHMARKS.md, "Automatic share 0.75"): 0.75 is
+# 0.003 below plain (three seeds), 0.5 0.004 below (two seeds), both within the 0.01 target and
+# the seed noise. Three quarters is kept for the cheaper guided step (1.05-1.2x a plain one
+# against 1.5x), with worst-class click gains still +0.107 after 3 clicks (three-seed mean).
+AUTOMATIC_SHARE = 0.75
 # Simulated click rounds per guided batch, drawn from 1..MAX_ROUNDS: each round costs one
 # forward pass without gradients (about a third of a training step), so 3 keeps a guided
 # step under twice an automatic one on the CPU while the network still sees several clicks.
