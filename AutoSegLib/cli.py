@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=_positive_int, default=2)
     p.add_argument("--guidance", choices=("auto", "on", "off"), default="auto",
                    help="3D networks that also learn to take correction clicks (docs/clicks.md): auto (default) = on "
-                        "when this machine has a GPU, off on a CPU, where a guided training step costs 1.9x a plain "
-                        "one (measured 2026-12-03)")
+                        "when this machine has a GPU, off on a CPU, where guided training takes about 1.3x the "
+                        "minutes of plain training (measured 2026-12-03)")
     p.add_argument("--refresh-fingerprint", action="store_true", help="re-extract even if the dataset is unchanged")
     p.add_argument("--fingerprint", type=Path, default=None, help="plan from this fingerprint file, no images")
     p.add_argument("--channels", default=None, help="with --fingerprint: channel names in order, e.g. CT or T1,T2")

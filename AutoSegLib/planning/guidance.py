@@ -96,10 +96,11 @@ def guidance_problems(key: str, value) -> list[str]:
 
 
 GUIDANCE_CHOICES = ("auto", "on", "off")
-# Measured on the 2-core CPU (BENCHMARKS.md, "Click-guided correction"): a guided training step
-# costs 1.9x a plain one, and at the quick preset's 500 iterations the guided model's automatic
-# Dice was 0.018 lower (two seeds). On a CPU, where minutes are the limit, plain is the default.
-GUIDED_STEP_COST = 1.9
+# Measured on the 2-core CPU (BENCHMARKS.md, "Automatic share 0.75, three seeds"): a guided
+# training run of the quick preset takes 1.15-1.4x the minutes of a plain one (three seeds, 1 thread),
+# for an automatic result within 0.003 of it. On a CPU, where minutes are the limit and a user may
+# never click, plain is the default; with a GPU the extra minutes are small.
+GUIDED_RUN_COST = 1.3
 
 
 def guidance_decision(choice: str, device_type: str) -> tuple[bool, str]:
@@ -116,9 +117,9 @@ def guidance_decision(choice: str, device_type: str) -> tuple[bool, str]:
     if device_type in ("cuda", "mps"):
         return True, (f"Click guidance: on (auto: a {device_type.upper()} device trains here): the 3D networks also "
                       "learn to take correction clicks (docs/clicks.md).")
-    return False, (f"Click guidance: off (auto: no GPU here). On a CPU a guided training step costs "
-                   f"{GUIDED_STEP_COST:g}x a plain one, and in the quick preset's minutes it lowered automatic Dice; "
-                   "--guidance on trains it anyway (docs/clicks.md). Without it a click only re-predicts near it.")
+    return False, (f"Click guidance: off (auto: no GPU here). On a CPU guided training takes about "
+                   f"{GUIDED_RUN_COST:g}x the minutes of plain training (for the same automatic result); "
+                   "--guidance on trains it (docs/clicks.md). Without it a click only re-predicts near it.")
 
 
 def with_guidance(plans, enabled: bool = True):
