@@ -10,6 +10,12 @@ import pytest
 
 from AutoSegLib.imageio import Geometry, write_image
 
+# A network small enough to train in seconds, laid over a phantom plan's configuration
+# (``plans["configurations"][name].update(TINY)``): patch 16x32x32, 3 stages of 4-16 features.
+TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,
+        "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
+        "batch_size": 2}
+
 
 def write_dataset(root: Path, cases: dict[str, tuple[list[np.ndarray], np.ndarray]],
                   geometry: Geometry | None = None, channel_names=None, labels=None,

@@ -15,13 +15,11 @@ import pytest
 from AutoSegLib import cli
 from AutoSegLib.fileutil import read_json, write_json
 from AutoSegLib.names import ARCHITECTURES
+from conftest import TINY
 
 pytest.importorskip("monai")
 
 CONFIG = "3d_cpu"
-TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,
-        "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-        "batch_size": 2}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from AutoSegLib.planning import Plans
 from AutoSegLib.planning.guidance import (GuidanceSpec, default_guidance, guidance_channels, guidance_problems,
                                           with_guidance)
 from AutoSegLib.training.guidance import simulate_guidance, step_generators, training_click
+from conftest import TINY
 
 OBLIQUE = Geometry((2.5, 0.8, 1.2), (-30.0, 12.5, 7.0),
                    tuple(np.array([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0], [0.0, 0.8, -0.6]]).ravel().tolist()))
@@ -155,9 +156,6 @@ def test_plans_keep_guidance_and_leave_a_cascade_stage_plain():
 
 
 # -- guided training -------------------------------------------------------------------------------
-TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,
-        "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-        "batch_size": 2}
 
 
 @pytest.fixture(scope="module")

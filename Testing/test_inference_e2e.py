@@ -18,11 +18,9 @@ from AutoSegLib.imageio import read_header
 from AutoSegLib.inference import validate_fold
 from AutoSegLib.inference.validation import validation_checkpoint
 from AutoSegLib.models.folder import ModelFolderError
+from conftest import TINY
 
 CONFIG = "3d_fullres"
-TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,
-        "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-        "batch_size": 2}
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,9 @@ from AutoSegLib.training.progress import read_log  # noqa: E402
 from AutoSegLib.training.schedule import poly_lr  # noqa: E402
 from AutoSegLib.training.setup import TrainOptions, setup_run  # noqa: E402
 from AutoSegLib.training.trainer import INITIAL_LR, Trainer, TrainingInterrupted  # noqa: E402
+from conftest import TINY  # noqa: E402
 
 CONFIG = "3d_fullres"
-TINY = {"patch_size": [16, 32, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 3,
-        "features_per_stage": [4, 8, 16], "n_conv_per_stage_encoder": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-        "batch_size": 2}
 # One thread: the network is tiny, and on a loaded 2-core machine OpenMP threads spin for cores
 # other jobs hold (0.05 s per iteration with 1 thread, up to 2 s with 2).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
