@@ -40,6 +40,12 @@ class Geometry:
     def ndim(self) -> int:
         return len(self.spacing)
 
+    @property
+    def index_matrix(self) -> np.ndarray:
+        """Physical offset (x, y, z) from the origin per unit of ITK index (i, j, k): direction x spacing."""
+        n = self.ndim
+        return np.asarray(self.direction, dtype=float).reshape(n, n) * np.asarray(self.spacing[::-1], dtype=float)
+
     def to_dict(self) -> dict:
         return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
 

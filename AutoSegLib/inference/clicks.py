@@ -79,22 +79,15 @@ def click_from_json(data) -> Click:
 
 
 # -- geometry -------------------------------------------------------------------------------------
-def _index_matrix(geometry: Geometry) -> np.ndarray:
-    """Physical (x, y, z) per unit of index (i, j, k) = (x, y, z) index axes: direction @ diag(spacing)."""
-    n = geometry.ndim
-    direction = np.asarray(geometry.direction, dtype=float).reshape(n, n)
-    return direction @ np.diag(np.asarray(geometry.spacing[::-1], dtype=float))
-
-
 def physical_to_index(point: Sequence[float], geometry: Geometry) -> np.ndarray:
     """Continuous array index (z, y, x) of a physical point (x, y, z); voxel centres are integers."""
     offset = np.asarray(point, dtype=float) - np.asarray(geometry.origin, dtype=float)
-    return np.linalg.solve(_index_matrix(geometry), offset)[::-1]
+    return np.linalg.solve(geometry.index_matrix, offset)[::-1]
 
 
 def index_to_physical(index: Sequence[float], geometry: Geometry) -> tuple[float, ...]:
     """Physical point (x, y, z) of an array index (z, y, x)."""
-    xyz = _index_matrix(geometry) @ np.asarray(index, dtype=float)[::-1] + np.asarray(geometry.origin, dtype=float)
+    xyz = geometry.index_matrix @ np.asarray(index, dtype=float)[::-1] + np.asarray(geometry.origin, dtype=float)
     return tuple(float(v) for v in xyz)
 
 

@@ -78,7 +78,7 @@ class Grid:
     @property
     def index_matrix(self) -> np.ndarray:
         """3x3 matrix taking ITK index (i, j, k) to a world offset from the origin."""
-        return self.direction * np.array(self.geometry.spacing[::-1], float)
+        return self.geometry.index_matrix
 
     def points(self, pose: Pose | None = None, block=None) -> tuple[np.ndarray, ...]:
         """Body-frame (or, without a pose, world) x, y, z of the voxel centres of ``block``.
