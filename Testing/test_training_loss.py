@@ -13,7 +13,6 @@ from AutoSegLib.training.loss import (
     masked_cross_entropy,
     prepare_target,
     pseudo_dice,
-    rare_class_weights,
     soft_dice,
 )
 
@@ -180,15 +179,6 @@ def test_class_weights_change_only_the_cross_entropy_term():
     ce_weighted, dice_weighted = weighted.components(logits, target)
     assert dice_weighted.item() == pytest.approx(dice_plain.item(), abs=1e-7)
     assert abs(ce_weighted.item() - ce_plain.item()) > 1e-3
-
-
-def test_rare_class_weights_lift_only_classes_rarer_than_the_median():
-    # background, then foreground shares 0.08, 0.02 (common), 0.01 (median), 0.0025 (4x rarer), 1e-7 (capped)
-    weights = rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025, 1e-7])
-    assert weights[:4] == [1.0, 1.0, 1.0, 1.0]
-    assert weights[4] == pytest.approx(2.0)
-    assert weights[5] == 10.0
-    assert rare_class_weights([1.0, 0.0, 0.0]) == [1.0, 1.0, 1.0]
 
 
 def test_deep_supervision_weights():

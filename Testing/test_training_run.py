@@ -413,6 +413,22 @@ def test_short_run_events_are_json_with_epochs_and_a_final_done(short_run):
     assert not [e for e in events if e["event"] == "error" or (e["event"] == "warning" and not never_predicted(e))]
 
 
+def test_the_plans_class_weights_weigh_the_cross_entropy(work_copy, one_thread):
+    """``ce_class_weights`` of the configuration reach the loss; without them every class weighs 1."""
+    from AutoSegLib.fileutil import read_json, write_json
+
+    dataset, work = work_copy
+    plain = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", device="cpu", num_workers=0)))
+    assert plain.loss.loss.class_weights is None
+    plans = read_json(work / "plans.json")
+    weights = [1.0] * plans["num_classes"]
+    weights[-1] = 3.5
+    plans["configurations"][CONFIG]["ce_class_weights"] = weights
+    write_json(work / "plans.json", plans)
+    weighted = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", device="cpu", num_workers=0)))
+    assert weighted.loss.loss.class_weights.tolist() == pytest.approx(weights)
+
+
 # -- 2. SIGKILL at any moment, then --resume -----------------------------------------------
 def test_sigkill_at_any_moment_then_resume_continues_from_the_last_checkpoint(work_copy, forked, tmp_path, capsys,
                                                                               one_thread):

@@ -16,7 +16,8 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 
 - ``coarse``: the CPU plan before issue 14 - spacing sized by the image alone (class radii
   ignored), so thin classes end up under two voxels across;
-- ``capped``: the shipped plan - coarsened no further than the thinnest class allows;
+- ``capped``: the shipped plan - coarsened no further than the thinnest class allows, rare
+  classes weighed in the cross-entropy;
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
 - ``capped-lr1e-2`` / ``capped-lr1e-3``: AdamW at another starting rate (quick preset: 3e-3);
@@ -26,8 +27,10 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
   training and at test time: mirrored, a kidney_left is taught as kidney_left on the right;
 - ``capped-bd``: the Dice term pooled over the batch (``batch_dice``), as the method does where a
   patch covers part of the image: a class absent from one sample's patch no longer scores 0;
-- ``capped-cew``: cross-entropy weighted for rare classes (``loss.rare_class_weights``: a class
-  rarer than the median foreground class by ``(median / share) ** 0.5``, at most 10).
+- ``capped-unweighted``: no cross-entropy weights for rare classes (the plan's
+  ``ce_class_weights`` removed; the plan before they were adopted);
+- ``capped-strong``: stronger rare-class weights, ``(median / share) ** 1``, at most 30 (the
+  plan's: ``** 0.5``, at most 10; ``planning/class_weights.py``).
 
 Fixed ``--epochs`` x ``--iterations`` compare variants at equal work whatever the machine's
 load; ``--time-budget`` measures what a user gets in that many minutes.
@@ -54,7 +57,8 @@ VARIANTS = {
     "capped-lr1e-2": {"plan": "capped", "lr": 1e-2},
     "capped-lr1e-3": {"plan": "capped", "lr": 1e-3},
     "capped-f32": {"plan": "capped", "base_features": 32},
-    "capped-cew": {"plan": "capped", "class_weights": 0.5},
+    "capped-unweighted": {"plan": "capped", "class_weights": None},
+    "capped-strong": {"plan": "capped", "class_weights": (1.0, 30.0)},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},
 }
@@ -70,17 +74,25 @@ def prepare(dataset: Path, work: Path, plan_kind: str, cases: int) -> None:
 
     if not (dataset / "dataset.json").is_file():
         make_phantom_dataset(dataset, kind="ct", cases=cases, test_cases=8, seed=0, anatomy="detailed")
-    if (work / "plans.json").is_file():
-        return
+    made = (work / "plans.json").is_file()
     work.mkdir(parents=True, exist_ok=True)
-    fingerprint = extract_fingerprint(dataset)
-    write_json(work / "dataset_fingerprint.json", fingerprint)
+    if made:  # planned before: plan again (the planner may have changed), keep the data if it still fits
+        fingerprint = json.loads((work / "dataset_fingerprint.json").read_text())
+    else:
+        fingerprint = extract_fingerprint(dataset)
+        write_json(work / "dataset_fingerprint.json", fingerprint)
     if plan_kind == "coarse":
         fingerprint = {k: v for k, v in fingerprint.items() if k != "class_radius_mm"}
     spec = open_dataset(dataset).spec
-    plans = plan(fingerprint, spec.channel_names, spec.labels, dataset_name=dataset.name)
-    write_json(work / "plans.json", plans.to_dict())
-    preprocess_dataset(dataset, work, ["3d_cpu"])
+    plans = plan(fingerprint, spec.channel_names, spec.labels, dataset_name=dataset.name).to_dict()
+    if made:
+        before = json.loads((work / "plans.json").read_text())["configurations"]["3d_cpu"]
+        if any(before[k] != plans["configurations"]["3d_cpu"][k] for k in ("spacing", "patch_size")):
+            raise SystemExit(f"{work} was preprocessed for another 3d_cpu spacing or patch; plan into a new folder "
+                             "(give --dataset a path in another folder)")
+    write_json(work / "plans.json", plans)
+    if not made:
+        preprocess_dataset(dataset, work, ["3d_cpu"])
 
 
 def share_preprocessed(base: Path, work: Path) -> None:
@@ -95,11 +107,13 @@ def share_preprocessed(base: Path, work: Path) -> None:
 
 
 def set_plan_entry(work: Path, key: str, value) -> None:
-    """Rewrite one entry of the variant's copy of the 3d_cpu plan."""
+    """Rewrite one entry of the variant's copy of the 3d_cpu plan (None: remove it)."""
     from AutoSegLib.fileutil import write_json
 
     plans = json.loads((work / "plans.json").read_text())
     plans["configurations"]["3d_cpu"][key] = value
+    if value is None:
+        del plans["configurations"]["3d_cpu"][key]
     write_json(work / "plans.json", plans)
 
 
@@ -115,23 +129,18 @@ def widen(work: Path, base_features: int) -> None:
     write_json(work / "plans.json", plans)
 
 
-def patch_class_weights(work: Path, dataset: Path, power: float) -> None:
-    """Every Trainer of this process weights its cross-entropy by the fingerprint's class shares."""
-    from AutoSegLib.training import trainer
-    from AutoSegLib.training.loss import rare_class_weights
+def reweigh(work: Path, dataset: Path, weighting: tuple[float, float] | None) -> None:
+    """Rewrite the variant's 3d_cpu cross-entropy weights: (power, cap) of the rare-class rule, or none."""
+    from AutoSegLib.planning.class_weights import output_classes, rare_class_weights
 
+    if weighting is None:
+        set_plan_entry(work, "ce_class_weights", None)
+        return
     ratios = json.loads((work / "dataset_fingerprint.json").read_text())["class_voxel_ratios"]
     labels = json.loads((dataset / "dataset.json").read_text())["labels"]
-    shares = [ratios[name] for name, _ in sorted(labels.items(), key=lambda item: int(item[1]))]
-    weights = rare_class_weights(shares, power)
+    weights = rare_class_weights([ratios[name] for name in output_classes(labels)], *weighting)
     print("cross-entropy class weights:", ", ".join(f"{w:.2f}" for w in weights))
-    original = trainer.Trainer.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.loss.loss.class_weights = __import__("torch").tensor(weights)
-
-    trainer.Trainer.__init__ = init
+    set_plan_entry(work, "ce_class_weights", weights)
 
 
 def patch_oversampling(fraction: float) -> None:
@@ -166,7 +175,7 @@ def main() -> None:
     if "base_features" in variant:
         widen(work, variant["base_features"])
     if "class_weights" in variant:
-        patch_class_weights(work, args.dataset, variant["class_weights"])
+        reweigh(work, args.dataset, variant["class_weights"])
     if "oversample" in variant:
         patch_oversampling(variant["oversample"])
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from AutoSegLib.planning import cpu, mirroring, rules
+from AutoSegLib.planning import class_weights, cpu, mirroring, rules
 from AutoSegLib.planning.cascade import plan_cascade
 from AutoSegLib.planning.configure import StagePlan, configure_2d, configure_3d
 from AutoSegLib.planning.explain import note
@@ -37,6 +37,7 @@ class _Fingerprint:
     relative_size: float
     radii: dict  # class name -> median radius in mm (ours only; empty for an nnU-Net v2 fingerprint)
     sides: dict  # class name -> median offset across the patient, -0.5 right .. 0.5 left (ours only)
+    class_ratios: dict | None = None  # class name -> share of all voxels (ours only)
 
 
 def read_fingerprint(fingerprint: dict) -> _Fingerprint:
@@ -64,13 +65,22 @@ def read_fingerprint(fingerprint: dict) -> _Fingerprint:
         raise PlanningError(f"fingerprint 'class_radius_mm' must map class names to positive millimetres, got {radii!r}")
     return _Fingerprint(spacings, shapes, fingerprint["foreground_intensity_properties_per_channel"],
                         float(fingerprint["median_relative_size_after_cropping"]), dict(radii),
-                        _sides(fingerprint.get("class_sides", {})))
+                        _sides(fingerprint.get("class_sides", {})), _ratios(fingerprint.get("class_voxel_ratios")))
 
 
 def _sides(sides) -> dict[str, float]:
     if not isinstance(sides, dict) or not all(isinstance(v, (int, float)) and -0.5 <= v <= 0.5 for v in sides.values()):
         raise PlanningError(f"fingerprint 'class_sides' must map class names to offsets from -0.5 to 0.5, got {sides!r}")
     return {str(k): float(v) for k, v in sides.items()}
+
+
+def _ratios(ratios) -> dict[str, float] | None:
+    if ratios is None:
+        return None
+    if not isinstance(ratios, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1
+                                               for v in ratios.values()):
+        raise PlanningError(f"fingerprint 'class_voxel_ratios' must map class names to shares from 0 to 1, got {ratios!r}")
+    return {str(k): float(v) for k, v in ratios.items()}
 
 
 def _channels(channel_names: dict) -> dict[str, str]:
@@ -200,6 +210,14 @@ def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii:
     return config
 
 
+def weigh_rare_classes(config: Configuration, labels: dict, class_ratios: dict | None) -> None:
+    """The CPU plan's cross-entropy weights for rare classes (:mod:`.class_weights`), when any is above 1."""
+    weights, text = class_weights.plan_class_weights(labels, class_ratios)
+    if weights is not None:
+        config.ce_class_weights = [round(w, 4) for w in weights]
+        note(config.explanation, "remark", message=text)
+
+
 def keep_sides(configurations: dict[str, Configuration], labels: dict, sides: dict[str, float],
                forward: list[int], notes: list[dict]) -> None:
     """In a canonical plan: no mirroring across left-right when labels name a side or classes keep
@@ -267,6 +285,7 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
     else:
         radii = {name: r for name, r in fp.radii.items() if name in labels and name != rules.IGNORE_LABEL}
         configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
+        weigh_rare_classes(configurations[cpu.NAME], labels, fp.class_ratios)
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
     canonical = fingerprint.get("orientation") == CANONICAL

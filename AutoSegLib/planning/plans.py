@@ -61,6 +61,9 @@ class Configuration:
     explanation: list[dict] = field(default_factory=list)
     # Patch axes mirrored in training and at test time (None: every axis, the method's default).
     mirror_axes: list[int] | None = None
+    # Cross-entropy weight per network output, background first (planning/class_weights.py;
+    # 3d_cpu only). None: every class weighs 1, the method's loss.
+    ce_class_weights: list[float] | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -68,7 +71,7 @@ class Configuration:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for optional in ("next_stage", "previous_stage", "mirror_axes", "guidance"):
+        for optional in ("next_stage", "previous_stage", "mirror_axes", "guidance", "ce_class_weights"):
             if out[optional] is None:
                 del out[optional]
         return json.loads(json.dumps(out))  # deep, plain copy

@@ -49,6 +49,7 @@ MAX_FEATURES = 8192  # per stage; the planner caps at 320 (3D) and 512 (2D)
 MAX_BATCH_SIZE = 4096
 MAX_CHANNELS = 256  # image channels and network classes
 MAX_CLASSES = 1000
+MAX_CLASS_WEIGHT = 1000.0  # a cross-entropy weight; the planner's are at most class_weights.CAP (10)
 # Weights: nnU-Net v2's largest residual encoder U-Net (XL) has ~1e8; 1e9 float32 weights are
 # 4 GB before the optimizer's copies.
 MAX_PARAMETERS = 1_000_000_000
@@ -136,7 +137,7 @@ def configuration_problems(name: str, config, n_channels: int | None = None, pla
     problems += channel_list_problems(key, config, n_channels)
     problems += resampling_problems(f"{key}.resampling", config["resampling"])
     problems += network_problems(f"{key}.network", config["network"])
-    problems += optional_problems(key, config, dims, planned)
+    problems += optional_problems(key, config, dims, planned, n_classes)
     if not problems:
         problems += size_problems(key, config, n_channels or 1, n_classes or 2)
     return problems
@@ -241,9 +242,9 @@ def network_problems(key: str, network) -> list[str]:
     return problems
 
 
-def optional_problems(key: str, config: dict, dims: int, planned) -> list[str]:
-    """``mirror_axes``, the cascade links and the boolean flags, when present."""
-    problems = []
+def optional_problems(key: str, config: dict, dims: int, planned, n_classes: int | None = None) -> list[str]:
+    """``mirror_axes``, the class weights, the cascade links and the boolean flags, when present."""
+    problems = class_weight_problems(f"{key}.ce_class_weights", config.get("ce_class_weights"), n_classes)
     if "mirror_axes" in config:
         axes = config["mirror_axes"]
         if not (isinstance(axes, list) and all(is_int(a) and 0 <= a < dims for a in axes)
@@ -269,6 +270,17 @@ def optional_problems(key: str, config: dict, dims: int, planned) -> list[str]:
         if config.get("previous_stage"):
             problems.append(_problem(f"{key}.guidance", "...", "a cascade's second stage cannot take clicks"))
     return problems
+
+
+def class_weight_problems(key: str, weights, n_classes: int | None) -> list[str]:
+    """``ce_class_weights``: absent, or one positive weight (at most MAX_CLASS_WEIGHT) per network output."""
+    if weights is None:
+        return []
+    if not (isinstance(weights, list) and weights and all(is_number(w) and 0 < w <= MAX_CLASS_WEIGHT for w in weights)):
+        return [_problem(key, weights, f"must list positive numbers up to {MAX_CLASS_WEIGHT:g}, one per class")]
+    if n_classes is not None and len(weights) != n_classes:
+        return [_problem(key, weights, f"has {len(weights)} weights for {n_classes} classes (background included)")]
+    return []
 
 
 # -- network size ------------------------------------------------------------------------------

@@ -102,26 +102,6 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     return per_voxel.sum() / counts.sum().clamp(min=1e-8 if weight is not None else 1)
 
 
-def rare_class_weights(voxel_ratios: Sequence[float], power: float = 0.5, cap: float = 10.0) -> list[float]:
-    """Cross-entropy weights that lift classes rarer than the typical foreground class.
-
-    ``voxel_ratios``: each class's share of all voxels (the fingerprint's
-    ``class_voxel_ratios``, background first). A foreground class rarer than the median
-    foreground class gets ``(median / ratio) ** power``, at most ``cap``; every other class,
-    background included, keeps 1.
-
-    Example:
-        >>> rare_class_weights([0.9, 0.08, 0.01, 0.0025])
-        [1.0, 1.0, 1.0, 2.0]
-    """
-    ratios = [float(r) for r in voxel_ratios]
-    present = sorted(r for r in ratios[1:] if r > 0)
-    if not present:
-        return [1.0] * len(ratios)
-    median = present[len(present) // 2] if len(present) % 2 else 0.5 * (present[len(present) // 2 - 1] + present[len(present) // 2])
-    return [1.0] + [min(cap, (median / r) ** power) if 0 < r < median else 1.0 for r in ratios[1:]]
-
-
 class DiceCELoss(nn.Module):
     """``weight_ce * CE + weight_dice * (1 - soft Dice)`` on logits ``(B, K, ...)``.
 

@@ -107,7 +107,8 @@ class Trainer:
         # Designs whose outputs are not one per decoder stage (U-Net++'s nested heads, Swin-UNETR's
         # single head) say how to weigh them; the loss pairs each output with the target of its shape.
         weights = getattr(self.network, "supervision_weights", None) or deep_supervision_weights(n_outputs)
-        self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label), weights)
+        self.loss = DeepSupervisionLoss(DiceCELoss(run.config.get("batch_dice", False), run.ignore_label,
+                                                   class_weights=run.config.get("ce_class_weights")), weights)
         self.schedule = run.schedule
         # Simulated clicks of guided training (training/guidance.py): drawn per global step and sample.
         self.step = 0

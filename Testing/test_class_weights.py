@@ -1,0 +1,92 @@
+"""Rare-class cross-entropy weights: the rule, the CPU plan's entry, and its validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from AutoSegLib.planning import Plans, plan
+from AutoSegLib.planning.class_weights import (
+    CAP,
+    POWER,
+    output_classes,
+    plan_class_weights,
+    rare_class_weights,
+)
+from AutoSegLib.planning.validate import plans_problems
+
+
+def test_rare_class_weights_lift_only_classes_rarer_than_the_median():
+    # background, then foreground shares 0.08, 0.02 (common), 0.01 (median), 0.0025 (4x rarer), 1e-7 (capped)
+    weights = rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025, 1e-7], power=0.5, cap=10.0)
+    assert weights[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert weights[4] == pytest.approx(2.0)
+    assert weights[5] == 10.0
+    # four foreground classes: the median is 0.015, halfway between the middle two; 0.0025 is 6x rarer
+    assert rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025], power=1.0)[4] == pytest.approx(6.0)
+    assert rare_class_weights([0.9, 0.01, 1e-9])[2] == CAP  # the default cap
+    assert rare_class_weights([1.0, 0.0, 0.0]) == [1.0, 1.0, 1.0]  # nothing labelled: nothing weighed
+
+
+def test_two_classes_weigh_the_rarer_by_its_distance_from_their_mean():
+    weights = rare_class_weights([0.5, 0.4, 0.1])  # median of (0.1, 0.4) is 0.25: 0.1 is 2.5x rarer
+    assert weights == [1.0, 1.0, pytest.approx(min(CAP, 2.5 ** POWER))]
+
+
+LABELS = {"background": 0, "liver": 1, "renal_artery": 3, "ignore": 4, "kidney": 2}
+RATIOS = {"background": 0.9, "liver": 0.08, "kidney": 0.004, "renal_artery": 0.0001, "ignore": 0.01}
+
+
+def test_weights_follow_the_label_values_and_leave_ignore_out():
+    assert output_classes(LABELS) == ["background", "liver", "kidney", "renal_artery"]
+    weights, text = plan_class_weights(LABELS, RATIOS)
+    # foreground shares 0.08, 0.004, 0.0001: median 0.004; the artery is 40x rarer
+    artery = min(CAP, 40 ** POWER)
+    assert weights == [1.0, 1.0, 1.0, pytest.approx(artery)]
+    assert "1 of 3 class(es)" in text and f"renal_artery x{artery:.1f}" in text
+
+
+def test_no_weights_without_the_fingerprints_shares_or_a_rare_class():
+    assert plan_class_weights(LABELS, None) == (None, None)  # an nnU-Net v2 fingerprint
+    assert plan_class_weights(LABELS, {"background": 0.9, "liver": 0.1}) == (None, None)  # classes missing
+    even = {"background": 0.7, "liver": 0.1, "kidney": 0.1, "renal_artery": 0.1}
+    assert plan_class_weights(LABELS, even) == (None, None)
+
+
+def fingerprint(ratios: dict | None) -> dict:
+    fp = {"spacings": [[2.0, 1.0, 1.0]] * 10, "shapes_after_crop": [[40, 90, 100]] * 10,
+          "foreground_intensity_properties_per_channel": {}, "median_relative_size_after_cropping": 1.0}
+    if ratios is not None:
+        fp["class_voxel_ratios"] = ratios
+    return fp
+
+
+def test_only_the_cpu_configuration_weighs_rare_classes_and_explains_it():
+    labels = {k: v for k, v in LABELS.items() if k != "ignore"}
+    plans = plan(fingerprint(RATIOS), {0: "MRI"}, labels)
+    cpu = plans.configurations["3d_cpu"]
+    assert cpu.ce_class_weights == [1.0, 1.0, 1.0, pytest.approx(min(CAP, 40 ** POWER), abs=1e-4)]
+    assert any("Cross-entropy weights for rare classes" in e["text"] for e in cpu.explanation)
+    assert all(c.ce_class_weights is None for name, c in plans.configurations.items() if name != "3d_cpu")
+    data = plans.to_dict()
+    assert "ce_class_weights" not in data["configurations"]["3d_fullres"]  # absent, not null
+    assert Plans.from_dict(data).configurations["3d_cpu"].ce_class_weights == cpu.ce_class_weights
+    assert plan(fingerprint(None), {0: "MRI"}, labels).configurations["3d_cpu"].ce_class_weights is None
+
+
+def test_bad_shares_in_the_fingerprint_are_refused_by_name():
+    with pytest.raises(ValueError, match="class_voxel_ratios"):
+        plan(fingerprint({"background": 0.9, "liver": -0.1}), {0: "MRI"}, {"background": 0, "liver": 1})
+
+
+@pytest.mark.parametrize("weights, problem", [
+    ([1.0, 2.0], "has 2 weights for 4 classes"),
+    ([1.0, 1.0, 0.0, 1.0], "must list positive numbers"),
+    ([1.0, 1.0, "2", 1.0], "must list positive numbers"),
+    ([], "must list positive numbers"),
+])
+def test_plans_with_wrong_class_weights_are_refused(weights, problem):
+    labels = {k: v for k, v in LABELS.items() if k != "ignore"}
+    data = plan(fingerprint(RATIOS), {0: "MRI"}, labels).to_dict()
+    data["configurations"]["3d_cpu"]["ce_class_weights"] = weights
+    problems = plans_problems(data)
+    assert any("3d_cpu.ce_class_weights" in p and problem in p for p in problems), problems
