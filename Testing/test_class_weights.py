@@ -7,6 +7,7 @@ import pytest
 from AutoSegLib.planning import Plans, plan
 from AutoSegLib.planning.class_weights import (
     CAP,
+    MIN_RARITY,
     POWER,
     output_classes,
     plan_class_weights,
@@ -15,21 +16,25 @@ from AutoSegLib.planning.class_weights import (
 from AutoSegLib.planning.validate import plans_problems
 
 
-def test_rare_class_weights_lift_only_classes_rarer_than_the_median():
-    # background, then foreground shares 0.08, 0.02 (common), 0.01 (median), 0.0025 (4x rarer), 1e-7 (capped)
-    weights = rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025, 1e-7], power=0.5, cap=10.0)
-    assert weights[:4] == [1.0, 1.0, 1.0, 1.0]
-    assert weights[4] == pytest.approx(2.0)
-    assert weights[5] == 10.0
-    # four foreground classes: the median is 0.015, halfway between the middle two; 0.0025 is 6x rarer
-    assert rare_class_weights([0.9, 0.08, 0.02, 0.01, 0.0025], power=1.0)[4] == pytest.approx(6.0)
+def test_rare_class_weights_lift_only_classes_well_below_the_median():
+    # background, then foreground shares 0.08, 0.05, 0.02 (common), 0.01 (median), 0.004 (2.5x rarer: not
+    # rare enough), 0.0025 (4x rarer), 1e-7 (capped)
+    shares = [0.9, 0.08, 0.05, 0.02, 0.01, 0.004, 0.0025, 1e-7]
+    weights = rare_class_weights(shares, power=0.5, cap=10.0, min_rarity=3.0)
+    assert weights[:6] == [1.0] * 6
+    assert weights[6] == pytest.approx(2.0)
+    assert weights[7] == 10.0
+    assert rare_class_weights(shares, power=1.0, min_rarity=2.0)[5] == pytest.approx(2.5)
     assert rare_class_weights([0.9, 0.01, 1e-9])[2] == CAP  # the default cap
     assert rare_class_weights([1.0, 0.0, 0.0]) == [1.0, 1.0, 1.0]  # nothing labelled: nothing weighed
 
 
-def test_two_classes_weigh_the_rarer_by_its_distance_from_their_mean():
-    weights = rare_class_weights([0.5, 0.4, 0.1])  # median of (0.1, 0.4) is 0.25: 0.1 is 2.5x rarer
-    assert weights == [1.0, 1.0, pytest.approx(min(CAP, 2.5 ** POWER))]
+def test_with_an_even_number_of_classes_the_median_lies_between_the_middle_two():
+    # median of (0.1, 0.4) is 0.25: 0.1 is 2.5x rarer, 0.05 of (0.05, 0.4) is 4.5x rarer
+    assert rare_class_weights([0.5, 0.4, 0.1], min_rarity=2.0) == [1.0, 1.0, pytest.approx(min(CAP, 2.5 ** POWER))]
+    assert rare_class_weights([0.5, 0.4, 0.05]) == [1.0, 1.0, pytest.approx(min(CAP, 4.5 ** POWER))]
+    assert rare_class_weights([0.5, 0.4, 0.1]) == [1.0, 1.0, 1.0]  # 2.5x is under MIN_RARITY
+    assert MIN_RARITY > 2.5
 
 
 LABELS = {"background": 0, "liver": 1, "renal_artery": 3, "ignore": 4, "kidney": 2}
@@ -50,6 +55,9 @@ def test_no_weights_without_the_fingerprints_shares_or_a_rare_class():
     assert plan_class_weights(LABELS, {"background": 0.9, "liver": 0.1}) == (None, None)  # classes missing
     even = {"background": 0.7, "liver": 0.1, "kidney": 0.1, "renal_artery": 0.1}
     assert plan_class_weights(LABELS, even) == (None, None)
+    # the CT and MR phantoms' spread: kidneys 1.6x and lesion 2.5x rarer than the median class
+    phantoms = {"background": 0.9, "liver": 0.06, "kidney": 0.0065, "renal_artery": 0.004}
+    assert plan_class_weights(LABELS, phantoms) == (None, None)
 
 
 def fingerprint(ratios: dict | None) -> dict:

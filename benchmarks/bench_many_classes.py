@@ -28,9 +28,12 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``capped-bd``: the Dice term pooled over the batch (``batch_dice``), as the method does where a
   patch covers part of the image: a class absent from one sample's patch no longer scores 0;
 - ``capped-unweighted``: no cross-entropy weights for rare classes (the plan's
-  ``ce_class_weights`` removed; the plan before they were adopted);
-- ``capped-strong``: stronger rare-class weights, ``(median / share) ** 1``, at most 30 (the
-  plan's: ``** 0.5``, at most 10; ``planning/class_weights.py``).
+  ``ce_class_weights`` removed: the plan before they were adopted);
+- ``capped-sqrt`` / ``capped-all-rare`` / ``capped-p15``: other rare-class rules than the plan's
+  (``planning/class_weights.py``: a class at least 3x rarer than the median foreground class
+  weighs its rarity, at most 30): the square root of the rarity for every class rarer than the
+  median, at most 10 (the first rule tried); the rarity for every class rarer than the median,
+  at most 30; the rarity to the power 1.5, at most 100.
 
 Fixed ``--epochs`` x ``--iterations`` compare variants at equal work whatever the machine's
 load; ``--time-budget`` measures what a user gets in that many minutes.
@@ -58,7 +61,9 @@ VARIANTS = {
     "capped-lr1e-3": {"plan": "capped", "lr": 1e-3},
     "capped-f32": {"plan": "capped", "base_features": 32},
     "capped-unweighted": {"plan": "capped", "class_weights": None},
-    "capped-strong": {"plan": "capped", "class_weights": (1.0, 30.0)},
+    "capped-sqrt": {"plan": "capped", "class_weights": (0.5, 10.0, 1.0)},  # (power, cap, min rarity)
+    "capped-all-rare": {"plan": "capped", "class_weights": (1.0, 30.0, 1.0)},
+    "capped-p15": {"plan": "capped", "class_weights": (1.5, 100.0, 1.0)},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},
 }
@@ -129,8 +134,9 @@ def widen(work: Path, base_features: int) -> None:
     write_json(work / "plans.json", plans)
 
 
-def reweigh(work: Path, dataset: Path, weighting: tuple[float, float] | None) -> None:
-    """Rewrite the variant's 3d_cpu cross-entropy weights: (power, cap) of the rare-class rule, or none."""
+def reweigh(work: Path, dataset: Path, weighting: tuple[float, float, float] | None) -> None:
+    """Rewrite the variant's 3d_cpu cross-entropy weights: (power, cap, min rarity) of the rare-class rule,
+    or none."""
     from AutoSegLib.planning.class_weights import output_classes, rare_class_weights
 
     if weighting is None:
