@@ -20,7 +20,10 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
   classes weighed in the cross-entropy;
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
-- ``capped-lr1e-2`` / ``capped-lr1e-3``: AdamW at another starting rate (quick preset: 3e-3);
+- ``capped-lr1e-2`` / ``capped-lr6e-3`` / ``capped-lr1e-3``: AdamW at another starting rate
+  (quick preset: 3e-3);
+- ``capped-b4``: batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64 (the detailed
+  phantoms' plan; about the same voxels per step): more, smaller views per step;
 - ``capped-f32``: 32 feature maps at full resolution instead of 16 (doubling per stage), on the
   same preprocessed data: does a 31-class output need a wider network?
 - ``capped-nolr``: no mirroring across the left-right axis (the patch's last axis here), in
@@ -64,6 +67,8 @@ VARIANTS = {
     "capped-sqrt": {"plan": "capped", "class_weights": (0.5, 10.0, 1.0)},  # (power, cap, min rarity)
     "capped-all-rare": {"plan": "capped", "class_weights": (1.0, 30.0, 1.0)},
     "capped-p15": {"plan": "capped", "class_weights": (1.5, 100.0, 1.0)},
+    "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
+    "capped-b4": {"plan": "capped", "batch_size": 4, "patch_size": [20, 40, 48]},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},
 }
@@ -175,7 +180,7 @@ def main() -> None:
     base = args.dataset.parent / f"{args.dataset.name}.{variant['plan']}-plan.autoseg"
     prepare(args.dataset, base, variant["plan"], args.cases)
     share_preprocessed(base, work)
-    for key in ("mirror_axes", "batch_dice"):
+    for key in ("mirror_axes", "batch_dice", "batch_size", "patch_size"):
         if key in variant:
             set_plan_entry(work, key, variant[key])
     if "base_features" in variant:

@@ -49,7 +49,7 @@ MAX_FEATURES = 8192  # per stage; the planner caps at 320 (3D) and 512 (2D)
 MAX_BATCH_SIZE = 4096
 MAX_CHANNELS = 256  # image channels and network classes
 MAX_CLASSES = 1000
-MAX_CLASS_WEIGHT = 1000.0  # a cross-entropy weight; the planner's are at most class_weights.CAP (10)
+MAX_CLASS_WEIGHT = 1000.0  # a cross-entropy weight; the planner's are at most class_weights.CAP
 # Weights: nnU-Net v2's largest residual encoder U-Net (XL) has ~1e8; 1e9 float32 weights are
 # 4 GB before the optimizer's copies.
 MAX_PARAMETERS = 1_000_000_000
