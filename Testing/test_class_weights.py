@@ -9,10 +9,10 @@ from AutoSegLib.planning.class_weights import (
     CAP,
     MIN_RARITY,
     POWER,
-    output_classes,
     plan_class_weights,
     rare_class_weights,
 )
+from AutoSegLib.planning.rules import output_classes
 from AutoSegLib.planning.validate import plans_problems
 
 

@@ -147,7 +147,8 @@ def widen(work: Path, base_features: int) -> None:
 def reweigh(work: Path, dataset: Path, weighting: tuple[float, float, float] | None) -> None:
     """Rewrite the variant's 3d_cpu cross-entropy weights: (power, cap, min rarity) of the rare-class rule,
     or none."""
-    from AutoSegLib.planning.class_weights import output_classes, rare_class_weights
+    from AutoSegLib.planning.class_weights import rare_class_weights
+    from AutoSegLib.planning.rules import output_classes
 
     if weighting is None:
         set_plan_entry(work, "ce_class_weights", None)

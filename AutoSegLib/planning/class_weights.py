@@ -20,7 +20,6 @@ median, so their plans have no weights.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from AutoSegLib.planning import rules
@@ -57,25 +56,17 @@ def rare_class_weights(voxel_ratios: Sequence[float], power: float = POWER, cap:
                     for r in ratios[1:]]
 
 
-def output_classes(labels: dict) -> list[str]:
-    """The label names in network-output order (by label value), ``ignore`` left out."""
-    return [name for name, _ in sorted(((n, v) for n, v in labels.items() if n != rules.IGNORE_LABEL),
-                                       key=lambda item: int(item[1]))]
-
-
 def plan_class_weights(labels: dict, class_ratios: dict | None) -> tuple[list[float] | None, str | None]:
     """``(weights, explanation)`` for the CPU plan, or ``(None, None)`` when every weight is 1.
 
-    ``class_ratios``: the fingerprint's ``class_voxel_ratios`` (name -> share of all voxels);
-    an nnU-Net v2 fingerprint has none, and then nothing is weighted.
+    ``class_ratios``: the fingerprint's ``class_voxel_ratios`` (name -> share of all voxels, as
+    the planner's ``read_fingerprint`` checked them); an nnU-Net v2 fingerprint has none, and
+    then nothing is weighted.
     """
-    names = output_classes(labels)
+    names = rules.output_classes(labels)
     if not class_ratios or any(name not in class_ratios for name in names):
         return None, None
-    ratios = [float(class_ratios[name]) for name in names]
-    if not all(math.isfinite(r) and r >= 0 for r in ratios):
-        return None, None
-    weights = rare_class_weights(ratios)
+    weights = rare_class_weights([class_ratios[name] for name in names])
     lifted = sorted(((w, n) for w, n in zip(weights, names) if w > 1.0), key=lambda item: (-item[0], item[1]))
     if not lifted:
         return None, None

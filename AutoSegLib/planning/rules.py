@@ -207,3 +207,9 @@ def num_classes(labels: dict) -> int:
     """Output channels of the network: every label but ``ignore`` (which marks unannotated
     voxels, not a class to predict), background included."""
     return len([name for name in labels if name != IGNORE_LABEL])
+
+
+def output_classes(labels: dict) -> list[str]:
+    """The label names in network-output order (by label value), background first, ``ignore`` left out."""
+    return [name for name, _ in sorted(((n, v) for n, v in labels.items() if n != IGNORE_LABEL),
+                                       key=lambda item: int(item[1]))]

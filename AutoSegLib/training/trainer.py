@@ -32,6 +32,7 @@ import torch
 
 from AutoSegLib.events import Reporter
 from AutoSegLib.network import build_network
+from AutoSegLib.planning.rules import output_classes
 from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
@@ -335,8 +336,7 @@ class Trainer:
                 losses.append(float(self.loss(outputs, targets)))
             counts = pseudo_dice(outputs[0].float(), targets[0], self.run.ignore_label, self.run.n_classes)
             totals = counts if totals is None else [a + b for a, b in zip(totals, counts)]
-        names = [n for n, v in sorted(self.run.spec.labels.items(), key=lambda kv: kv[1])
-                 if v != 0 and v != self.run.ignore_label]
+        names = output_classes(self.run.spec.labels)[1:]  # the foreground, as the outputs after background
         val_loss, totals = self.reduce_validation(losses, totals)
         dice = {n: (None if math.isnan(d) else float(d)) for n, d in zip(names, dice_from_counts(*totals))}
         return val_loss, dice
