@@ -7,6 +7,7 @@ import pytest
 from AutoSegLib.planning import Plans, plan
 from AutoSegLib.planning.class_weights import (
     CAP,
+    LAG_LIFT,
     MIN_RARITY,
     POWER,
     plan_class_weights,
@@ -79,6 +80,28 @@ def test_only_the_cpu_configuration_weighs_rare_classes_and_explains_it():
     assert "ce_class_weights" not in data["configurations"]["3d_fullres"]  # absent, not null
     assert Plans.from_dict(data).configurations["3d_cpu"].ce_class_weights == cpu.ce_class_weights
     assert plan(fingerprint(None), {0: "MRI"}, labels).configurations["3d_cpu"].ce_class_weights is None
+
+
+def test_only_the_cpu_configuration_lifts_lagging_classes_and_explains_it():
+    labels = {k: v for k, v in LABELS.items() if k != "ignore"}
+    for ratios in (RATIOS, None):  # with rare-class weights and without (an nnU-Net v2 fingerprint)
+        plans = plan(fingerprint(ratios), {0: "MRI"}, labels)
+        cpu = plans.configurations["3d_cpu"]
+        assert cpu.lagging_class_lift == LAG_LIFT
+        assert any("Lagging classes weigh more" in e["text"] for e in cpu.explanation)
+        assert all(c.lagging_class_lift is None for name, c in plans.configurations.items() if name != "3d_cpu")
+        data = plans.to_dict()
+        assert "lagging_class_lift" not in data["configurations"]["3d_fullres"]
+        assert Plans.from_dict(data).configurations["3d_cpu"].lagging_class_lift == LAG_LIFT
+
+
+@pytest.mark.parametrize("lift", [0.5, 0, -2, "4", True, float("inf"), 1e6])
+def test_plans_with_a_wrong_lagging_class_lift_are_refused(lift):
+    labels = {k: v for k, v in LABELS.items() if k != "ignore"}
+    data = plan(fingerprint(RATIOS), {0: "MRI"}, labels).to_dict()
+    data["configurations"]["3d_cpu"]["lagging_class_lift"] = lift
+    problems = plans_problems(data)
+    assert any("3d_cpu.lagging_class_lift" in p and "must be a number from 1 to" in p for p in problems), problems
 
 
 def test_bad_shares_in_the_fingerprint_are_refused_by_name():

@@ -429,6 +429,46 @@ def test_the_plans_class_weights_weigh_the_cross_entropy(work_copy, one_thread):
     assert weighted.loss.loss.class_weights.tolist() == pytest.approx(weights)
 
 
+def test_lagging_classes_weigh_more_and_keep_their_lift_through_a_resume(work_copy, one_thread):
+    """With ``lagging_class_lift`` a class whose smoothed pseudo-Dice lags weighs more, on top of the
+    plan's weight; the smoothed values are in every checkpoint and a resumed run sets the same weights."""
+    from AutoSegLib.fileutil import read_json, write_json
+
+    dataset, work = work_copy
+    plans = read_json(work / "plans.json")
+    assert "lagging_class_lift" not in plans["configurations"][CONFIG]  # a GPU configuration: the method's loss
+    plain = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", device="cpu", num_workers=0)))
+    assert plain.lift_lagging_classes({"liver": 0.9, "liver_lesion": 0.0}) == {}
+    assert plain.loss.loss.class_weights is None
+
+    plans["configurations"][CONFIG].update(ce_class_weights=[1.0, 1.0, 1.0, 1.0, 1.0, 2.0], lagging_class_lift=4.0)
+    write_json(work / "plans.json", plans)
+    trainer = train_in_process(dataset, work, epochs=2)
+    smoothed = trainer.class_dice
+    assert sorted(smoothed) == ["aorta", "kidneys", "liver", "liver_lesion", "spleen"]
+    assert all(0.0 <= v <= 1.0 for v in smoothed.values())
+    for record in read_log(fold_dir(work)):
+        assert all(1.0 < lift <= 4.0 for lift in record.get("class_lift", {}).values()), record
+
+    # An epoch where three classes are found (0.9), one is absent from the patches and one is missed:
+    # smoothed 0.27 for the three and 0 for the other two; lags 0.73 and 1, mean 0.838, lift 1 / 0.838.
+    trainer.class_dice = {}
+    lifts = trainer.lift_lagging_classes({"liver": 0.9, "spleen": 0.9, "kidneys": 0.9, "aorta": None,
+                                          "liver_lesion": 0.0})
+    lift = 1 / ((3 * 0.73 + 2 * 1.0) / 5)
+    assert lifts == {"aorta": pytest.approx(lift, abs=1e-3), "liver_lesion": pytest.approx(lift, abs=1e-3)}
+    expected = [1.0, 1.0, 1.0, 1.0, lift, 2.0 * lift]  # background, liver, spleen, kidneys, aorta, lesion
+    assert trainer.loss.loss.class_weights.tolist() == pytest.approx(expected, abs=1e-4)
+
+    for name in ("final", "best"):  # a resume takes the newest valid checkpoint: make it this one
+        (fold_dir(work) / f"checkpoint_{name}.pt").unlink(missing_ok=True)
+    trainer.save("latest")
+    resumed = Trainer(setup_run(dataset, work, TrainOptions(CONFIG, "0", resume=True, device="cpu", num_workers=0)))
+    resumed.restore()
+    assert resumed.class_dice == pytest.approx(trainer.class_dice)
+    assert resumed.loss.loss.class_weights.tolist() == pytest.approx(expected, abs=1e-4)
+
+
 # -- 2. SIGKILL at any moment, then --resume -----------------------------------------------
 def test_sigkill_at_any_moment_then_resume_continues_from_the_last_checkpoint(work_copy, forked, tmp_path, capsys,
                                                                               one_thread):

@@ -17,15 +17,13 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``coarse``: the CPU plan before issue 14 - spacing sized by the image alone (class radii
   ignored), so thin classes end up under two voxels across;
 - ``capped``: the shipped plan - coarsened no further than the thinnest class allows, rare
-  classes weighed in the cross-entropy;
+  classes weighed in the cross-entropy, lagging classes lifted while training;
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
 - ``capped-lr1e-2`` / ``capped-lr6e-3`` / ``capped-lr1e-3``: AdamW at another starting rate
   (quick preset: 3e-3);
-- ``capped-lag``: not in the trainer yet - after every epoch the cross-entropy weights are the
-  plan's times a lift for the classes whose running pseudo-Dice lags the pack:
-  ``clip((1 - ema_k) / mean over classes of (1 - ema), 1, 4)``, ``ema_k`` the class's pseudo-Dice
-  smoothed 0.7 / 0.3 over epochs; reaches classes that are hard without being rare (the stomach);
+- ``capped-nolag``: no lift for lagging classes (the plan's ``lagging_class_lift`` removed: the
+  cross-entropy weights stay the plan's rare-class weights; ``training/class_lift.py``);
 - ``capped-b4``: batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64 (the detailed
   phantoms' plan; about the same voxels per step): more, smaller views per step;
 - ``capped-f32``: 32 feature maps at full resolution instead of 16 (doubling per stage), on the
@@ -35,7 +33,7 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``capped-bd``: the Dice term pooled over the batch (``batch_dice``), as the method does where a
   patch covers part of the image: a class absent from one sample's patch no longer scores 0;
 - ``capped-unweighted``: no cross-entropy weights for rare classes (the plan's
-  ``ce_class_weights`` removed: the plan before they were adopted);
+  ``ce_class_weights`` removed; lagging classes are still lifted, from a base weight of 1);
 - ``capped-sqrt`` / ``capped-all-rare`` / ``capped-p15``: other rare-class rules than the plan's
   (``planning/class_weights.py``: a class at least 3x rarer than the median foreground class
   weighs its rarity, at most 30): the square root of the rarity for every class rarer than the
@@ -73,7 +71,7 @@ VARIANTS = {
     "capped-p15": {"plan": "capped", "class_weights": (1.5, 100.0, 1.0)},
     "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
     "capped-b4": {"plan": "capped", "batch_size": 4, "patch_size": [20, 40, 48]},
-    "capped-lag": {"plan": "capped", "lag_weights": True},
+    "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},
 }
@@ -160,33 +158,6 @@ def reweigh(work: Path, dataset: Path, weighting: tuple[float, float, float] | N
     set_plan_entry(work, "ce_class_weights", weights)
 
 
-def patch_lag_weights() -> None:
-    """Every Trainer of this process lifts, after each epoch, the cross-entropy weight of the classes
-    whose smoothed pseudo-Dice lags the mean (see ``capped-lag``); the plan's weights stay the base."""
-    import torch
-
-    from AutoSegLib.training import trainer
-
-    original = trainer.Trainer.finish_epoch
-
-    def finish_epoch(self, record, started):
-        original(self, record, started)
-        dice = record["pseudo_dice"]  # foreground classes in output order
-        if not hasattr(self, "lag_ema"):
-            self.lag_ema = dict.fromkeys(dice, 0.0)
-            base = self.loss.loss.class_weights
-            self.lag_base = base.clone() if base is not None else torch.ones(len(dice) + 1)
-        for name, value in dice.items():
-            if value is not None:
-                self.lag_ema[name] = 0.7 * self.lag_ema[name] + 0.3 * value
-        lags = [1.0 - self.lag_ema[name] for name in dice]
-        mean = max(sum(lags) / len(lags), 1e-3)
-        lifts = [1.0] + [min(4.0, max(1.0, lag / mean)) for lag in lags]
-        self.loss.loss.class_weights = self.lag_base * torch.tensor(lifts)
-
-    trainer.Trainer.finish_epoch = finish_epoch
-
-
 def patch_oversampling(fraction: float) -> None:
     from AutoSegLib.training import data
 
@@ -213,7 +184,7 @@ def main() -> None:
     base = args.dataset.parent / f"{args.dataset.name}.{variant['plan']}-plan.autoseg"
     prepare(args.dataset, base, variant["plan"], args.cases)
     share_preprocessed(base, work)
-    for key in ("mirror_axes", "batch_dice", "batch_size", "patch_size"):
+    for key in ("mirror_axes", "batch_dice", "batch_size", "patch_size", "lagging_class_lift"):
         if key in variant:
             set_plan_entry(work, key, variant[key])
     if "base_features" in variant:
@@ -222,8 +193,6 @@ def main() -> None:
         reweigh(work, args.dataset, variant["class_weights"])
     if "oversample" in variant:
         patch_oversampling(variant["oversample"])
-    if variant.get("lag_weights"):
-        patch_lag_weights()
 
     from AutoSegLib.cli import main as autoseg
 

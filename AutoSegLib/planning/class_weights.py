@@ -32,6 +32,9 @@ POWER = 1.0
 CAP = 30.0
 MIN_RARITY = 3.0
 SHOWN = 6  # classes named in the --explain sentence
+# During training a class whose smoothed validation pseudo-Dice lags the others' weighs up to
+# LAG_LIFT times its plan weight (training/class_lift.py).
+LAG_LIFT = 4.0
 
 
 def rare_class_weights(voxel_ratios: Sequence[float], power: float = POWER, cap: float = CAP,
@@ -78,3 +81,11 @@ def plan_class_weights(labels: dict, class_ratios: dict | None) -> tuple[list[fl
             f"{shown}{more}. A CPU run is too short for the method's unweighted loss to learn a class of a few "
             f"dozen voxels per case; background and the other classes weigh 1.")
     return weights, text
+
+
+def lagging_lift_text(max_lift: float = LAG_LIFT) -> str:
+    """The ``--explain`` sentence for the plan's ``lagging_class_lift``."""
+    return (f"Lagging classes weigh more while training: after every epoch, a class whose validation pseudo-Dice "
+            f"(smoothed over epochs) is behind the others' has its cross-entropy weight multiplied by how far "
+            f"behind it is, at most {max_lift:g}x, until it catches up. A short CPU run otherwise leaves a class "
+            f"it has not found by chance unfound to the end.")

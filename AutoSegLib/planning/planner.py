@@ -211,11 +211,14 @@ def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii:
 
 
 def weigh_rare_classes(config: Configuration, labels: dict, class_ratios: dict | None) -> None:
-    """The CPU plan's cross-entropy weights for rare classes (:mod:`.class_weights`), when any is above 1."""
+    """The CPU plan's cross-entropy weights (:mod:`.class_weights`): for rare classes, when any is above
+    1, and the lift of the classes that lag while training."""
     weights, text = class_weights.plan_class_weights(labels, class_ratios)
     if weights is not None:
         config.ce_class_weights = [round(w, 4) for w in weights]
         note(config.explanation, "remark", message=text)
+    config.lagging_class_lift = class_weights.LAG_LIFT
+    note(config.explanation, "remark", message=class_weights.lagging_lift_text())
 
 
 def keep_sides(configurations: dict[str, Configuration], labels: dict, sides: dict[str, float],

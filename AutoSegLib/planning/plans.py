@@ -64,6 +64,9 @@ class Configuration:
     # Cross-entropy weight per network output, background first (planning/class_weights.py;
     # 3d_cpu only). None: every class weighs 1, the method's loss.
     ce_class_weights: list[float] | None = None
+    # The most the trainer multiplies a lagging class's cross-entropy weight by (training/class_lift.py;
+    # 3d_cpu only). None: the weights stay as planned.
+    lagging_class_lift: float | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -71,7 +74,8 @@ class Configuration:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for optional in ("next_stage", "previous_stage", "mirror_axes", "guidance", "ce_class_weights"):
+        for optional in ("next_stage", "previous_stage", "mirror_axes", "guidance", "ce_class_weights",
+                         "lagging_class_lift"):
             if out[optional] is None:
                 del out[optional]
         return json.loads(json.dumps(out))  # deep, plain copy

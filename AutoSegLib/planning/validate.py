@@ -245,6 +245,9 @@ def network_problems(key: str, network) -> list[str]:
 def optional_problems(key: str, config: dict, dims: int, planned, n_classes: int | None = None) -> list[str]:
     """``mirror_axes``, the class weights, the cascade links and the boolean flags, when present."""
     problems = class_weight_problems(f"{key}.ce_class_weights", config.get("ce_class_weights"), n_classes)
+    lift = config.get("lagging_class_lift")
+    if lift is not None and not (is_number(lift) and 1 <= lift <= MAX_CLASS_WEIGHT):
+        problems.append(_problem(f"{key}.lagging_class_lift", lift, f"must be a number from 1 to {MAX_CLASS_WEIGHT:g}"))
     if "mirror_axes" in config:
         axes = config["mirror_axes"]
         if not (isinstance(axes, list) and all(is_int(a) and 0 <= a < dims for a in axes)

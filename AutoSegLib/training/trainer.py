@@ -2,7 +2,9 @@
 
 Recipe: SGD (Nesterov, momentum 0.99, weight decay 3e-5), learning rate 0.01 with poly
 decay (the quick preset swaps in AdamW at 3e-3, see :mod:`.schedule`), Dice + cross-entropy
-over the deep-supervision outputs, gradient norm clipped at 12, mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
+over the deep-supervision outputs (cross-entropy weights from the plan, lifted after every epoch
+for the classes that lag when the plan asks, see :mod:`.class_lift`), gradient norm clipped at
+12, mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
 validation cases, whose per-class pseudo-Dice (and its moving average) picks the best
 checkpoint and shows progress.
 
@@ -36,6 +38,7 @@ from AutoSegLib.planning.rules import output_classes
 from AutoSegLib.models import checkpoint as ckpt
 from AutoSegLib.training.loader import BatchLoader
 from AutoSegLib.training.augmentation import validation_pipeline
+from AutoSegLib.training.class_lift import lagging_lifts, lifted_weights, smooth_class_dice
 from AutoSegLib.training.guidance import simulate_guidance, step_generators
 from AutoSegLib.training.distributed import Group, loss_weight, rank_slots
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
@@ -115,6 +118,7 @@ class Trainer:
         self.step = 0
         self.guidance_counts = {"guided_samples": 0, "clicks": 0}
         self.epoch, self.ema, self.best_ema, self.records = 0, None, -1.0, []
+        self.class_dice: dict[str, float] = {}  # per-class pseudo-Dice smoothed over epochs (class_lift)
         self.signals: list[int] = []
         self.last_save = time.monotonic()
         self.epoch_walls: list[float] = []  # wall-clock seconds per epoch in this process (time budget)
@@ -127,8 +131,8 @@ class Trainer:
         return {"network_weights": self.network.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                 "grad_scaler_state": self.scaler.state_dict() if self.scaler else {},
                 "epoch": self.epoch, "ema_pseudo_dice": self.ema, "best_ema_pseudo_dice": self.best_ema,
-                "schedule": self.schedule.to_dict(), "configuration": self.run.options.configuration,
-                "fold": self.run.options.fold}
+                "smoothed_class_dice": self.class_dice, "schedule": self.schedule.to_dict(),
+                "configuration": self.run.options.configuration, "fold": self.run.options.fold}
 
     def restore(self) -> Path:
         """Load the newest valid checkpoint of the run folder; returns its path.
@@ -160,6 +164,8 @@ class Trainer:
         self.epoch = state["epoch"]
         self.ema = state.get("ema_pseudo_dice")
         self.best_ema = state.get("best_ema_pseudo_dice", -1.0)
+        self.class_dice = dict(state.get("smoothed_class_dice") or {})  # older checkpoints: lifts start afresh
+        self.lift_lagging_classes()
         asked = self.run.options
         if (asked.epochs not in (None, self.schedule.epochs)
                 or asked.iterations_per_epoch not in (None, self.schedule.iterations_per_epoch)):
@@ -354,6 +360,9 @@ class Trainer:
         mean = sum(values) / len(values) if values else 0.0
         self.ema = mean if self.ema is None else EMA_WEIGHT * self.ema + (1 - EMA_WEIGHT) * mean
         record.update(mean_pseudo_dice=mean, ema_pseudo_dice=self.ema)
+        lifts = self.lift_lagging_classes(record["pseudo_dice"])
+        if lifts:
+            record["class_lift"] = lifts
         self.epoch += 1
         self.records.append(record)
         if self.group.primary:
@@ -371,6 +380,24 @@ class Trainer:
         due = self.epoch % self.run.options.checkpoint_every_epochs == 0
         if due or time.monotonic() - self.last_save >= self.run.options.checkpoint_every_s:
             self.save("latest")
+
+    def lift_lagging_classes(self, dice: dict | None = None) -> dict[str, float]:
+        """With the plan's ``lagging_class_lift``: fold this epoch's per-class pseudo-Dice (if given) into
+        the smoothed values and set the cross-entropy weights from them (:mod:`.class_lift`).
+
+        Returns the lifted classes and their lifts (above 1 only), for the epoch's record. Every rank
+        holds the same reduced pseudo-Dice, so every rank sets the same weights.
+        """
+        max_lift = self.run.config.get("lagging_class_lift")
+        if not max_lift:
+            return {}
+        names = output_classes(self.run.spec.labels)[1:]
+        if dice is not None:
+            self.class_dice = smooth_class_dice(self.class_dice, dice)
+        lifts = lagging_lifts({name: self.class_dice.get(name, 0.0) for name in names}, float(max_lift))
+        weights = lifted_weights(self.run.config.get("ce_class_weights"), names, lifts)
+        self.loss.loss.class_weights = torch.tensor(weights)
+        return {name: round(lift, 3) for name, lift in lifts.items() if round(lift, 3) > 1.0}
 
     def share_schedule(self) -> None:
         """With --time-budget in a group: every rank takes rank 0's schedule (each times its own steps)."""
