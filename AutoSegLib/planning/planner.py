@@ -212,12 +212,13 @@ def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii:
 
 def weigh_rare_classes(config: Configuration, labels: dict, class_ratios: dict | None) -> None:
     """The CPU plan's cross-entropy weights (:mod:`.class_weights`): for rare classes, when any is above
-    1, and the lift of the classes that lag while training."""
+    1, and then also the lift of the classes that lag while training."""
     weights, text = class_weights.plan_class_weights(labels, class_ratios)
-    if weights is not None:
-        config.ce_class_weights = [round(w, 4) for w in weights]
-        note(config.explanation, "remark", message=text)
+    if weights is None:
+        return
+    config.ce_class_weights = [round(w, 4) for w in weights]
     config.lagging_class_lift = class_weights.LAG_LIFT
+    note(config.explanation, "remark", message=text)
     note(config.explanation, "remark", message=class_weights.lagging_lift_text())
 
 
