@@ -32,6 +32,11 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
   training and at test time: mirrored, a kidney_left is taught as kidney_left on the right;
 - ``capped-bd``: the Dice term pooled over the batch (``batch_dice``), as the method does where a
   patch covers part of the image: a class absent from one sample's patch no longer scores 0;
+- ``capped-ds-quarter`` / ``capped-ds-none``: deep-supervision weights 1, 1/4, 1/16, ... instead
+  of the method's 1, 1/2, 1/4, ... (lowest output 0, normalized), or the full-resolution output
+  alone: the coarse outputs' targets lose the thin and small classes;
+- ``capped-warmup``: the learning rate rises linearly over the first 3 epochs (1/4, 2/4, 3/4 of
+  the schedule's) before the poly decay;
 - ``capped-unweighted``: no cross-entropy weights for rare classes (the plan's
   ``ce_class_weights`` removed; lagging classes are still lifted, from a base weight of 1);
 - ``capped-sqrt`` / ``capped-all-rare`` / ``capped-p15``: other rare-class rules than the plan's
@@ -74,6 +79,9 @@ VARIANTS = {
     "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},
+    "capped-ds-quarter": {"plan": "capped", "ds_decay": 0.25},
+    "capped-ds-none": {"plan": "capped", "ds_decay": 0.0},
+    "capped-warmup": {"plan": "capped", "warmup_epochs": 3},
 }
 
 
@@ -158,6 +166,26 @@ def reweigh(work: Path, dataset: Path, weighting: tuple[float, float, float] | N
     set_plan_entry(work, "ce_class_weights", weights)
 
 
+def patch_deep_supervision(decay: float) -> None:
+    """Deep-supervision weights ``1, decay, decay**2, ...`` (lowest output 0, normalized) instead of
+    the method's halving; ``decay`` 0 trains the full-resolution output alone."""
+    from AutoSegLib.training import trainer
+
+    def weights(n_outputs: int) -> list[float]:
+        raw = [decay ** i for i in range(n_outputs - 1)] + [0.0] if n_outputs > 1 else [1.0]
+        return [w / sum(raw) for w in raw]
+
+    trainer.deep_supervision_weights = weights
+
+
+def patch_warmup(epochs: int) -> None:
+    """The learning rate rises linearly over the first ``epochs`` epochs to the schedule's, then decays as before."""
+    from AutoSegLib.training import trainer
+
+    original = trainer.Trainer.lr
+    trainer.Trainer.lr = lambda self: original(self) * min(1.0, (self.epoch + 1) / (epochs + 1))
+
+
 def patch_oversampling(fraction: float) -> None:
     from AutoSegLib.training import data
 
@@ -193,6 +221,10 @@ def main() -> None:
         reweigh(work, args.dataset, variant["class_weights"])
     if "oversample" in variant:
         patch_oversampling(variant["oversample"])
+    if "ds_decay" in variant:
+        patch_deep_supervision(variant["ds_decay"])
+    if "warmup_epochs" in variant:
+        patch_warmup(variant["warmup_epochs"])
 
     from AutoSegLib.cli import main as autoseg
 
