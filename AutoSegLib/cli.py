@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--work", type=Path, default=None, help="work folder (default: <dataset>.autoseg beside it)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help=f"schedule: auto (default) = paper on a GPU, quick on a CPU; paper = 1000 epochs x 250 "
-                        f"iterations with SGD; quick = 500 iterations with AdamW, minutes on a CPU with the "
+                        f"iterations with SGD; quick = 2,000 iterations with AdamW, minutes on a CPU with the "
                         f"{CPU_CONFIGURATION} configuration. The first log line says which ran")
     p.add_argument("--epochs", type=_positive_int, default=None)
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
@@ -733,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds to run (default: all of --num-folds)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="training time per run: every design gets the same minutes (default: the quick "
-                        "schedule's 500 iterations)")
+                        "schedule's 2,000 iterations)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="fix the schedule instead: epochs per run")
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
     p.add_argument("-w", "--work", type=Path, default=None, help="work folder of a single DATASET (default: "

@@ -16,7 +16,9 @@ import sys
 
 import numpy as np
 
+from AutoSegLib.demo import DEMO_EPOCHS
 from AutoSegLib.imageio import read_header
+from AutoSegLib.training.schedule import QUICK
 
 STAGES = ["make-phantoms", "verify", "plan", "preprocess", "train", "predict", "evaluate"]
 
@@ -36,6 +38,9 @@ def test_demo_trains_a_model_that_segments_held_out_phantoms(tmp_path):
     assert done["mean_pseudo_dice"] >= 0.8, done["pseudo_dice"]
     epochs = [e for e in events if e["event"] == "epoch"]
     assert epochs and all("eta_s" in e and "pseudo_dice" in e for e in epochs)
+    # the demo's own length, a quarter of the quick preset's, keeps it to a few minutes
+    assert [(e["done"], e["of"]) for e in epochs] == [(n, DEMO_EPOCHS) for n in range(1, DEMO_EPOCHS + 1)]
+    assert DEMO_EPOCHS < QUICK.epochs
 
     # issue 6: held-out cases, whole images through the predictor, scored in their own geometry
     assert done["mean_dice"] >= 0.8, done["dice"]

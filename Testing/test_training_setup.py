@@ -210,7 +210,7 @@ def test_a_time_budget_sets_the_quick_schedules_length_and_nothing_else():
     from AutoSegLib.training.schedule import PAPER
     from AutoSegLib.training.setup import TrainOptions, budget_epochs
 
-    assert budget_epochs("quick", TrainOptions("3d_cpu", "0")) is None  # the preset's own 20 epochs
+    assert budget_epochs("quick", TrainOptions("3d_cpu", "0")) is None  # the preset's own epochs
     assert budget_epochs("quick", TrainOptions("3d_cpu", "0", time_budget_min=10)) == PAPER.epochs  # fitted later
     assert budget_epochs("quick", TrainOptions("3d_cpu", "0", time_budget_min=10, epochs=7)) == 7  # as given
     assert budget_epochs("paper", TrainOptions("3d_cpu", "0", time_budget_min=10)) is None

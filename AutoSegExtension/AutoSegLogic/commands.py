@@ -28,8 +28,8 @@ AUTO = "auto"  # the configuration picker's device-aware choice (see resolve_con
 TRAIN_CHOICES = (AUTO, *TRAINABLE_CONFIGURATIONS)
 PREDICT_CHOICES = (AUTO, *CONFIGURATIONS)  # auto: the engine's rule (AutoSegLib.models.choice)
 FINE_TUNE_DIR = "fine_tune"
-# A short schedule for fine-tuning from trained weights: a tenth of the quick preset's epochs
-# would be too few to adapt, the paper's 1000 far more than corrections need.
+# A short schedule for fine-tuning from trained weights (250 iterations, an eighth of the quick
+# preset's): the paper's 1000 epochs are far more than corrections need.
 FINE_TUNE_EPOCHS, FINE_TUNE_ITERATIONS = 10, 25
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 GUIDANCE_VERSION = 1
 ENCODINGS = ("disc",)
 # The share of training samples that keep all-zero guidance, so the automatic result does not
-# get worse. DeepEdit uses half; at the quick preset's 500 iterations that once left the guided
+# get worse. DeepEdit uses half; at 500 iterations (the quick preset then) that once left the guided
 # model's automatic Dice 0.018 below the plain model's (CT phantoms, two seeds, the previous
 # plan). Measured again on the canonical plan (BENCHMARKS.md, "Automatic share 0.75"): 0.75 is
 # 0.003 below plain (three seeds), 0.5 0.004 below (two seeds), both within the 0.01 target and
