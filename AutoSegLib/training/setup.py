@@ -198,10 +198,10 @@ def budget_epochs(preset: str, options: TrainOptions) -> int | None:
     with ``--time-budget``, as many as the budget holds.
 
     The quick preset's 2,000 iterations are its length on any machine; a user who gives it ten
-    minutes wants ten minutes of training, however many iterations that is. So it starts from the paper's epoch count and the
-    trainer fits it to the budget after its first iterations (``fit_first_epoch_to_budget``),
-    the poly decay ending at the budget's end. The paper's preset is longer than any budget
-    already; ``--epochs`` is always kept as given.
+    minutes wants ten minutes of training, however many iterations that is. So it starts from
+    the paper's epoch count and the trainer fits it to the budget after its first iterations
+    (``fit_first_epoch_to_budget``), the poly decay ending at the budget's end. The paper's
+    preset is longer than any budget already; ``--epochs`` is always kept as given.
     """
     if options.epochs is not None or options.time_budget_min is None or preset != "quick":
         return options.epochs
