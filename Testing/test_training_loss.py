@@ -186,6 +186,8 @@ def test_deep_supervision_weights():
     assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0.0])
     assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
     assert sum(deep_supervision_weights(5)) == pytest.approx(1.0)
+    assert deep_supervision_weights(4, decay=0.25) == pytest.approx([16 / 21, 4 / 21, 1 / 21, 0.0])
+    assert deep_supervision_weights(3, decay=0.0) == pytest.approx([1.0, 0.0, 0.0])  # full resolution alone
     with pytest.raises(ValueError):
         deep_supervision_weights(0)
 

@@ -169,13 +169,11 @@ def reweigh(work: Path, dataset: Path, weighting: tuple[float, float, float] | N
 def patch_deep_supervision(decay: float) -> None:
     """Deep-supervision weights ``1, decay, decay**2, ...`` (lowest output 0, normalized) instead of
     the method's halving; ``decay`` 0 trains the full-resolution output alone."""
-    from AutoSegLib.training import trainer
+    from functools import partial
 
-    def weights(n_outputs: int) -> list[float]:
-        raw = [decay ** i for i in range(n_outputs - 1)] + [0.0] if n_outputs > 1 else [1.0]
-        return [w / sum(raw) for w in raw]
+    from AutoSegLib.training import loss, trainer
 
-    trainer.deep_supervision_weights = weights
+    trainer.deep_supervision_weights = partial(loss.deep_supervision_weights, decay=decay)
 
 
 def patch_warmup(epochs: int) -> None:

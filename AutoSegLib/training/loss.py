@@ -134,11 +134,13 @@ class DiceCELoss(nn.Module):
         return self.weight_ce * ce + self.weight_dice * dice_loss
 
 
-def deep_supervision_weights(n_outputs: int) -> list[float]:
+def deep_supervision_weights(n_outputs: int, decay: float = 0.5) -> list[float]:
     """Loss weights for outputs ordered highest resolution first: 1, 1/2, 1/4, ..., normalized.
 
     The lowest-resolution output gets 0, as in nnU-Net v2: it is too coarse to teach
-    anything useful. A single output gets weight 1.
+    anything useful. A single output gets weight 1. ``decay`` is the ratio between
+    neighbouring outputs (the method's 1/2; 0 trains the full-resolution output alone), for
+    benchmarks/bench_many_classes.py's variants.
 
     Example:
         >>> deep_supervision_weights(3)
@@ -148,7 +150,7 @@ def deep_supervision_weights(n_outputs: int) -> list[float]:
         raise ValueError(f"need at least one network output, got {n_outputs}")
     if n_outputs == 1:
         return [1.0]
-    raw = [0.5 ** i for i in range(n_outputs - 1)] + [0.0]
+    raw = [decay ** i for i in range(n_outputs - 1)] + [0.0]
     total = sum(raw)
     return [w / total for w in raw]
 
