@@ -602,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations-per-epoch", type=_positive_int, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="end training cleanly within this many minutes: fewer epochs, or shorter ones when "
-                        "fewer than 10 would fit (checked after 3 iterations); same decay to ~0")
+                        "fewer than 10 would fit (checked after 3 iterations); same decay to ~0. AdamW at its default "
+                        "rate starts up to 3x higher when the budget holds fewer than the quick preset's 2,000 "
+                        "iterations")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run of this fold and start over")
     p.add_argument("--device", default="auto", choices=DEVICES)

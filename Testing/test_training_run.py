@@ -854,6 +854,28 @@ def test_time_budget_shortens_a_first_epoch_that_cannot_fit(work_copy, capsys, o
     assert took < budget_min * 60 * 2 + 15, f"{took:.0f} s for a {budget_min * 60:.0f} s budget"
 
 
+def test_time_budget_raises_adamws_starting_rate_unless_the_user_gave_one(work_copy, capsys, one_thread):
+    # A budget of seconds leaves far fewer than the quick preset's 2,000 iterations: AdamW starts at 3x
+    # its 3e-3 from the budget probe on (schedule.budget_lr_lift), the decay still ending near 0.
+    dataset, work = work_copy
+    flags = ("--preset", "quick", "--iterations-per-epoch", 3, "--time-budget", 0.1, "--num-workers", 0,
+             "--no-validation")
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, *flags))
+    assert status == 0, events[-3:]
+    records = read_log(fold_dir(work))
+    assert records[0]["learning_rate"] == pytest.approx(3 * 3e-3)
+    rates = [r["learning_rate"] for r in records]
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * rates[0]
+    assert any(e["event"] == "log" and "AdamW starts at 9.0e-03 instead of 3e-03" in e["message"] for e in events)
+    final = ckpt.load_checkpoint(fold_dir(work) / "checkpoint_final.pt")
+    assert final["schedule"]["initial_lr"] == pytest.approx(9e-3)  # a resumed run keeps it
+    # --lr is the user's rate: kept as given under the same budget
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, *flags, "--lr", 3e-3, "--overwrite"))
+    assert status == 0, events[-3:]
+    assert read_log(fold_dir(work))[0]["learning_rate"] == pytest.approx(3e-3)
+    assert not any(e["event"] == "log" and "AdamW starts at" in e["message"] for e in events)
+
+
 # -- the fault-injecting driver (run as a script by the kill tests) ------------------------
 def _emit(**fields) -> None:
     sys.stdout.write(json.dumps({**fields, "stage": "train", "t": round(time.time(), 3)}) + "\n")

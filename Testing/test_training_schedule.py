@@ -8,6 +8,8 @@ from AutoSegLib.training.schedule import (
     QUICK,
     preset_for_device,
     Schedule,
+    MAX_BUDGET_LR_LIFT,
+    budget_lr_lift,
     epochs_within_budget,
     estimate_eta,
     get_preset,
@@ -90,6 +92,19 @@ def test_scale_to_time_budget_drops_epochs_and_lr_still_reaches_zero():
     assert scaled == Schedule(65, 250, 50)
     assert 65 * seconds_per_epoch(paper, 0.2) <= 3600 < 66 * seconds_per_epoch(paper, 0.2)
     assert poly_lr(scaled.epochs - 1, scaled.epochs) < 0.01 * 0.03
+
+
+def test_budget_lr_lift_rises_with_the_shortening_between_one_and_the_cap():
+    reference = QUICK.epochs * QUICK.iterations_per_epoch
+    assert budget_lr_lift(reference, reference) == 1.0
+    assert budget_lr_lift(reference, 10 * reference) == 1.0  # a budget that holds more never lowers the rate
+    assert budget_lr_lift(reference, reference // 2) == pytest.approx(2.0)
+    assert budget_lr_lift(reference, 1_500) == pytest.approx(reference / 1_500)
+    assert budget_lr_lift(reference, 550) == MAX_BUDGET_LR_LIFT == 3.0  # 10 minutes on 2 cores: capped
+    assert budget_lr_lift(reference, 1, max_lift=5.0) == 5.0
+    for bad in ((0, 100), (100, 0), (-5, 10)):
+        with pytest.raises(ValueError, match="positive"):
+            budget_lr_lift(*bad)
 
 
 def test_scale_to_time_budget_never_lengthens():

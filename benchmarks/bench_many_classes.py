@@ -21,7 +21,9 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
 - ``capped-lr1e-2`` / ``capped-lr6e-3`` / ``capped-lr1e-3``: AdamW at another starting rate
-  (quick preset: 3e-3);
+  (quick preset: 3e-3; with ``--time-budget`` the shipped run starts up to 3x higher,
+  ``schedule.budget_lr_lift``); ``capped-lr3e-3``: the preset's 3e-3 given as ``--lr``, which
+  turns that lift off;
 - ``capped-nolag``: no lift for lagging classes (the plan's ``lagging_class_lift`` removed: the
   cross-entropy weights stay the plan's rare-class weights; ``training/class_lift.py``);
 - ``capped-b4``: batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64 (the detailed
@@ -75,6 +77,7 @@ VARIANTS = {
     "capped-all-rare": {"plan": "capped", "class_weights": (1.0, 30.0, 1.0)},
     "capped-p15": {"plan": "capped", "class_weights": (1.5, 100.0, 1.0)},
     "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
+    "capped-lr3e-3": {"plan": "capped", "lr": 3e-3},
     "capped-b4": {"plan": "capped", "batch_size": 4, "patch_size": [20, 40, 48]},
     "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},

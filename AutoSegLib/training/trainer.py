@@ -1,7 +1,8 @@
 """The training loop of one fold: the paper's recipe, never losing work, always saying where it is.
 
 Recipe: SGD (Nesterov, momentum 0.99, weight decay 3e-5), learning rate 0.01 with poly
-decay (the quick preset swaps in AdamW at 3e-3, see :mod:`.schedule`), Dice + cross-entropy
+decay (the quick preset swaps in AdamW at 3e-3, up to 3x that when a time budget cuts it
+short, see :mod:`.schedule`), Dice + cross-entropy
 over the deep-supervision outputs (cross-entropy weights from the plan, lifted after every epoch
 for the classes that lag when the plan asks, see :mod:`.class_lift`), gradient norm clipped at
 12, mixed precision on CUDA. Each epoch ends with a validation pass on patches of the fold's
@@ -44,8 +45,8 @@ from AutoSegLib.training.distributed import Group, loss_weight, rank_slots
 from AutoSegLib.training.loss import (DeepSupervisionLoss, DiceCELoss, deep_supervision_weights, dice_from_counts,
                                       pseudo_dice)
 from AutoSegLib.training.progress import append_epoch, plot_progress, truncate_log
-from AutoSegLib.training.schedule import (epochs_within_budget, estimate_eta, poly_lr, scale_to_time_budget,
-                                         seconds_per_epoch)
+from AutoSegLib.training.schedule import (DEFAULT_LR, MAX_BUDGET_LR_LIFT, QUICK, budget_lr_lift, epochs_within_budget,
+                                         estimate_eta, poly_lr, scale_to_time_budget, seconds_per_epoch)
 from AutoSegLib.training.setup import RunSetup, TrainingSetupError, configure_cpu_threads
 
 INITIAL_LR = 0.01  # the paper preset's SGD rate (schedule.PAPER.initial_lr)
@@ -267,6 +268,9 @@ class Trainer:
             if len(losses) == BUDGET_PROBE_ITERATIONS and not self.epoch_walls:
                 self.fit_first_epoch_to_budget(step_times)
                 self.share_schedule()
+                lr = self.lr()  # the budget may have raised the starting rate (lift_rate_for_budget)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             self.reporter.emit("progress", "train", epoch=self.epoch, iteration=len(losses),
                                of=self.schedule.iterations_per_epoch, loss=losses[-1])
         val_loss, dice = self.validate(val_loader)
@@ -416,18 +420,39 @@ class Trainer:
             return
         seconds_per_iteration = statistics.median(step_times[1:])
         left_s = budget * 60.0 - (time.monotonic() - self.started)
-        if seconds_per_epoch(self.schedule, seconds_per_iteration) * min(2, self.schedule.epochs) <= left_s:
-            return  # two epochs fit: re-planning after the first epoch, from a whole epoch, is better
         before = self.schedule
         remaining = replace(before, epochs=before.epochs - self.epoch)
         fitted = scale_to_time_budget(remaining, seconds_per_iteration, left_s + sum(step_times))
-        self.schedule = replace(fitted, epochs=self.epoch + fitted.epochs)
-        if self.schedule != before:
+        self.lift_rate_for_budget(fitted.epochs * fitted.iterations_per_epoch)
+        if seconds_per_epoch(before, seconds_per_iteration) * min(2, before.epochs) <= left_s:
+            return  # two epochs fit: re-planning after the first epoch, from a whole epoch, is better
+        self.schedule = replace(fitted, epochs=self.epoch + fitted.epochs, initial_lr=self.schedule.initial_lr)
+        if self.schedule.epochs != before.epochs or self.schedule.iterations_per_epoch != before.iterations_per_epoch:
             self.reporter.log("train", f"time budget {budget:g} min: {seconds_per_iteration:.1f} s per iteration, "
                                        f"so {self.schedule.epochs - self.epoch} epochs of "
                                        f"{self.schedule.iterations_per_epoch} iterations "
                                        f"({self.schedule.val_iterations} validation) instead of "
                                        f"{before.epochs - self.epoch} of {before.iterations_per_epoch}")
+
+    def lift_rate_for_budget(self, budget_iterations: int) -> None:
+        """With --time-budget and AdamW at its default rate: start higher when the budget leaves fewer
+        iterations than the quick preset's (:func:`~AutoSegLib.training.schedule.budget_lr_lift`).
+
+        Set once, from the first iterations' speed, and kept in the schedule (so in every
+        checkpoint): a resumed run, or a rate the user gave with --lr, is left as it is.
+        """
+        opts = self.run.options
+        if (opts.resume or opts.initial_lr is not None or self.schedule.optimizer != "adamw"
+                or self.schedule.initial_lr != DEFAULT_LR["adamw"]):
+            return
+        lift = budget_lr_lift(QUICK.epochs * QUICK.iterations_per_epoch, max(1, budget_iterations))
+        if lift <= 1.0:
+            return
+        self.schedule = replace(self.schedule, initial_lr=self.schedule.initial_lr * lift)
+        self.reporter.log("train", f"time budget {opts.time_budget_min:g} min: about {budget_iterations} iterations "
+                                   f"instead of the quick preset's {QUICK.epochs * QUICK.iterations_per_epoch:,}, so "
+                                   f"AdamW starts at {self.schedule.initial_lr:.1e} instead of "
+                                   f"{DEFAULT_LR['adamw']:.0e} (x{lift:.1f}, at most x{MAX_BUDGET_LR_LIFT:g})")
 
     def maybe_rescale_for_budget(self, started: float) -> None:
         """With --time-budget: fit the epoch count to the budget after every epoch.
