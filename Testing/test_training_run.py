@@ -866,13 +866,21 @@ def test_time_budget_raises_adamws_starting_rate_unless_the_user_gave_one(work_c
     assert records[0]["learning_rate"] == pytest.approx(3 * 3e-3)
     rates = [r["learning_rate"] for r in records]
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * rates[0]
-    assert any(e["event"] == "log" and "AdamW starts at 9.0e-03 instead of 3e-03" in e["message"] for e in events)
+    assert any(e["event"] == "log" and "instead of 2,000, so AdamW starts at 9.0e-03 instead of 3e-03" in e["message"]
+               for e in events)
     final = ckpt.load_checkpoint(fold_dir(work) / "checkpoint_final.pt")
     assert final["schedule"]["initial_lr"] == pytest.approx(9e-3)  # a resumed run keeps it
     # --lr is the user's rate: kept as given under the same budget
     status, events = run_in_process(capsys, train_argv(dataset, work, 0, *flags, "--lr", 3e-3, "--overwrite"))
     assert status == 0, events[-3:]
     assert read_log(fold_dir(work))[0]["learning_rate"] == pytest.approx(3e-3)
+    assert not any(e["event"] == "log" and "AdamW starts at" in e["message"] for e in events)
+    # a budget that holds the --epochs asked for cuts nothing, so lifts nothing
+    status, events = run_in_process(capsys, train_argv(dataset, work, 0, "--preset", "quick", "--epochs", 2,
+                                                       "--iterations-per-epoch", 3, "--time-budget", 30,
+                                                       "--num-workers", 0, "--no-validation", "--overwrite"))
+    assert status == 0, events[-3:]
+    assert [r["learning_rate"] for r in read_log(fold_dir(work))] == pytest.approx([3e-3, poly_lr(1, 2, 3e-3)])
     assert not any(e["event"] == "log" and "AdamW starts at" in e["message"] for e in events)
 
 

@@ -423,7 +423,8 @@ class Trainer:
         before = self.schedule
         remaining = replace(before, epochs=before.epochs - self.epoch)
         fitted = scale_to_time_budget(remaining, seconds_per_iteration, left_s + sum(step_times))
-        self.lift_rate_for_budget(fitted.epochs * fitted.iterations_per_epoch)
+        self.lift_rate_for_budget(fitted.epochs * fitted.iterations_per_epoch,
+                                  remaining.epochs * remaining.iterations_per_epoch)
         if seconds_per_epoch(before, seconds_per_iteration) * min(2, before.epochs) <= left_s:
             return  # two epochs fit: re-planning after the first epoch, from a whole epoch, is better
         self.schedule = replace(fitted, epochs=self.epoch + fitted.epochs, initial_lr=self.schedule.initial_lr)
@@ -434,9 +435,10 @@ class Trainer:
                                        f"({self.schedule.val_iterations} validation) instead of "
                                        f"{before.epochs - self.epoch} of {before.iterations_per_epoch}")
 
-    def lift_rate_for_budget(self, budget_iterations: int) -> None:
+    def lift_rate_for_budget(self, budget_iterations: int, requested_iterations: int) -> None:
         """With --time-budget and AdamW at its default rate: start higher when the budget leaves fewer
-        iterations than the quick preset's (:func:`~AutoSegLib.training.schedule.budget_lr_lift`).
+        iterations than the quick preset's, or than the run asked for with --epochs if that is fewer
+        (:func:`~AutoSegLib.training.schedule.budget_lr_lift`): only a budget that cuts the run lifts.
 
         Set once, from the first iterations' speed, and kept in the schedule (so in every
         checkpoint): a resumed run, or a rate the user gave with --lr, is left as it is.
@@ -445,14 +447,15 @@ class Trainer:
         if (opts.resume or opts.initial_lr is not None or self.schedule.optimizer != "adamw"
                 or self.schedule.initial_lr != DEFAULT_LR["adamw"]):
             return
-        lift = budget_lr_lift(QUICK.epochs * QUICK.iterations_per_epoch, max(1, budget_iterations))
+        reference = min(QUICK.epochs * QUICK.iterations_per_epoch, requested_iterations)
+        lift = budget_lr_lift(max(1, reference), max(1, budget_iterations))
         if lift <= 1.0:
             return
         self.schedule = replace(self.schedule, initial_lr=self.schedule.initial_lr * lift)
         self.reporter.log("train", f"time budget {opts.time_budget_min:g} min: about {budget_iterations} iterations "
-                                   f"instead of the quick preset's {QUICK.epochs * QUICK.iterations_per_epoch:,}, so "
-                                   f"AdamW starts at {self.schedule.initial_lr:.1e} instead of "
-                                   f"{DEFAULT_LR['adamw']:.0e} (x{lift:.1f}, at most x{MAX_BUDGET_LR_LIFT:g})")
+                                   f"instead of {reference:,}, so AdamW starts at {self.schedule.initial_lr:.1e} "
+                                   f"instead of {DEFAULT_LR['adamw']:.0e} (x{lift:.1f}, at most "
+                                   f"x{MAX_BUDGET_LR_LIFT:g})")
 
     def maybe_rescale_for_budget(self, started: float) -> None:
         """With --time-budget: fit the epoch count to the budget after every epoch.
