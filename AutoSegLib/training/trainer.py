@@ -235,6 +235,13 @@ class Trainer:
     def lr(self) -> float:
         return poly_lr(self.epoch, self.schedule.epochs, self.schedule.initial_lr)
 
+    def apply_lr(self) -> float:
+        """Set the optimizer to this epoch's rate of the schedule; returns it."""
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def check_stop(self, signum: int | None = None) -> None:
         """Between steps: on SIGTERM/SIGINT save ``latest`` and stop (weights of this moment).
 
@@ -251,9 +258,7 @@ class Trainer:
 
     def run_epoch(self, train_loader, val_loader) -> dict:
         started = time.monotonic()
-        lr = self.lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.apply_lr()
         self.network.train()
         losses, step_times = [], []
         while len(losses) < self.schedule.iterations_per_epoch:  # the budget may shorten this epoch
@@ -268,9 +273,7 @@ class Trainer:
             if len(losses) == BUDGET_PROBE_ITERATIONS and not self.epoch_walls:
                 self.fit_first_epoch_to_budget(step_times)
                 self.share_schedule()
-                lr = self.lr()  # the budget may have raised the starting rate (lift_rate_for_budget)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = self.apply_lr()  # the budget may have raised the starting rate (lift_rate_for_budget)
             self.reporter.emit("progress", "train", epoch=self.epoch, iteration=len(losses),
                                of=self.schedule.iterations_per_epoch, loss=losses[-1])
         val_loss, dice = self.validate(val_loader)
