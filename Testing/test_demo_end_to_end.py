@@ -1,6 +1,7 @@
 """``autoseg demo`` end to end: the quick preset on CPU trains a usable model on CT phantoms.
 
-The one long test of the suite (about 4-5 minutes on 2 cores): phantoms -> verify -> plan ->
+The one long test (8-10 minutes on 2 cores; marked ``demo``, so ``python -m pytest Testing`` leaves
+it out and ``python -m pytest Testing -m demo`` runs it, as .ci/run does): phantoms -> verify -> plan ->
 preprocess -> train ``3d_cpu`` with the quick preset -> predict the held-out cases -> evaluate.
 It checks what a user of the demo is promised: every stage runs, training reaches a mean
 foreground pseudo-Dice of at least 0.8, and the predictions of cases it never saw score a
@@ -15,10 +16,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from AutoSegLib.demo import DEMO_EPOCHS
 from AutoSegLib.imageio import read_header
 from AutoSegLib.training.schedule import QUICK
+
+pytestmark = pytest.mark.demo
 
 STAGES = ["make-phantoms", "verify", "plan", "preprocess", "train", "predict", "evaluate"]
 
