@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from AutoSegLib.cli import default_work_dir, main
+from AutoSegLib.cli import COMMANDS, default_work_dir, main
+from AutoSegLib.cli_parser import build_parser
 
 
 def run(*args, cwd=None):
@@ -28,6 +29,13 @@ def test_help_is_fast_and_lists_commands():
         assert command in result.stdout
     # Heavy imports happen inside commands; a generous bound that still catches `import torch` at top.
     assert time.monotonic() - started < 5
+
+
+def test_every_sub_command_has_a_command_and_every_command_a_sub_command():
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    stages = {name: parser.get_default("stage") for name, parser in sub.choices.items()}
+    assert all(stage == name for name, stage in stages.items()), stages
+    assert set(stages) == set(COMMANDS)
 
 
 def test_usage_error_exits_2():

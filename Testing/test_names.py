@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from AutoSegLib import names
-from AutoSegLib.cli import build_parser
+from AutoSegLib.cli_parser import build_parser
 from AutoSegLib.planning.plans import CONFIGURATION_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -69,7 +69,7 @@ def parse_folds(text: str) -> list[str]:
 
 def engine_flags(command: str) -> set[str]:
     """The option strings the installed engine's ``command`` accepts (empty if no such command)."""
-    from AutoSegLib.cli import build_parser
+    from AutoSegLib.cli_parser import build_parser
 
     parser = build_parser()
     for action in parser._subparsers._group_actions:  # argparse keeps sub-commands here
