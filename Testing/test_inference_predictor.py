@@ -393,4 +393,8 @@ def test_cpu_batches_small_windows_and_gpu_uses_the_training_batch():
 
     assert default_batch_size({"patch_size": [80, 96], "batch_size": 12}, torch.device("cpu")) == 17
     assert default_batch_size({"patch_size": [40, 80, 96], "batch_size": 2}, torch.device("cpu")) == 1
+    # windows of up to 2**17 voxels go two at a time (torch's slow kernel takes a batch of one)
+    assert default_batch_size({"patch_size": [20, 56, 64], "batch_size": 2}, torch.device("cpu")) == 2
+    assert default_batch_size({"patch_size": [32, 64, 64], "batch_size": 2}, torch.device("cpu")) == 2
+    assert default_batch_size({"patch_size": [32, 64, 65], "batch_size": 2}, torch.device("cpu")) == 1
     assert default_batch_size({"patch_size": [40, 80, 96], "batch_size": 2}, torch.device("cuda")) == 2

@@ -224,6 +224,28 @@ def test_mirrored_outputs_are_flipped_back_along_the_right_axes():
     assert len(mirror_combinations((0, 1, 2))) == 7
 
 
+@pytest.mark.parametrize("windows,axes,calls", [(1, (0, 1, 2), [2, 2, 2, 2]), (1, (1, 2), [2, 2]),
+                                                 (1, (0,), [2]), (2, (0, 1), [2, 2, 2, 2]), (1, (), [1])])
+def test_a_lone_window_goes_through_the_network_with_its_flips(windows, axes, calls):
+    """With ``min_samples=2`` a batch of one window and its flipped copies share network calls (torch's
+    CPU convolutions take a slow kernel for one sample); the mean is that of one call per flip."""
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1, 1)
+    seen = []
+
+    def net(x):
+        seen.append(x.shape[0])
+        return torch.cat([x + ramp, x * ramp], 1)  # not mirror-equivariant: a wrong flip-back shows
+
+    x = torch.randn(windows, 1, 8, 4, 6)
+    together = predict_window_batch(net, x, mirror_axes=axes, min_samples=2)
+    assert seen == calls
+    seen.clear()
+    one_by_one = predict_window_batch(net, x, mirror_axes=axes)
+    assert seen == [windows] * (len(mirror_combinations(axes)) + 1)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-6, atol=1e-6)
+    assert together.shape == (windows, 2, 8, 4, 6)
+
+
 def test_a_non_equivariant_network_changes_under_mirroring():
     net = tiny_net(channels=1, classes=2)
     data = torch.randn(1, 8, 16, 16)

@@ -27,7 +27,8 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``capped-nolag``: no lift for lagging classes (the plan's ``lagging_class_lift`` removed: the
   cross-entropy weights stay the plan's rare-class weights; ``training/class_lift.py``);
 - ``capped-b4``: batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64 (the detailed
-  phantoms' plan; about the same voxels per step): more, smaller views per step;
+  phantoms' plan; about the same voxels per step): more, smaller views per step; ``capped-b1``:
+  batch 1 of the plan's patch, so about twice the steps in the same minutes;
 - ``capped-f32``: 32 feature maps at full resolution instead of 16 (doubling per stage), on the
   same preprocessed data: does a 31-class output need a wider network?
 - ``capped-nolr``: no mirroring across the left-right axis (the patch's last axis here), in
@@ -79,6 +80,7 @@ VARIANTS = {
     "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
     "capped-lr3e-3": {"plan": "capped", "lr": 3e-3},
     "capped-b4": {"plan": "capped", "batch_size": 4, "patch_size": [20, 40, 48]},
+    "capped-b1": {"plan": "capped", "batch_size": 1},
     "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
     "capped-bd": {"plan": "capped", "batch_dice": True},

@@ -57,14 +57,37 @@ ACTIVATIONS = {2: 9.5, 3: 7.5}
 # What a process holds before predicting: Python, numpy, scipy, SimpleITK and torch imported
 # (329 MiB measured with AutoSeg's imports); the model's weights come on top (:func:`model_bytes`).
 BASE_PROCESS = 330 << 20
-CPU_BATCH_VOXELS = 2 ** 17  # as AutoSegLib.inference.predictor (not imported: it imports torch)
+# Windows of a CPU forward pass: as many as hold this many voxels.
+CPU_BATCH_VOXELS = 2 ** 17
+# ... and at least two samples per pass for windows of up to CPU_BATCH_VOXELS: for a batch of one,
+# torch sends a 3D convolution whose channels x depth x height stay under ~20,000 to its own slow
+# kernel instead of oneDNN - every stage of a 3d_cpu network (16-32 features, 20-32 slices), the
+# deep stages of any. One detailed-phantom 3d_cpu window (20 x 56 x 64) took 416 ms alone and 132
+# ms each two at a time, a CT-phantom window (32 x 48 x 48) 171 and 77 ms (2 threads,
+# channels-last; BENCHMARKS.md "Two windows per pass on the CPU"). A 40 x 96 x 96 window is as fast
+# alone (its early stages, where the work is, take oneDNN's path anyway).
+CPU_MIN_SAMPLES = 2
+
+
+def min_samples_per_pass(patch_size: Sequence[int], device: str = "cpu") -> int:
+    """Samples each forward pass should hold: ``CPU_MIN_SAMPLES`` for CPU windows of up to
+    ``CPU_BATCH_VOXELS`` voxels (see there), else 1."""
+    if device == "cuda" or math.prod(int(p) for p in patch_size) > CPU_BATCH_VOXELS:
+        return 1
+    return CPU_MIN_SAMPLES
 
 
 def default_batch(config: Mapping, device: str = "cpu") -> int:
-    """Windows per forward pass as :func:`AutoSegLib.inference.predictor.default_batch_size` picks them."""
+    """Windows per forward pass: the training batch on a GPU (it fit there with gradients); on the
+    CPU as many windows as hold ``CPU_BATCH_VOXELS`` voxels, and ``CPU_MIN_SAMPLES`` of small ones.
+
+    On the CPU small windows pay a fixed cost per call: 16 slices of 80x96 per pass predict a 2D
+    phantom case 4x faster than one at a time (benchmarks/bench_inference.py).
+    """
     if device == "cuda":
         return max(1, int(config.get("batch_size", 1)))
-    return max(1, CPU_BATCH_VOXELS // math.prod(int(p) for p in config["patch_size"]))
+    window = math.prod(int(p) for p in config["patch_size"])
+    return max(min_samples_per_pass(config["patch_size"]), CPU_BATCH_VOXELS // window)
 
 
 def model_bytes(n_parameters: int, folds: int = 1) -> int:
@@ -131,8 +154,14 @@ def _retained(name: str, network: float) -> dict:
 
 def network_bytes(config: Mapping, channels: int, n_classes: int, batch_size: int | None = None, tta: bool = True,
                   device: str = "cpu") -> float:
-    """Peak of one forward pass of a batch of windows (TTA: a flipped copy in, a flipped one out)."""
+    """Peak of one forward pass of a batch of windows (TTA: a flipped copy in, a flipped one out).
+
+    With TTA a pass holds at least :func:`min_samples_per_pass` samples (a window and its flips,
+    :func:`~AutoSegLib.inference.sliding.predict_window_batch`), whatever the batch of windows.
+    """
     batch = batch_size or default_batch(config, device)
+    if tta:
+        batch = max(batch, min_samples_per_pass(config["patch_size"], device))
     window = math.prod(int(p) for p in config["patch_size"])
     features = int((config.get("features_per_stage") or [32])[0])
     activations = ACTIVATIONS.get(len(config["patch_size"]), max(ACTIVATIONS.values()))

@@ -42,7 +42,6 @@ Example (3D Slicer's Python console; Slicer stores RAS, AutoSeg's geometry is IT
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,15 +53,13 @@ from AutoSegLib.errors import ReportedFailure
 from AutoSegLib.imageio import Geometry
 from AutoSegLib.models.folder import ModelCheckpointError, ModelFolder, ModelFolderError
 from AutoSegLib.models.choice import choose
+from AutoSegLib.inference.memory import default_batch
 from AutoSegLib.inference.probabilities import label_dtype, labels_from_probabilities, one_hot_foreground
 from AutoSegLib.inference.sliding import sliding_window_logits, softmax
 from AutoSegLib.network import build_network
 from AutoSegLib.network.layout import inference_memory_format
 from AutoSegLib.planning.plans import mirror_axes
 from AutoSegLib.preprocessing.case import preprocess_case, restore_labels, restore_probabilities
-
-
-CPU_BATCH_VOXELS = 2 ** 17
 
 
 class InputError(ReportedFailure):
@@ -107,16 +104,9 @@ def mirror_axes_for(config: dict) -> tuple[int, ...]:
 
 
 def default_batch_size(config: dict, device: torch.device) -> int:
-    """Windows per forward pass: the training batch on a GPU (it fit there with gradients); on
-    the CPU as many windows as hold ``CPU_BATCH_VOXELS`` voxels, at least one.
-
-    On the CPU small windows pay a fixed cost per call: 16 slices of 80x96 per pass predict a
-    2D phantom case 4x faster than one at a time, while two 40x80x96 windows per pass gain
-    5-10% over one for 240 MB more (benchmarks/bench_inference.py).
-    """
-    if device.type == "cuda":
-        return max(1, int(config.get("batch_size", 1)))
-    return max(1, CPU_BATCH_VOXELS // math.prod(int(p) for p in config["patch_size"]))
+    """Windows per forward pass (:func:`AutoSegLib.inference.memory.default_batch`, which the memory
+    estimate uses too)."""
+    return default_batch(config, "cuda" if device.type == "cuda" else "cpu")
 
 
 def _check_step(step: float) -> float:

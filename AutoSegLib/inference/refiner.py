@@ -23,6 +23,7 @@ from AutoSegLib.imageio import Geometry
 from AutoSegLib.inference.clicks import Click, ClickError, encode_guidance
 from AutoSegLib.inference.refine import (RefineCase, RefineResult, check_scope, click_points, inner_mask,
                                          merge_labels, region_box, region_labels, window_starts_for)
+from AutoSegLib.inference.memory import min_samples_per_pass
 from AutoSegLib.inference.sliding import predict_window_batch
 from AutoSegLib.inference.windows import gaussian_importance, padding_for
 from AutoSegLib.planning.guidance import guidance_of
@@ -116,13 +117,14 @@ def _windows_probabilities(predictor, stage, x: torch.Tensor, starts: list[tuple
     gaussian = torch.from_numpy(gaussian_importance(patch, dtype=np.float32))
     windows = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts]
     network = predictor._forward(stage.network)
+    min_samples = min_samples_per_pass(patch, predictor.device.type)
     total = None
     with torch.inference_mode():
         batch = torch.stack([x[(slice(None), *w)] for w in windows]).to(predictor.device)
         for weights in stage.weights:
             if len(stage.weights) > 1:
                 stage.network.load_state_dict(weights)
-            out = predict_window_batch(network, batch, mirror).float().cpu() * gaussian
+            out = predict_window_batch(network, batch, mirror, min_samples).float().cpu() * gaussian
             logits = torch.zeros((out.shape[1], *x.shape[1:]))
             weight = torch.zeros(x.shape[1:])
             for w, o in zip(windows, out):

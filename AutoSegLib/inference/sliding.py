@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from AutoSegLib.inference.memory import min_samples_per_pass
 from AutoSegLib.preprocessing.slabs import slabs
 from AutoSegLib.inference.windows import (VALUE_SCALE, gaussian_importance, mirror_combinations, padding_for,
                                           sliding_windows, unpad_slices)
@@ -37,18 +38,30 @@ def accumulate_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def predict_window_batch(network: Network, x: torch.Tensor, mirror_axes: Sequence[int] = ()) -> torch.Tensor:
+def predict_window_batch(network: Network, x: torch.Tensor, mirror_axes: Sequence[int] = (),
+                         min_samples: int = 1) -> torch.Tensor:
     """Logits of a batch of windows, averaged over every flip of ``mirror_axes`` (patch axes).
 
     Each flipped input's output is flipped back before averaging, so a network that is not
-    mirror-equivariant still gets its predictions aligned with the image.
+    mirror-equivariant still gets its predictions aligned with the image. ``min_samples``: a
+    batch of fewer windows goes through the network together with flipped copies, so that each
+    call holds at least that many samples while flips remain (the CPU's convolutions want two,
+    :func:`AutoSegLib.inference.memory.min_samples_per_pass`). The sum runs in the same order either way.
     """
-    out = network(x).float()
-    combinations = mirror_combinations(a + 2 for a in mirror_axes)  # + batch and channel axes
-    for axes in combinations:
-        out += torch.flip(network(torch.flip(x, axes)), axes).float()
-    if combinations:
-        out /= len(combinations) + 1
+    flips = [(), *mirror_combinations(a + 2 for a in mirror_axes)]  # + batch and channel axes
+    n = x.shape[0]
+    per_call = max(1, -(-int(min_samples) // n))  # flipped copies per network call
+    out = None
+    for first in range(0, len(flips), per_call):
+        group = flips[first:first + per_call]
+        inputs = [torch.flip(x, axes) if axes else x for axes in group]
+        logits = network(inputs[0] if len(inputs) == 1 else torch.cat(inputs)).float()
+        for i, axes in enumerate(group):
+            part = logits[i * n:(i + 1) * n]
+            part = torch.flip(part, axes) if axes else part
+            out = part.clone() if out is None else out.add_(part)
+    if len(flips) > 1:
+        out /= len(flips)
     return out
 
 
@@ -84,6 +97,7 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
     """
     device = data.device
     dtype = accumulate_dtype or accumulate_dtype_for(device)
+    min_samples = min_samples_per_pass(patch_size, torch.device(network_device or device).type)
     pads = padding_for(tuple(data.shape[1:]), patch_size)
     padded = _pad(data, pads)
     spatial = tuple(padded.shape[1:])
@@ -103,7 +117,7 @@ def sliding_window_logits(network: Network, data: torch.Tensor, patch_size: Sequ
             x = torch.stack([padded[(slice(None), *w)] for w in chunk])
             if network_device is not None:
                 x = x.to(network_device)
-            out = predict_window_batch(network, x, mirror_axes).to(device) * gaussian
+            out = predict_window_batch(network, x, mirror_axes, min_samples).to(device) * gaussian
             if logits is None:
                 logits = torch.zeros((out.shape[1], *spatial), dtype=dtype, device=device)
             for w, o in zip(chunk, out):
