@@ -62,8 +62,8 @@ CPU_BATCH_VOXELS = 2 ** 17
 # ... and at least two samples per pass for windows of up to CPU_BATCH_VOXELS: for a batch of one,
 # torch sends a 3D convolution whose channels x depth x height stay under ~20,000 to its own slow
 # kernel instead of oneDNN - every stage of a 3d_cpu network (16-32 features, 20-32 slices), the
-# deep stages of any. One detailed-phantom 3d_cpu window (20 x 56 x 64) took 416 ms alone and 132
-# ms each two at a time, a CT-phantom window (32 x 48 x 48) 171 and 77 ms (2 threads,
+# deep stages of any. One detailed-phantom 3d_cpu window (20 x 56 x 64) took 339 ms alone and 98
+# ms each two at a time, a CT-phantom window (32 x 48 x 48) 134 and 78 ms (2 threads,
 # channels-last; BENCHMARKS.md "Two windows per pass on the CPU"). A 40 x 96 x 96 window is as fast
 # alone (its early stages, where the work is, take oneDNN's path anyway).
 CPU_MIN_SAMPLES = 2
