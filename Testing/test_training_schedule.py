@@ -150,3 +150,29 @@ def test_epochs_within_budget_replans_total():
     assert epochs_within_budget(5, 3, elapsed_s=40, epoch_times=times, budget_s=100) == 5  # never above request
     assert epochs_within_budget(100, 3, elapsed_s=95, epoch_times=times, budget_s=100) == 3  # stop now
     assert epochs_within_budget(100, 3, elapsed_s=130, epoch_times=times, budget_s=100) == 3
+
+
+@pytest.mark.parametrize("walls", [[34, 33] + [22] * 40, [20, 20, 35, 35] + [20] * 40, [30] * 40])
+def test_a_budgeted_run_follows_its_epochs_up_as_well_as_down(monkeypatch, walls):
+    """The trainer's own re-planning (Trainer.maybe_rescale_for_budget) on a simulated clock: after a slow
+    start the total grows again, and the run ends within the budget, less than one epoch short of it."""
+    from types import SimpleNamespace
+
+    from AutoSegLib.training import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    requested = dataclasses.replace(QUICK, epochs=1000)
+    run = SimpleNamespace(options=SimpleNamespace(time_budget_min=10), schedule=requested)
+    fake = SimpleNamespace(run=run, schedule=requested, epoch_walls=[], _last_epoch_end=None, epoch=0,
+                           reporter=SimpleNamespace(log=lambda *args: None))
+    totals = []
+    while fake.epoch < fake.schedule.epochs:
+        clock[0] += walls[fake.epoch]
+        fake.epoch += 1
+        trainer_module.Trainer.maybe_rescale_for_budget(fake, 0.0)
+        totals.append(fake.schedule.epochs)
+    used = sum(walls[:fake.epoch])
+    assert 600 - max(walls) < used <= 600 + 1e-9, (used, totals)
+    if walls[0] > walls[-1]:
+        assert max(totals[2:]) > totals[1]  # planned low by the slow epochs, then raised
