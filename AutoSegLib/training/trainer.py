@@ -233,7 +233,12 @@ class Trainer:
                 "checkpoint": str(path), "run_folder": str(self.run.run_folder)}
 
     def lr(self) -> float:
-        return poly_lr(self.epoch, self.schedule.epochs, self.schedule.initial_lr)
+        rate = poly_lr(self.epoch, self.schedule.epochs, self.schedule.initial_lr)
+        if self.run.options.time_budget_min is not None and self.records:
+            # A budget's total may rise again (maybe_rescale_for_budget); the rate never does: it
+            # waits at the last epoch's until the longer decay comes down to it.
+            rate = min(rate, float(self.records[-1]["learning_rate"]))
+        return rate
 
     def apply_lr(self) -> float:
         """Set the optimizer to this epoch's rate of the schedule; returns it."""
