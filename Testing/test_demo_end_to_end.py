@@ -1,6 +1,6 @@
 """``autoseg demo`` end to end: the quick preset on CPU trains a usable model on CT phantoms.
 
-The one long test (8-10 minutes on 2 cores; marked ``demo``, so ``python -m pytest Testing`` leaves
+The one long test (7-10 minutes on 2 cores; marked ``demo``, so ``python -m pytest Testing`` leaves
 it out and ``python -m pytest Testing -m demo`` runs it, as .ci/run does): phantoms -> verify -> plan ->
 preprocess -> train ``3d_cpu`` with the quick preset -> predict the held-out cases -> evaluate.
 It checks what a user of the demo is promised: every stage runs, training reaches a mean
