@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Iterable
 
 # -- configurations --------------------------------------------------------------------------
-CPU_CONFIGURATION = "3d_cpu"  # AutoSeg's 3D configuration sized for CPUs (planning/cpu.py)
+CPU_CONFIGURATION = "3d_cpu"  # AutoSeg's configuration sized for CPUs, 3D or 2D by the data (planning/cpu.py)
 GPU_CONFIGURATION = "3d_fullres"  # the method's main configuration
 CASCADE_CONFIGURATION = "3d_cascade_fullres"  # needs 3d_lowres predictions as input
 # Every configuration a plan may hold, in the order plans list them.

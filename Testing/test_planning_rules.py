@@ -348,6 +348,20 @@ def _cpu_plan(radii: dict | None, labels=None):
     return plan(fp, MR, labels).configurations
 
 
+CT_PHANTOM_SPACING, CT_PHANTOM_IMAGE = (1.9375, 0.96484375, 0.96484375), (37, 91, 101)
+
+
+def _cpu_3d(radii: dict | None):
+    """The 3D stage of 3d_cpu for the CT phantoms' geometry (the plan may then choose 2D instead)."""
+    from AutoSegLib.planning import cpu
+
+    return cpu.configure_cpu(CT_PHANTOM_SPACING, CT_PHANTOM_IMAGE, ["z", "y", "x"], radii)
+
+
+def _texts(stage) -> str:
+    return " ".join(n["text"] for n in stage.notes)
+
+
 def test_cpu_spacing_stops_at_the_thinnest_class_and_says_why():
     from AutoSegLib.planning import cpu
 
@@ -357,23 +371,22 @@ def test_cpu_spacing_stops_at_the_thinnest_class_and_says_why():
     assert math.prod(free.median_image_size_in_voxels) <= cpu.CPU_IMAGE_VOXELS * 1.05
     assert any(f"thinnest class, aorta (radius {3.5 * across:.2f} mm)" in e["text"] for e in free.explanation)
     artery = 0.6 * across  # allows 1.2 mm voxels
-    capped = _cpu_plan({"liver": 9.0 * across, "aorta": 3.5 * across, "renal_artery": artery})
-    config = capped["3d_cpu"]
+    stage = _cpu_3d({"liver": 9.0 * across, "aorta": 3.5 * across, "renal_artery": artery})
     # Every axis at most 1.2 mm (the artery keeps `across` voxels), or its full-resolution spacing if coarser.
-    assert np.all(np.asarray(config.spacing) <= np.maximum([1.9375, 0.96484375, 0.96484375], 1.2) + 1e-9)
-    assert config.spacing[1] == pytest.approx(1.2, rel=0.011)  # coarsened up to the limit, not beyond
-    assert config.spacing[0] == capped["3d_fullres"].spacing[0]  # the slice axis was coarser already
-    text = " ".join(e["text"] for e in config.explanation)
+    assert np.all(np.asarray(stage.spacing) <= np.maximum(CT_PHANTOM_SPACING, 1.2) + 1e-9)
+    assert stage.spacing[1] == pytest.approx(1.2, rel=0.011)  # coarsened up to the limit, not beyond
+    assert stage.spacing[0] == CT_PHANTOM_SPACING[0]  # the slice axis was coarser already
+    text = _texts(stage)
     assert f"renal_artery (radius {artery:.2f} mm" in text and f"keeps {across} voxels across" in text
     assert f"would be under {across} voxels across (renal_artery)" in text  # what sizing by the image would do
-    assert math.prod(config.patch_size) <= cpu.CPU_PATCH_VOXELS * 1.05  # the cost per iteration is unchanged
-    assert config.features_per_stage[0] == 16 and config.batch_size == 2
+    assert math.prod(stage.patch_size) <= cpu.CPU_PATCH_VOXELS * 1.05  # the cost per iteration is unchanged
+    assert stage.batch_size == 2
 
 
 def test_cpu_spacing_keeps_full_resolution_when_the_thinnest_class_is_one_voxel():
-    configurations = _cpu_plan({"organ": 6.0, "nerve": 0.5})
-    assert configurations["3d_cpu"].spacing == configurations["3d_fullres"].spacing
-    assert any("kept at the full-resolution spacing" in e["text"] for e in configurations["3d_cpu"].explanation)
+    stage = _cpu_3d({"organ": 6.0, "nerve": 0.5})
+    assert stage.spacing == CT_PHANTOM_SPACING
+    assert "kept at the full-resolution spacing" in _texts(stage)
 
 
 def test_cpu_spacing_without_class_radii_is_sized_by_the_image_and_says_so():
@@ -385,14 +398,83 @@ def test_cpu_spacing_without_class_radii_is_sized_by_the_image_and_says_so():
 def test_cpu_spacing_ignores_radii_of_unknown_classes_and_refuses_bad_ones():
     configurations = _cpu_plan({"organ": 50.0, "gone": 0.3}, labels={"background": 0, "organ": 1})
     assert configurations["3d_cpu"].spacing != configurations["3d_fullres"].spacing  # 'gone' is not a label
+    assert len(configurations["3d_cpu"].patch_size) == 3
     with pytest.raises(ValueError, match="class_radius_mm"):
         _cpu_plan({"organ": -1.0})
 
 
+def test_cpu_plan_stays_3d_while_its_patch_sees_half_the_image_and_says_so():
+    from AutoSegLib.planning import cpu
+
+    config = _cpu_plan({"liver": 40.0, "aorta": 3.46})["3d_cpu"]  # the CT phantoms: 70% of the image
+    assert len(config.patch_size) == 3 and config.batch_size == 2 and not config.batch_dice
+    assert any("so 3d_cpu stays 3D" in e["text"] for e in config.explanation)
+    assert cpu.patch_coverage(_cpu_3d({"liver": 40.0, "aorta": 3.46})) >= cpu.MIN_3D_COVERAGE
+
+
+def test_cpu_plan_goes_2d_where_the_thinnest_class_leaves_a_3d_patch_a_corner_of_the_image():
+    from AutoSegLib.planning import cpu
+
+    radii = {"liver": 40.0, "renal_artery": 1.2}  # 0.6 mm allowed: full resolution, 340,000 voxels
+    three_d = _cpu_3d(radii)
+    assert cpu.patch_coverage(three_d) < cpu.MIN_3D_COVERAGE
+    configurations = _cpu_plan(radii)
+    config, two_d = configurations["3d_cpu"], configurations["2d"]
+    # Whole slices at the 2d configuration's in-plane spacing (the artery allows no coarser), a CPU's size.
+    assert config.spacing == two_d.spacing and config.patch_size == two_d.patch_size == [96, 112]
+    assert config.features_per_stage == [min(16 * 2 ** i, 512) for i in range(len(config.strides))]
+    assert config.batch_size == cpu.cpu_2d_batch((96, 112), 10**9) == 10  # 110,000 / 10,752 pixels
+    assert config.batch_dice and not config.dummy_2d_augmentation
+    text = " ".join(e["text"] for e in config.explanation)
+    assert "3d_cpu is a 2D network here" in text
+    assert f"sees {cpu.patch_coverage(three_d):.0%} of the typical image" in text
+    assert "renal_artery (radius 1.20 mm), keeps at least 4 voxels across" in text
+    # the network it names is built and runs on a slice batch
+    import torch
+
+    from AutoSegLib.network import build_network
+
+    net = build_network(config.to_dict(), 1, 3)
+    out = net(torch.zeros(2, 1, *config.patch_size))
+    assert tuple((out[0] if isinstance(out, (list, tuple)) else out).shape) == (2, 3, 96, 112)
+
+
+def test_cpu_plan_in_2d_coarsens_large_slices_in_plane_and_bounds_the_step():
+    from AutoSegLib.planning import cpu
+
+    # A whole-body CT: 300 x 512 x 512 voxels at 1.5 x 0.8 x 0.8 mm, ribs and vessels 1.6 mm thick.
+    fp = fingerprint([(1.5, 0.8, 0.8)] * 10, [(300, 512, 512)] * 10)
+    fp["class_radius_mm"] = {"liver": 40.0, "rib": 3.0, "vessel": 0.8}
+    config = plan(fp, MR, {"background": 0, "liver": 1, "rib": 2, "vessel": 3}).configurations["3d_cpu"]
+    assert len(config.patch_size) == 2
+    assert config.spacing == [0.8, 0.8]  # the vessel allows 0.8 mm: no coarser
+    assert math.prod(config.patch_size) <= cpu.CPU_PATCH_VOXELS * 1.05  # shrunk, as the 3D patch is
+    assert config.batch_size * math.prod(config.patch_size) <= 2 * cpu.CPU_2D_STEP_PIXELS
+    # Ribs alone (3 mm voxels allowed): 3D stops at 3 mm with 150 x 137 x 137 voxels (a patch sees 3%), so
+    # 2D again, whose slices are coarsened in plane until a typical slice fits the CPU's image, no further.
+    fp["class_radius_mm"] = {"liver": 40.0, "rib": 6.0}
+    coarse = plan(fp, MR, {"background": 0, "liver": 1, "rib": 2}).configurations["3d_cpu"]
+    assert len(coarse.patch_size) == 2 and coarse.spacing[0] == coarse.spacing[1]
+    assert math.prod(coarse.median_image_size_in_voxels) <= cpu.CPU_IMAGE_VOXELS * 1.02
+    assert math.prod(coarse.median_image_size_in_voxels) * 1.01 ** 2 > cpu.CPU_IMAGE_VOXELS * 0.98  # no coarser
+    assert 0.8 < coarse.spacing[0] < 3.0
+    assert any("coarsened from 0.80 x 0.80 to" in e["text"] for e in coarse.explanation)
+
+
+def test_cpu_2d_batch_fills_the_step_within_the_dataset_cap():
+    from AutoSegLib.planning import cpu
+
+    assert cpu.cpu_2d_batch((96, 96), 10**9) == 12
+    assert cpu.cpu_2d_batch((320, 320), 10**9) == 2  # never below the method's minimum
+    assert cpu.cpu_2d_batch((96, 96), 30 * 96 * 96 * 4) == 6  # 5% of a small dataset caps it
+
+
 def test_cpu_plan_names_2d_as_the_other_choice_for_thick_slices_and_thin_classes():
-    fp = fingerprint([(5.0, 0.8, 0.8)] * 10, [(40, 200, 200)] * 10)
+    # Small enough for a 3D patch to see it whole, so 3d_cpu stays 3D and names 2d as the other choice.
+    fp = fingerprint([(5.0, 0.8, 0.8)] * 10, [(12, 60, 60)] * 10)
     fp["class_radius_mm"] = {"organ": 20.0, "vessel": 1.0}
     config = plan(fp, MR, {"background": 0, "organ": 1, "vessel": 2}).configurations["3d_cpu"]
+    assert len(config.patch_size) == 3
     assert any("The 2d configuration" in e["text"] for e in config.explanation)
     fp["class_radius_mm"] = {"organ": 20.0, "vessel": 4.0}  # thicker than a slice: no remark
     config = plan(fp, MR, {"background": 0, "organ": 1, "vessel": 2}).configurations["3d_cpu"]

@@ -17,7 +17,11 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
 - ``coarse``: the CPU plan before issue 14 - spacing sized by the image alone (class radii
   ignored), so thin classes end up under two voxels across;
 - ``capped``: the shipped plan - coarsened no further than the thinnest class allows, rare
-  classes weighed in the cross-entropy, lagging classes lifted while training;
+  classes weighed in the cross-entropy, lagging classes lifted while training; on these phantoms
+  a 2D network on whole slices, since a 3D patch of a CPU's size would see 29% of the image
+  (``planning/cpu.py``, ``MIN_3D_COVERAGE``);
+- ``3d``: the same rules held to 3D (the plan before 2026-12-04: 2.2 x 1.07 x 1.07 mm, patch
+  20 x 56 x 64, batch 2), the base of the ``capped-*`` figures in BENCHMARKS.md before that date;
 - ``capped-fg66`` / ``capped-fg100``: two thirds / every sample of a batch centred on a class
   (nnU-Net forces one third);
 - ``capped-lr1e-2`` / ``capped-lr6e-3`` / ``capped-lr1e-3``: AdamW at another starting rate
@@ -26,8 +30,8 @@ Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
   turns that lift off;
 - ``capped-nolag``: no lift for lagging classes (the plan's ``lagging_class_lift`` removed: the
   cross-entropy weights stay the plan's rare-class weights; ``training/class_lift.py``);
-- ``capped-b4``: batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64 (the detailed
-  phantoms' plan; about the same voxels per step): more, smaller views per step; ``capped-b1``:
+- ``capped-b4``: on the ``3d`` plan, batch 4 of 20 x 40 x 48 voxels instead of 2 of 20 x 56 x 64
+  (about the same voxels per step): more, smaller views per step; ``capped-b1``:
   batch 1 of the plan's patch, so about twice the steps in the same minutes;
 - ``capped-f32``: 32 feature maps at full resolution instead of 16 (doubling per stage), on the
   same preprocessed data: does a 31-class output need a wider network?
@@ -68,6 +72,7 @@ import numpy as np  # noqa: E402
 VARIANTS = {
     "coarse": {"plan": "coarse"},
     "capped": {"plan": "capped"},
+    "3d": {"plan": "3d"},
     "capped-fg66": {"plan": "capped", "oversample": 0.66},
     "capped-fg100": {"plan": "capped", "oversample": 1.0},
     "capped-lr1e-2": {"plan": "capped", "lr": 1e-2},
@@ -79,7 +84,7 @@ VARIANTS = {
     "capped-p15": {"plan": "capped", "class_weights": (1.5, 100.0, 1.0)},
     "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
     "capped-lr3e-3": {"plan": "capped", "lr": 3e-3},
-    "capped-b4": {"plan": "capped", "batch_size": 4, "patch_size": [20, 40, 48]},
+    "capped-b4": {"plan": "3d", "batch_size": 4, "patch_size": [20, 40, 48]},
     "capped-b1": {"plan": "capped", "batch_size": 1},
     "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
     "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
@@ -109,6 +114,10 @@ def prepare(dataset: Path, work: Path, plan_kind: str, cases: int) -> None:
         write_json(work / "dataset_fingerprint.json", fingerprint)
     if plan_kind == "coarse":
         fingerprint = {k: v for k, v in fingerprint.items() if k != "class_radius_mm"}
+    if plan_kind == "3d":  # the shipped rules, but 3d_cpu never planned in 2D
+        from AutoSegLib.planning import cpu
+
+        cpu.prefer_2d = lambda stage: False
     spec = open_dataset(dataset).spec
     plans = plan(fingerprint, spec.channel_names, spec.labels, dataset_name=dataset.name).to_dict()
     if made:

@@ -7,6 +7,8 @@ the engine does not have.
 
 from __future__ import annotations
 
+import math
+
 import re
 import shutil
 import time
@@ -274,15 +276,17 @@ _CPU_REFERENCE_S, _CPU_REFERENCE_WORK, _CPU_EXPONENT = 0.45, 33.0e6, 1.3
 
 
 def convolution_work(configuration: dict) -> float:
-    """Per-sample convolution work of a planned network: sum over stages of voxels x features^2."""
+    """Per-sample convolution work of a planned network: sum over stages of voxels x features^2 x the
+    kernel's taps relative to 3x3x3 (a 2D or in-plane 3x3 kernel does a third of the work per voxel)."""
     patch = [float(p) for p in configuration["patch_size"]]
+    kernels = configuration.get("kernel_sizes") or [[3, 3, 3]] * len(configuration["strides"])
     work, scale = 0.0, [1.0] * len(patch)
-    for stride, features in zip(configuration["strides"], configuration["features_per_stage"]):
+    for stride, features, kernel in zip(configuration["strides"], configuration["features_per_stage"], kernels):
         scale = [s * st for s, st in zip(scale, stride)]
         voxels = 1.0
         for p, s in zip(patch, scale):
             voxels *= max(1.0, p / s)
-        work += voxels * features * features
+        work += voxels * features * features * math.prod(kernel) / 27.0
     return work
 
 

@@ -178,9 +178,10 @@ def to_configuration(stage: StagePlan, shared: dict, extra_notes: list[dict] = (
         explanation=notes + list(extra_notes), **copy.deepcopy(shared), **links)
 
 
-def three_d_configurations(target, median_full, args: tuple, shared: dict,
-                           radii: dict | None = None) -> dict[str, Configuration]:
-    """3d_fullres, plus 3d_lowres and 3d_cascade_fullres when the cascade rule asks for them."""
+def three_d_configurations(target, median_full, args: tuple, shared: dict, radii: dict | None = None,
+                           slices: tuple | None = None) -> dict[str, Configuration]:
+    """3d_fullres, plus 3d_lowres and 3d_cascade_fullres when the cascade rule asks for them, and 3d_cpu
+    (``slices``: the 2d configuration's spacing and typical image, for a 3d_cpu planned in 2D)."""
     full = configure_3d(target, median_full, *args, source="the full-resolution target spacing")
     decision = plan_cascade(full, target, median_full, *args)
     configurations = {"3d_fullres": to_configuration(full, shared, [decision.note])}
@@ -195,18 +196,24 @@ def three_d_configurations(target, median_full, args: tuple, shared: dict,
             "Same network, spacing, patch and batch as 3d_fullres; it also receives the upsampled 3d_lowres "
             "segmentation (one channel per class) as input."))]
         configurations["3d_cascade_fullres"] = cascade
-    configurations[cpu.NAME] = cpu_configuration(target, median_full, args[-1], shared, radii)
+    configurations[cpu.NAME] = cpu_configuration(target, median_full, args, shared, radii, slices)
     return configurations
 
 
-def cpu_configuration(target, median_full, axes: list[str], shared: dict, radii: dict | None = None) -> Configuration:
-    """``3d_cpu`` (see :mod:`.cpu`): the 3D rules at a CPU's size, no coarser than its thinnest class allows."""
-    stage = cpu.configure_cpu(target, median_full, axes, radii)
+def cpu_configuration(target, median_full, args: tuple, shared: dict, radii: dict | None = None,
+                      slices: tuple | None = None) -> Configuration:
+    """``3d_cpu`` (see :mod:`.cpu`): the 3D rules at a CPU's size, no coarser than its thinnest class allows;
+    in 2D on ``slices`` (spacing, typical image) where a 3D patch of that size would see too little."""
+    stage = cpu.configure_cpu(target, median_full, args[-1], radii)
+    if slices is not None and cpu.prefer_2d(stage):
+        stage = cpu.configure_cpu_2d(*slices, args[0], radii, three_d=stage)
     config = to_configuration(stage, shared)
-    config.features_per_stage = cpu.cpu_features(len(config.strides))
-    config.memory = {"model": f"sized for a CPU: typical image <= {cpu.CPU_IMAGE_VOXELS} voxels, "
-                              f"{cpu.CPU_BASE_FEATURES} base features (not by GPU memory)"}
-    config.batch_dice = rules.use_batch_dice(3, False)
+    dims = len(stage.patch_size)
+    config.features_per_stage = cpu.cpu_features(len(config.strides), dims)
+    config.memory = {"model": f"sized for a CPU: typical {'image' if dims == 3 else 'slice'} <= "
+                              f"{cpu.CPU_IMAGE_VOXELS} voxels, {cpu.CPU_BASE_FEATURES} base features "
+                              "(not by GPU memory)"}
+    config.batch_dice = rules.use_batch_dice(dims, False)
     return config
 
 
@@ -288,7 +295,8 @@ def plan(fingerprint: dict, channel_names: dict, labels: dict, gpu_memory_gb: fl
         note(notes, "remark", message="The images are single slices, so only the 2D configuration is planned.")
     else:
         radii = {name: r for name, r in fp.radii.items() if name in labels and name != rules.IGNORE_LABEL}
-        configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii))
+        configurations.update(three_d_configurations(target[forward], median_full, args, shared, radii,
+                                                      slices=(median_spacing[forward], median_2d)))
         weigh_rare_classes(configurations[cpu.NAME], labels, fp.class_ratios)
     configurations = {name: Configuration.from_dict(name, configure_for_architecture(c.to_dict(), architecture))
                       for name, c in configurations.items()}
