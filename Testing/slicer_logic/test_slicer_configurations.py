@@ -191,3 +191,23 @@ def dataset_export_label(dataset):
     from AutoSegLib.imageio import read_image
 
     return read_image(dataset / "labelsTr" / "big_patient.nii.gz")[0]
+
+
+
+def test_the_cpu_time_estimate_counts_kernel_taps_so_a_2d_plan_is_not_priced_as_3d():
+    three_d = {"patch_size": [16, 96, 96], "strides": [[1, 1, 1], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 2,
+               "features_per_stage": [16, 32], "batch_size": 2}
+    work = commands.convolution_work
+    # stage 0: 16 x 96 x 96 voxels x 16^2 features; stage 1: 8 x 48 x 48 x 32^2
+    assert work(three_d) == 147_456 * 256 + 18_432 * 1024
+    # an in-plane first stage (1 x 3 x 3, anisotropic data) does a third of that stage's work
+    assert work({**three_d, "kernel_sizes": [[1, 3, 3], [3, 3, 3]]}) == 147_456 * 256 / 3 + 18_432 * 1024
+    two_d = {"patch_size": [96, 96], "strides": [[1, 1], [2, 2]], "kernel_sizes": [[3, 3]] * 2,
+             "features_per_stage": [16, 32], "batch_size": 2}
+    assert work(two_d) == pytest.approx((9_216 * 256 + 2_304 * 1024) / 3, rel=1e-12)
+    # a plans.json without kernel sizes is priced as 3x3x3 throughout, as before
+    assert work({k: v for k, v in three_d.items() if k != "kernel_sizes"}) == work(three_d)
+    # the same slice priced with 3x3x3 kernels would cost 3x the work
+    as_3d = {**two_d, "kernel_sizes": [[3, 3, 3]] * 2}
+    assert work(as_3d) == pytest.approx(3 * work(two_d), rel=1e-12)
+    assert commands.cpu_seconds_per_iteration(two_d) < commands.cpu_seconds_per_iteration(as_3d)
