@@ -151,13 +151,14 @@ def configure_cpu(target, median_full, axes: list[str], radii: dict[str, float] 
             f"more than the thinnest class ({thinnest[0]}) is thick: a 3D network sees it on one slice at a time. "
             "The 2d configuration, trained slice by slice at the in-plane spacing, is the other CPU choice for such "
             "data; train both and let `autoseg find-best` compare them."))
-    coverage = math.prod(topology.patch_size) / float(np.prod(shape))
+    coverage = math.prod(topology.patch_size) / float(math.prod(median))  # as patch_coverage, which decides 2D
     note(notes, "remark", message=(
         f"Patch {_vox(topology.patch_size)} voxels ({min(coverage, 1.0):.0%} of the typical image"
         + (f", shrunk {shrinks} step(s) to stay near {CPU_PATCH_VOXELS:,} voxels" if shrinks else "")
         + f"), batch {CPU_BATCH_SIZE}, {CPU_BASE_FEATURES} feature maps at full resolution (half the blueprint's "
-          f"32, about 3x less computation per iteration). The patch sees at least {MIN_3D_COVERAGE:.0%} of the "
-          "typical image, so 3d_cpu stays 3D (below that it would be planned as a 2D network on whole slices)."))
+          "32, about 3x less computation per iteration)."
+        + (f" The patch sees at least {MIN_3D_COVERAGE:.0%} of the typical image, so 3d_cpu stays 3D (below that "
+           "it would be planned as a 2D network on whole slices)." if coverage >= MIN_3D_COVERAGE else "")))
     return StagePlan(tuple(float(s) for s in spacing), median, topology, CPU_BATCH_SIZE, 0, 0.0, notes)
 
 
