@@ -12,7 +12,9 @@ held-out cases as ``autoseg train`` does, and prints:
 - mean foreground Dice, classes never predicted, classes under 0.5;
 - every class's Dice, lowest first, with its median voxel count in the held-out references.
 
-Variants (one thing changed at a time against ``capped``, the shipped CPU plan):
+Variants (one thing changed at a time against ``capped``, the shipped CPU plan; ``capped-b4``,
+``-b1``, ``-f32``, ``-nolr`` and ``-bd`` against ``3d``, where they were measured and where their
+patch, batch, width, axes and Dice pooling mean what they say):
 
 - ``coarse``: the CPU plan before issue 14 - spacing sized by the image alone (class radii
   ignored), so thin classes end up under two voxels across;
@@ -77,7 +79,7 @@ VARIANTS = {
     "capped-fg100": {"plan": "capped", "oversample": 1.0},
     "capped-lr1e-2": {"plan": "capped", "lr": 1e-2},
     "capped-lr1e-3": {"plan": "capped", "lr": 1e-3},
-    "capped-f32": {"plan": "capped", "base_features": 32},
+    "capped-f32": {"plan": "3d", "base_features": 32},
     "capped-unweighted": {"plan": "capped", "class_weights": None},
     "capped-sqrt": {"plan": "capped", "class_weights": (0.5, 10.0, 1.0)},  # (power, cap, min rarity)
     "capped-all-rare": {"plan": "capped", "class_weights": (1.0, 30.0, 1.0)},
@@ -85,10 +87,10 @@ VARIANTS = {
     "capped-lr6e-3": {"plan": "capped", "lr": 6e-3},
     "capped-lr3e-3": {"plan": "capped", "lr": 3e-3},
     "capped-b4": {"plan": "3d", "batch_size": 4, "patch_size": [20, 40, 48]},
-    "capped-b1": {"plan": "capped", "batch_size": 1},
+    "capped-b1": {"plan": "3d", "batch_size": 1},
     "capped-nolag": {"plan": "capped", "lagging_class_lift": None},
-    "capped-nolr": {"plan": "capped", "mirror_axes": [0, 1]},
-    "capped-bd": {"plan": "capped", "batch_dice": True},
+    "capped-nolr": {"plan": "3d", "mirror_axes": [0, 1]},
+    "capped-bd": {"plan": "3d", "batch_dice": True},
     "capped-ds-quarter": {"plan": "capped", "ds_decay": 0.25},
     "capped-ds-none": {"plan": "capped", "ds_decay": 0.0},
     "capped-warmup": {"plan": "capped", "warmup_epochs": 3},

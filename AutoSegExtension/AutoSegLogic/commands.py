@@ -8,7 +8,6 @@ the engine does not have.
 from __future__ import annotations
 
 import math
-
 import re
 import shutil
 import time
