@@ -71,9 +71,14 @@ def cpu_features(n_stages: int, spatial_dims: int = 3) -> list[int]:
     return [min(CPU_BASE_FEATURES * 2 ** i, MAX_FEATURES[spatial_dims]) for i in range(n_stages)]
 
 
+def coverage(patch: tuple[int, ...], median: tuple[int, ...]) -> float:
+    """The share of a typical image of ``median`` voxels one ``patch`` sees (at most 1)."""
+    return min(1.0, math.prod(patch) / float(math.prod(median)))
+
+
 def patch_coverage(stage: StagePlan) -> float:
     """The share of the typical image one patch of ``stage`` sees (at most 1)."""
-    return min(1.0, math.prod(stage.patch_size) / float(math.prod(stage.median_shape)))
+    return coverage(stage.patch_size, stage.median_shape)
 
 
 def prefer_2d(three_d: StagePlan) -> bool:
@@ -151,14 +156,14 @@ def configure_cpu(target, median_full, axes: list[str], radii: dict[str, float] 
             f"more than the thinnest class ({thinnest[0]}) is thick: a 3D network sees it on one slice at a time. "
             "The 2d configuration, trained slice by slice at the in-plane spacing, is the other CPU choice for such "
             "data; train both and let `autoseg find-best` compare them."))
-    coverage = math.prod(topology.patch_size) / float(math.prod(median))  # as patch_coverage, which decides 2D
+    seen = coverage(topology.patch_size, median)  # as patch_coverage, which decides 2D
     note(notes, "remark", message=(
-        f"Patch {_vox(topology.patch_size)} voxels ({min(coverage, 1.0):.0%} of the typical image"
+        f"Patch {_vox(topology.patch_size)} voxels ({seen:.0%} of the typical image"
         + (f", shrunk {shrinks} step(s) to stay near {CPU_PATCH_VOXELS:,} voxels" if shrinks else "")
         + f"), batch {CPU_BATCH_SIZE}, {CPU_BASE_FEATURES} feature maps at full resolution (half the blueprint's "
           "32, about 3x less computation per iteration)."
         + (f" The patch sees at least {MIN_3D_COVERAGE:.0%} of the typical image, so 3d_cpu stays 3D (below that "
-           "it would be planned as a 2D network on whole slices)." if coverage >= MIN_3D_COVERAGE else "")))
+           "it would be planned as a 2D network on whole slices)." if seen >= MIN_3D_COVERAGE else "")))
     return StagePlan(tuple(float(s) for s in spacing), median, topology, CPU_BATCH_SIZE, 0, 0.0, notes)
 
 
@@ -195,10 +200,9 @@ def configure_cpu_2d(spacing, median_shape, num_cases: int, radii: dict[str, flo
             f"{MIN_VOXELS_ACROSS} voxels across" if thinnest else "")
     where = (f"coarsened from {_mm(spacing[1:])} to {_mm(in_plane)} mm so that a typical slice fits about "
              f"{CPU_IMAGE_VOXELS:,} pixels" if steps else f"{_mm(in_plane)} mm, the median in-plane spacing")
-    coverage = min(1.0, math.prod(topology.patch_size) / float(np.prod(shape)))
     note(notes, "remark", message=(
         f"In plane the spacing is {where}{kept}; slices are not resampled across. Patch {_vox(topology.patch_size)} "
-        f"pixels ({coverage:.0%} of the typical slice, {_vox(median)}"
+        f"pixels ({coverage(topology.patch_size, median):.0%} of the typical slice, {_vox(median)}"
         + (f"; shrunk {shrinks} step(s) to stay near {CPU_PATCH_VOXELS:,} pixels" if shrinks else "")
         + f"), batch {batch} slices (about {CPU_2D_STEP_PIXELS:,} pixels a step), {CPU_BASE_FEATURES} feature maps "
           "at full resolution."))
